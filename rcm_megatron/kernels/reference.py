@@ -1,0 +1,54 @@
+"""Plain-math attention and its forward-mode tangent.
+
+This is the oracle every fused kernel is compared against, and the CPU path of the
+model. It materialises the full score matrix, so it is only for short sequences.
+Layout follows the kernel API: q, k, v are [batch, seq, heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
+    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """lse/tlse precision: fp32 for half types, the input's own type otherwise (fp64 oracle)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def attention_reference(q, k, v, softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(s q k^T) v, differentiable and `torch.func.jvp`-able. Returns [B, Sq, H, D]."""
+    s = _scale(q, softmax_scale)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * s
+    p = torch.softmax(scores.to(_stat_dtype(q)), dim=-1).to(q.dtype)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def attention_with_tangent_reference(q, k, v, tq, tk=None, tv=None, softmax_scale: float | None = None):
+    """Attention and its tangent (DESIGN.md section 4), computed with full score matrices.
+
+    Returns (out [B,Sq,H,D], tout [B,Sq,H,D], lse [B,H,Sq], tlse [B,H,Sq]). ``tk``/``tv`` of
+    None mean zero key/value tangents (cross-attention to text).
+    """
+    s = _scale(q, softmax_scale)
+    sd = _stat_dtype(q)
+    scores = (torch.einsum("bqhd,bkhd->bhqk", q, k) * s).to(sd)
+    tscores = torch.einsum("bqhd,bkhd->bhqk", tq, k)
+    if tk is not None:
+        tscores = tscores + torch.einsum("bqhd,bkhd->bhqk", q, tk)
+    tscores = (tscores * s).to(sd)
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - lse.unsqueeze(-1))
+    tlse = (p * tscores).sum(-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", p.to(q.dtype), v)
+    h = (p * tscores).to(q.dtype)
+    tout = torch.einsum("bhqk,bkhd->bqhd", h, v)
+    if tv is not None:
+        tout = tout + torch.einsum("bhqk,bkhd->bqhd", p.to(q.dtype), tv)
+    tout = tout - tlse.transpose(1, 2).unsqueeze(-1).to(q.dtype) * out
+    return out, tout, lse, tlse
