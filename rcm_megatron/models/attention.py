@@ -1,0 +1,84 @@
+"""Wan self- and cross-attention, carrying a tangent.
+
+q/k/v projections are column-parallel (heads split over tensor parallelism), the output
+projection row-parallel. q and k are RMS-normalized over the whole hidden size. The
+attention itself goes through ``rcm_megatron.kernels``: the differentiable primal for
+with-grad passes, the fused attention-with-tangent for tangent passes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..kernels import attention, attention_with_tangent
+from ..parallel import state
+from ..parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from .layers import rms_norm_across_heads
+from .rope import apply_rope
+
+
+class QKNorm(nn.Module):
+    """RMSNorm over the full hidden size with a (TP-sliced) affine weight."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        tp = state.tensor_parallel_world_size()
+        self.full_size, self.eps = hidden_size, eps
+        self.weight = nn.Parameter(torch.ones(hidden_size // tp))
+        self.weight.tp_split_dim = 0
+
+    def forward(self, x, tx=None):
+        return rms_norm_across_heads(x, tx, self.weight, self.eps, self.full_size)
+
+
+class _Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, eps: float):
+        super().__init__()
+        tp = state.tensor_parallel_world_size()
+        if num_heads % tp:
+            raise ValueError(f"attention heads ({num_heads}) not divisible by tensor-model-parallel-size {tp}")
+        self.local_heads = num_heads // tp
+        self.head_dim = hidden_size // num_heads
+        self.to_q = ColumnParallelLinear(hidden_size, hidden_size)
+        self.to_k = ColumnParallelLinear(hidden_size, hidden_size)
+        self.to_v = ColumnParallelLinear(hidden_size, hidden_size)
+        self.to_out = RowParallelLinear(hidden_size, hidden_size)
+        self.norm_q = QKNorm(hidden_size, eps)
+        self.norm_k = QKNorm(hidden_size, eps)
+
+    def _heads(self, x):
+        return None if x is None else x.unflatten(-1, (self.local_heads, self.head_dim))
+
+    def _attend(self, q, k, v, tq, tk, tv):
+        if tq is None:
+            o, to = attention(q, k, v), None
+        else:
+            o, to, _, _ = attention_with_tangent(q, k, v, tq, tk, tv)
+        return o.flatten(-2), None if to is None else to.flatten(-2)
+
+
+class SelfAttention(_Attention):
+    def forward(self, x, tx, rope):
+        cos, sin = rope
+        q, tq = self.norm_q(*self.to_q(x, tx))
+        k, tk = self.norm_k(*self.to_k(x, tx))
+        v, tv = self.to_v(x, tx)
+        q, k, v, tq, tk, tv = map(self._heads, (q, k, v, tq, tk, tv))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if tq is not None:
+            tq, tk = apply_rope(tq, cos, sin), apply_rope(tk, cos, sin)
+        o, to = self._attend(q, k, v, tq, tk, tv)
+        return self.to_out(o, to)
+
+
+class CrossAttention(_Attention):
+    """Queries from the video tokens, keys/values from the text (which has no tangent)."""
+
+    def forward(self, x, tx, context):
+        q, tq = self.norm_q(*self.to_q(x, tx))
+        k, _ = self.norm_k(*self.to_k(context))
+        v, _ = self.to_v(context)
+        q, k, v, tq = map(self._heads, (q, k, v, tq))
+        o, to = self._attend(q, k, v, tq, None, None)
+        return self.to_out(o, to)

@@ -1,0 +1,63 @@
+"""One Wan2.1 transformer block: modulated self-attention, cross-attention, modulated FFN.
+
+Reads as diffusers' WanTransformerBlock, with a tangent beside every activation.
+Modulation and residual arithmetic run in fp32 (at least), as in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from .attention import CrossAttention, SelfAttention
+from .config import WanConfig
+from .layers import LayerNorm, compute_dtype, gated_residual, gelu_tanh, modulate
+
+
+class FeedForward(nn.Module):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(hidden_size, ffn_hidden_size)
+        self.fc2 = RowParallelLinear(ffn_hidden_size, hidden_size)
+
+    def forward(self, x, tx=None):
+        return self.fc2(*gelu_tanh(*self.fc1(x, tx)))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm1 = LayerNorm(d, cfg.eps, affine=False)
+        self.attn1 = SelfAttention(d, cfg.num_attention_heads, cfg.eps)
+        self.norm2 = LayerNorm(d, cfg.eps, affine=cfg.cross_attn_norm)
+        self.attn2 = CrossAttention(d, cfg.num_attention_heads, cfg.eps)
+        self.norm3 = LayerNorm(d, cfg.eps, affine=False)
+        self.ffn = FeedForward(d, cfg.ffn_hidden_size)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(self, x, tx, tproj, ttproj, context, rope):
+        """x [B,S,D]; tproj [B,6,D] (time projection, fp32) and its tangent; context [B,L,D]."""
+        mod = self.scale_shift_table.to(tproj.dtype) + tproj
+        shift, scale, gate, c_shift, c_scale, c_gate = mod.unsqueeze(2).unbind(1)
+        if ttproj is not None:
+            t_shift, t_scale, t_gate, t_c_shift, t_c_scale, t_c_gate = ttproj.unsqueeze(2).unbind(1)
+        else:
+            t_shift = t_scale = t_gate = t_c_shift = t_c_scale = t_c_gate = None
+
+        def cast(h, th):
+            return h.to(x.dtype), None if th is None else th.to(x.dtype)
+
+        h, th = cast(*modulate(*self.norm1(x, tx), shift, t_shift, scale, t_scale))
+        a, ta = self.attn1(h, th, rope)
+        x, tx = gated_residual(x, tx, a, ta, gate, t_gate)
+
+        h, th = cast(*self.norm2(x, tx))
+        a, ta = self.attn2(h, th, context)
+        x = x + a
+        tx = None if tx is None else tx + ta
+
+        h, th = cast(*modulate(*self.norm3(x, tx), c_shift, t_c_shift, c_scale, t_c_scale))
+        f, tf = self.ffn(h, th)
+        return gated_residual(x, tx, f, tf, c_gate, t_c_gate)

@@ -1,0 +1,88 @@
+"""Input embeddings of Wan: 3D patch embedding, time embedding, text embedding.
+
+The time embedding runs in fp32 (at least) and carries the tangent with respect to the
+timestep, which the sCM tangent pass needs. All of these are replicated under tensor
+parallelism (their gradients are reduced by the parallel layer, see parallel/).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import WanConfig
+from .layers import silu
+
+
+def sinusoidal_embedding(t, tt, dim: int, max_period: float = 10000.0):
+    """[cos(t f), sin(t f)] (diffusers' flip_sin_to_cos=True, shift 0) and its tangent in t."""
+    half = dim // 2
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = freqs.to(dtype)
+    arg = t.to(dtype)[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
+    if tt is None:
+        return emb, None
+    dt = tt.to(dtype)[:, None] * freqs[None]
+    return emb, torch.cat([-torch.sin(arg) * dt, torch.cos(arg) * dt], dim=-1)
+
+
+def _linear(x, tx, layer: nn.Linear):
+    y = F.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
+    return y, None if tx is None else F.linear(tx, layer.weight.to(tx.dtype))
+
+
+class TimeEmbedding(nn.Module):
+    """sinusoid(256) -> Linear -> SiLU -> Linear = temb; SiLU -> Linear(6 D) = time projection."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.freq_dim = cfg.freq_dim
+        self.linear_1 = nn.Linear(cfg.freq_dim, d)
+        self.linear_2 = nn.Linear(d, d)
+        self.time_proj = nn.Linear(d, 6 * d)
+
+    def forward(self, timestep, t_timestep=None):
+        """Returns (temb [B,D], t_temb, tproj [B,6,D], t_tproj), all in fp32 or fp64."""
+        e, te = sinusoidal_embedding(timestep, t_timestep, self.freq_dim)
+        if self.linear_1.weight.dtype == torch.float64:
+            e, te = e.double(), None if te is None else te.double()
+        h, th = silu(*_linear(e, te, self.linear_1))
+        temb, ttemb = _linear(h, th, self.linear_2)
+        p, tp = _linear(*silu(temb, ttemb), self.time_proj)
+        p = p.unflatten(1, (6, -1))
+        tp = None if tp is None else tp.unflatten(1, (6, -1))
+        return temb, ttemb, p, tp
+
+
+class TextEmbedding(nn.Module):
+    """Linear -> GELU(tanh) -> Linear from the text encoder's width to the model width."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(cfg.text_dim, cfg.hidden_size)
+        self.linear_2 = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, context):
+        return self.linear_2(F.gelu(self.linear_1(context), approximate="tanh"))
+
+
+class PatchEmbedding(nn.Module):
+    """Conv3d with kernel = stride = patch size, i.e. a linear map of each patch."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x, tx=None):
+        """[B,C,T,H,W] -> tokens [B, S, D] in (t, h, w) order."""
+        y = self.proj(x).flatten(2).transpose(1, 2)
+        if tx is None:
+            return y, None
+        ty = F.conv3d(tx.to(x.dtype), self.proj.weight, None, stride=self.proj.stride)
+        return y, ty.flatten(2).transpose(1, 2)

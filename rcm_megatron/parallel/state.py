@@ -1,0 +1,38 @@
+"""Process groups, taken from ``megatron.core.parallel_state`` when it is initialized.
+
+Model code asks here for its groups and never touches torch.distributed itself. With no
+initialized model parallelism every group is None and every size is 1, which is the
+single-process case the float64 oracle runs.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+
+def _mpu():
+    """megatron.core.parallel_state if model parallelism is initialized, else None.
+
+    Model parallelism always starts with torch.distributed, so a single process that never
+    initialized it does not pay for importing megatron-core here.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    from megatron.core import parallel_state
+
+    return parallel_state if parallel_state.model_parallel_is_initialized() else None
+
+
+def tensor_parallel_group():
+    mpu = _mpu()
+    return mpu.get_tensor_model_parallel_group() if mpu else None
+
+
+def tensor_parallel_world_size() -> int:
+    group = tensor_parallel_group()
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def tensor_parallel_rank() -> int:
+    group = tensor_parallel_group()
+    return dist.get_rank(group) if group is not None else 0
