@@ -1,0 +1,60 @@
+"""Start torch.distributed and megatron-core's process groups for a ParallelConfig.
+
+Works under torchrun (env:// rendezvous) with NCCL on GPU and gloo on CPU; a plain
+single process without torchrun's variables stays undistributed (every group None).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from .config import ParallelConfig
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def initialize_distributed(cfg: ParallelConfig, timeout_minutes: int = 30) -> None:
+    """Initialize the default process group and megatron-core model-parallel groups (order tp-cp-dp-pp)."""
+    if not launched_by_torchrun():
+        if cfg.model_parallel_size > 1:
+            raise ValueError(f"model-parallel size {cfg.model_parallel_size} needs a distributed launch "
+                             "(torchrun --nproc-per-node N ...)")
+        return
+    if not dist.is_initialized():
+        backend = cfg.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    cfg.data_parallel_size(dist.get_world_size())  # validates divisibility with a clear message
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+            context_parallel_size=cfg.context_parallel_size,
+            hierarchical_context_parallel_sizes=cfg.hierarchical_context_parallel_sizes,
+            order="tp-cp-dp-pp",
+        )
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
