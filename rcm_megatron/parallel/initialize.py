@@ -28,7 +28,7 @@ def rank() -> int:
 
 
 def initialize_distributed(cfg: ParallelConfig, timeout_minutes: int = 30) -> None:
-    """Initialize the default process group and megatron-core model-parallel groups (order tp-cp-dp-pp)."""
+    """Initialize the default process group and megatron-core model-parallel groups."""
     if not launched_by_torchrun():
         if cfg.model_parallel_size > 1:
             raise ValueError(f"model-parallel size {cfg.model_parallel_size} needs a distributed launch "
@@ -48,7 +48,7 @@ def initialize_distributed(cfg: ParallelConfig, timeout_minutes: int = 30) -> No
             pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
             context_parallel_size=cfg.context_parallel_size,
             hierarchical_context_parallel_sizes=cfg.hierarchical_context_parallel_sizes,
-            order="tp-cp-dp-pp",
+            order="tp-cp-ep-dp-pp",  # expert parallel size 1: the tp-cp-dp-pp order of DESIGN.md
         )
 
 
