@@ -1,0 +1,203 @@
+"""Launch configurations for the attention-with-tangent kernel, cached without sequence lengths.
+
+Why this exists: a public Triton JVP attention kernel autotunes with the sequence lengths in its
+key, so every new video resolution stalls training for 50-80 s. Here the key is only
+
+    (GPU model, padded head dim, dtype, whether K/V tangents are present)
+
+and sequence lengths are runtime arguments of the kernel (never ``constexpr`` and never
+specialised), so a new length reuses both the config and the compiled binary.
+
+Where a config comes from, first match wins:
+1. ``set_config`` / ``tune_attention`` in this process, or a JSON file loaded with
+   ``load_tuning`` (``RCM_ATTN_TUNING_FILE`` is loaded automatically on first use);
+2. the measured table ``_MEASURED`` (H100 numbers from benchmarks/attention_jvp.py);
+3. a heuristic by compute capability and shared memory.
+
+Tuning is never implicit unless ``RCM_ATTN_AUTOTUNE=1``; then the first call per key (not per
+length) runs ``tune_attention`` on its own arguments, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_lock = threading.Lock()
+_cache: dict[str, AttnConfig] = {}
+_env_loaded = False
+
+# Measured on H100 80GB HBM3 (benchmarks/results/attention_jvp_*.json); see docs/performance.md.
+# Keys use the same string form as ``config_key``.
+_MEASURED: dict[str, AttnConfig] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def device_name(device: torch.device | None = None) -> str:
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return "interpreter"
+    return torch.cuda.get_device_name(device)
+
+
+def config_key(dev_name: str, block_d: int, dtype: torch.dtype, has_kv_tangent: bool) -> str:
+    return f"{dev_name}|d{block_d}|{_dtype_name(dtype)}|{'kvt' if has_kv_tangent else 'q_only'}"
+
+
+def _heuristic(dev_name: str, block_d: int, dtype: torch.dtype, has_kv_tangent: bool,
+               capability: tuple[int, int] | None) -> AttnConfig:
+    if dev_name == "interpreter":
+        return AttnConfig(32, 32, 4, 1)
+    if dtype == torch.float32:
+        # fp32 is a test path (exact "ieee" dots), not a speed path: keep shared memory small.
+        return AttnConfig(64, 32, 4, 2) if block_d <= 64 else AttnConfig(32, 32, 4, 2)
+    major = capability[0] if capability else 8
+    if major >= 9:
+        # Q and tQ stay resident (2*BLOCK_M*D*2 bytes); each stage holds K, V (+ tK, tV).
+        if block_d <= 64:
+            return AttnConfig(128, 64, 8, 3)
+        return AttnConfig(128, 64, 8, 2) if has_kv_tangent else AttnConfig(128, 64, 8, 3)
+    if major == 8:
+        if block_d <= 64:
+            return AttnConfig(128, 64, 4, 2)
+        return AttnConfig(128, 32, 8, 2)
+    return AttnConfig(64, 32, 4, 1)
+
+
+def _maybe_load_env() -> None:
+    global _env_loaded
+    if _env_loaded:
+        return
+    _env_loaded = True
+    path = os.environ.get("RCM_ATTN_TUNING_FILE")
+    if path and os.path.exists(path):
+        load_tuning(path)
+
+
+def get_config(device: torch.device | None, block_d: int, dtype: torch.dtype,
+               has_kv_tangent: bool) -> AttnConfig:
+    """The launch config for this key (no sequence length in it)."""
+    _maybe_load_env()
+    name = device_name(device)
+    key = config_key(name, block_d, dtype, has_kv_tangent)
+    with _lock:
+        cfg = _cache.get(key)
+    if cfg is not None:
+        return cfg
+    cfg = _MEASURED.get(key)
+    if cfg is None:
+        cap = None
+        if name != "interpreter":
+            cap = torch.cuda.get_device_capability(device)
+        cfg = _heuristic(name, block_d, dtype, has_kv_tangent, cap)
+    with _lock:
+        _cache.setdefault(key, cfg)
+    return cfg
+
+
+def has_tuned_config(device, block_d: int, dtype: torch.dtype, has_kv_tangent: bool) -> bool:
+    _maybe_load_env()
+    key = config_key(device_name(device), block_d, dtype, has_kv_tangent)
+    with _lock:
+        return key in _cache or key in _MEASURED
+
+
+def set_config(device, block_d: int, dtype: torch.dtype, has_kv_tangent: bool,
+               cfg: AttnConfig | dict) -> None:
+    if isinstance(cfg, dict):
+        cfg = AttnConfig(**cfg)
+    key = config_key(device_name(device), block_d, dtype, has_kv_tangent)
+    with _lock:
+        _cache[key] = cfg
+
+
+def clear_cache() -> None:
+    with _lock:
+        _cache.clear()
+
+
+def save_tuning(path: str) -> None:
+    """Write every config chosen or tuned in this process to ``path`` (JSON)."""
+    with _lock:
+        data = {k: v.as_dict() for k, v in sorted(_cache.items())}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def load_tuning(path: str) -> int:
+    """Load configs saved by ``save_tuning``; returns how many were read."""
+    with open(path) as f:
+        data = json.load(f)
+    with _lock:
+        for k, v in data.items():
+            _cache[k] = AttnConfig(**v)
+    return len(data)
+
+
+def candidate_configs(block_d: int, dtype: torch.dtype, has_kv_tangent: bool) -> list[AttnConfig]:
+    """The search space of ``tune_attention`` on Hopper-class GPUs (a few seconds in all)."""
+    if dtype == torch.float32:
+        return [AttnConfig(32, 32, 4, 2), AttnConfig(64, 32, 4, 2)]
+    if block_d <= 64:
+        return [AttnConfig(m, n, w, s) for (m, n, w) in ((128, 64, 8), (128, 128, 8), (64, 64, 4))
+                for s in (2, 3)]
+    out = [AttnConfig(128, 64, 8, 2), AttnConfig(128, 32, 8, 3), AttnConfig(64, 64, 4, 2),
+           AttnConfig(128, 32, 8, 2), AttnConfig(64, 32, 4, 3)]
+    if not has_kv_tangent:
+        out += [AttnConfig(128, 64, 8, 3), AttnConfig(128, 128, 8, 2)]
+    return out
+
+
+def tune_attention(q, k, v, tq, tk=None, tv=None, softmax_scale=None, candidates=None,
+                   verbose: bool = False) -> AttnConfig:
+    """Time candidate configs on these arguments and cache the fastest for their key.
+
+    The sequence lengths of the arguments only choose the workload that is timed; the result
+    applies to every length with the same (GPU, head dim, dtype, KV-tangent) key.
+    """
+    import triton.testing
+
+    from .triton_attention import _block_d, triton_attention_with_tangent
+
+    has_kvt = tk is not None or tv is not None
+    block_d = _block_d(q.shape[-1])
+    cands = candidates or candidate_configs(block_d, q.dtype, has_kvt)
+    best, best_ms = None, float("inf")
+    for cfg in cands:
+        try:
+            fn = lambda: triton_attention_with_tangent(q, k, v, tq, tk, tv, softmax_scale, config=cfg)  # noqa: E731
+            fn()
+            torch.cuda.synchronize()
+            ms = triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+        except Exception as e:  # out of shared memory / registers for this shape
+            if verbose:
+                print(f"tune: {cfg} failed: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        if verbose:
+            print(f"tune: {cfg} {ms:.3f} ms")
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError("no attention config compiled for this shape")
+    set_config(q.device, block_d, q.dtype, has_kvt, best)
+    return best
