@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +53,34 @@ def attention(q, k, v, softmax_scale: float | None = None) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def attention_with_tangent(q, k, v, tq, tk=None, tv=None, softmax_scale: float | None = None):
-    """(out, tout, lse, tlse) of attention; see ``reference.attention_with_tangent_reference``."""
-    if _backend_for(q) == "reference":
-        return attention_with_tangent_reference(q, k, v, tq, tk, tv, softmax_scale)
-    from .triton_attention import triton_attention_with_tangent
+def attention_with_tangent(q, k, v, tq, tk=None, tv=None, softmax_scale: float | None = None, *,
+                           kv_len=None):
+    """(out, tout, lse, tlse) of attention; see ``reference.attention_with_tangent_reference``.
 
-    return triton_attention_with_tangent(q, k, v, tq, tk, tv, softmax_scale)
+    ``kv_len`` (int or int tensor [B], optional) excludes keys at positions >= kv_len (padded
+    tails in ring attention); rows with no valid key give lse = -inf and zero outputs.
+    Inputs the fused kernel does not support (head dim > 128, other dtypes) fall back to the
+    plain-math reference with a one-time warning.
+    """
+    if _backend_for(q) == "reference":
+        return attention_with_tangent_reference(q, k, v, tq, tk, tv, softmax_scale, kv_len=kv_len)
+    from .triton_attention import triton_attention_supported, triton_attention_with_tangent
+
+    if not triton_attention_supported(q, k, v):
+        _warn_fallback(q, k, v)
+        return attention_with_tangent_reference(q, k, v, tq, tk, tv, softmax_scale, kv_len=kv_len)
+    return triton_attention_with_tangent(q, k, v, tq, tk, tv, softmax_scale, kv_len=kv_len)
+
+
+_warned: set = set()
+
+
+def _warn_fallback(q, k, v) -> None:
+    key = (q.dtype, q.shape[-1], k.shape[-1], v.shape[-1])
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"attention_with_tangent: fused Triton kernel does not support dtype={q.dtype}, "
+            f"head dims q/k/v={key[1:]}; using the plain-math reference (O(L^2) memory)",
+            stacklevel=3,
+        )

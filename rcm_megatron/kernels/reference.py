@@ -29,11 +29,14 @@ def attention_reference(q, k, v, softmax_scale: float | None = None) -> torch.Te
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
 
 
-def attention_with_tangent_reference(q, k, v, tq, tk=None, tv=None, softmax_scale: float | None = None):
+def attention_with_tangent_reference(q, k, v, tq, tk=None, tv=None, softmax_scale: float | None = None,
+                                     *, kv_len=None):
     """Attention and its tangent (DESIGN.md section 4), computed with full score matrices.
 
     Returns (out [B,Sq,H,D], tout [B,Sq,H,D], lse [B,H,Sq], tlse [B,H,Sq]). ``tk``/``tv`` of
-    None mean zero key/value tangents (cross-attention to text).
+    None mean zero key/value tangents (cross-attention to text). ``kv_len`` (int or int tensor
+    [B]) excludes keys at positions >= kv_len; a row with no valid key returns out = tout = 0,
+    lse = -inf, tlse = 0 (what the fused kernel returns, and what the chunk merge expects).
     """
     s = _scale(q, softmax_scale)
     sd = _stat_dtype(q)
@@ -42,8 +45,14 @@ def attention_with_tangent_reference(q, k, v, tq, tk=None, tv=None, softmax_scal
     if tk is not None:
         tscores = tscores + torch.einsum("bqhd,bkhd->bhqk", q, tk)
     tscores = (tscores * s).to(sd)
+    if kv_len is not None:
+        lim = torch.as_tensor(kv_len, device=scores.device).reshape(-1, 1, 1, 1)
+        keep = torch.arange(scores.shape[-1], device=scores.device) < lim
+        scores = scores.masked_fill(~keep, float("-inf"))
+        tscores = tscores.masked_fill(~keep, 0.0)
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores - lse.unsqueeze(-1))
+    p = torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, p)  # rows with no valid key
     tlse = (p * tscores).sum(-1)
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(q.dtype), v)
     h = (p * tscores).to(q.dtype)

@@ -243,6 +243,7 @@ def triton_attention_with_tangent(
     *,
     kv_len: int | torch.Tensor | None = None,
     config: "tuning.AttnConfig | dict | None" = None,
+    out: tuple | None = None,
 ):
     """(out, tout, lse, tlse) of softmax(s q k^T) v and its tangent along (tq, tk, tv).
 
@@ -250,6 +251,8 @@ def triton_attention_with_tangent(
     lse, tlse: fp32 [B, H, Sq]. ``tk = tv = None`` means zero key/value tangents (4-matmul path);
     if only one of them is None it is taken as zeros. ``kv_len`` (int or int tensor [B]) masks
     keys at positions >= kv_len. ``config`` overrides the cached launch config (tests, tuning).
+    ``out`` = (out, tout, lse, tlse) preallocated buffers to write into (out/tout any strides
+    with unit last stride, in q's dtype; lse/tlse contiguous fp32 [B, H, Sq]).
     """
     if not triton_attention_supported(q, k, v):
         raise ValueError(
@@ -273,10 +276,19 @@ def triton_attention_with_tangent(
     if has_kvt:
         tk, tv = _last_contig(tk.to(dtype)), _last_contig(tv.to(dtype))
 
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    tout = torch.empty_like(out)
-    lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
-    tlse = torch.empty_like(lse)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        tout = torch.empty_like(out)
+        lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+        tlse = torch.empty_like(lse)
+    else:
+        out, tout, lse, tlse = out
+        for x, want in ((out, q), (tout, q)):
+            if x.shape != want.shape or x.dtype != dtype or x.stride(-1) != 1:
+                raise ValueError("out/tout buffers must match q's shape and dtype, unit last stride")
+        for x in (lse, tlse):
+            if x.shape != (B, H, Sq) or x.dtype != torch.float32 or not x.is_contiguous():
+                raise ValueError("lse/tlse buffers must be contiguous fp32 [B, H, Sq]")
     if out.numel() == 0:
         return out, tout, lse, tlse
 

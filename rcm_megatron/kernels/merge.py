@@ -1,0 +1,141 @@
+"""Merge partial attention results over key/value chunks (ring attention, split-KV).
+
+Each chunk is ``(out, tout, lse, tlse)`` as returned by ``attention_with_tangent`` on a subset of
+the keys: out/tout [B, S, H, D], lse/tlse fp32 [B, H, S]. The merged result equals attention over
+the union of the keys (DESIGN.md section 4):
+
+    lse = logsumexp_i lse_i,  w_i = exp(lse_i - lse),  O = sum w_i O_i,
+    tlse = sum w_i tlse_i,    tO = sum w_i (tO_i + (tlse_i - tlse) O_i).
+
+Pairwise, with s = sigmoid(lse_b - lse_a): O = O_a + s (O_b - O_a), tlse likewise, and
+tO = (1-s) tO_a + s tO_b + s (1-s) (tlse_b - tlse_a)(O_b - O_a).
+
+A fully masked chunk (no valid key for a row: lse = -inf) gets weight exactly 0, and nothing it
+holds (out, tout, tlse, even NaN) reaches the result; a row masked in every chunk merges to
+out = tout = 0, lse = -inf, tlse = 0. All arithmetic is fp32 (or fp64 for fp64 inputs).
+
+For ring attention keep an fp32 running state and fold each arriving chunk into it in place:
+
+    acc = None
+    for step in range(cp):
+        part = attention_with_tangent(q, k_i, v_i, tq, tk_i, tv_i, kv_len=...)
+        acc = merge_attention_pair(acc, part, out=acc)   # acc None -> fp32 copy of part
+    out, tout, lse, tlse = finalize_attention_merge(acc, q.dtype)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _rows(stat: torch.Tensor) -> torch.Tensor:
+    """[B, H, S] statistic -> [B, S, H, 1] to broadcast against [B, S, H, D]."""
+    return stat.transpose(1, 2).unsqueeze(-1)
+
+
+def _weighted(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w * x with 0 wherever w == 0, whatever x holds there (inf, NaN)."""
+    return torch.where(w > 0, w * x, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def _check(chunk: Chunk) -> None:
+    out, tout, lse, tlse = chunk
+    if out.dim() != 4 or tout.shape != out.shape:
+        raise ValueError("out/tout must be [B, S, H, D] tensors of one shape")
+    B, S, H, _ = out.shape
+    if lse.shape != (B, H, S) or tlse.shape != (B, H, S):
+        raise ValueError(f"lse/tlse must be [B, H, S] = {(B, H, S)}, got {tuple(lse.shape)}")
+
+
+def merge_attention_chunks(chunks: Sequence[Chunk], out_dtype: torch.dtype | None = None) -> Chunk:
+    """Merge a list of partial (out, tout, lse, tlse) over disjoint key chunks.
+
+    Returns (out, tout, lse, tlse) with out/tout in ``out_dtype`` (default: the first chunk's
+    out dtype) and lse/tlse in fp32 (fp64 if the inputs are fp64).
+    """
+    if len(chunks) == 0:
+        raise ValueError("merge_attention_chunks needs at least one chunk")
+    for c in chunks:
+        _check(c)
+    out_dtype = out_dtype or chunks[0][0].dtype
+    ad = _acc_dtype(chunks[0][0])
+    lses = torch.stack([c[2].to(ad) for c in chunks])  # [n, B, H, S]
+    lse = torch.logsumexp(lses, dim=0)
+    finite = torch.isfinite(lse)
+    # w_i = exp(lse_i - lse); rows with lse = -inf everywhere get all-zero weights.
+    ws = torch.where(finite, torch.exp(lses - torch.where(finite, lse, 0.0)), 0.0)
+    ws = torch.where(torch.isneginf(lses), 0.0, ws)
+
+    tlse = torch.zeros_like(lse)
+    for w, c in zip(ws, chunks):
+        tlse = tlse + _weighted(w, c[3].to(ad))
+    out = None
+    tout = None
+    for w, c in zip(ws, chunks):
+        wr = _rows(w)
+        o_i = c[0].to(ad)
+        term_o = _weighted(wr, o_i)
+        # w_i (tO_i + (tlse_i - tlse) O_i)
+        term_t = _weighted(wr, c[1].to(ad) + _rows(c[3].to(ad) - tlse) * o_i)
+        out = term_o if out is None else out + term_o
+        tout = term_t if tout is None else tout + term_t
+    return out.to(out_dtype), tout.to(out_dtype), lse, tlse
+
+
+def merge_attention_pair(a: Chunk | None, b: Chunk, out: Chunk | None = None) -> Chunk:
+    """Merge two partial results; ``out`` (4 tensors, may be ``a`` itself) receives the result.
+
+    With ``a=None`` returns a copy of ``b`` in fp32 (the start of a ring accumulation), written
+    into ``out`` if given. Computation is in fp32 (fp64 for fp64 inputs); if ``out`` is None the
+    result is returned in that precision. Use ``finalize_attention_merge`` to cast at the end.
+    """
+    _check(b)
+    ad = _acc_dtype(b[0])
+    if a is None:
+        res = tuple(x.to(ad, copy=True) for x in b)  # never alias the caller's chunk
+        # a row masked in b: canonical zeros, whatever b held there
+        empty = torch.isneginf(res[2])
+        res = (
+            torch.where(_rows(empty), 0.0, res[0]),
+            torch.where(_rows(empty), 0.0, res[1]),
+            res[2],
+            torch.where(empty, 0.0, res[3]),
+        )
+    else:
+        _check(a)
+        if a[0].shape != b[0].shape:
+            raise ValueError("chunks to merge must have one shape")
+        o_a, to_a, lse_a, tl_a = (x.to(ad) for x in a)
+        o_b, to_b, lse_b, tl_b = (x.to(ad) for x in b)
+        ninf_a, ninf_b = torch.isneginf(lse_a), torch.isneginf(lse_b)
+        both = ninf_a & ninf_b
+        diff = torch.where(both, 0.0, lse_b - lse_a)  # +inf / -inf when one side is masked
+        s_b = torch.where(both, 0.0, torch.sigmoid(diff))
+        s_a = torch.where(both, 0.0, torch.sigmoid(-diff))
+        lse = torch.where(both, float("-inf"), torch.logaddexp(lse_a, lse_b))
+        tlse = _weighted(s_a, tl_a) + _weighted(s_b, tl_b)
+        ra, rb = _rows(s_a), _rows(s_b)
+        o = _weighted(ra, o_a) + _weighted(rb, o_b)
+        cross = _rows(s_a * s_b)
+        corr = _weighted(cross, _rows(tl_b - tl_a) * (o_b - o_a))
+        t = _weighted(ra, to_a) + _weighted(rb, to_b) + corr
+        res = (o, t, lse, tlse)
+    if out is None:
+        return res
+    for dst, src in zip(out, res):
+        dst.copy_(src)
+    return out
+
+
+def finalize_attention_merge(acc: Chunk, out_dtype: torch.dtype) -> Chunk:
+    """Cast a merged fp32 state to (out, tout) in ``out_dtype`` and lse/tlse in fp32."""
+    out, tout, lse, tlse = acc
+    return out.to(out_dtype), tout.to(out_dtype), lse.float(), tlse.float()
