@@ -18,6 +18,7 @@ from rcm_megatron.kernels import tuning
 from rcm_megatron.kernels.triton_attention import triton_attention_with_tangent
 
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+TMA = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, tma=True)
 
 
 def oracle(q, k, v, tq, tk=None, tv=None, scale=None, kv_len=None):
@@ -108,6 +109,9 @@ CASES = [
     (1, 64, 48, 2, 16, False, dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)),
     (1, 21, 45, 2, 24, True, SMALL),  # head dim not a power of two (padded to 32)
     (1, 29, 31, 1, 128, True, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+    # tensor-descriptor (TMA) K/V path: ragged tails cross into the next batch's rows
+    (2, 37, 53, 2, 32, True, TMA),
+    (3, 20, 21, 1, 16, False, TMA),
 ]
 
 
@@ -158,6 +162,22 @@ def test_kv_len_int(kv_len):
     check(run_kernel(*args, kv_len=kv_len), oracle(*args, kv_len=kv_len))
 
 
+def test_kv_len_tma_ignores_nan_padding(monkeypatch):
+    """Padded keys past kv_len may hold NaN: the TMA path must zero them, not multiply by 0."""
+    import rcm_megatron.kernels.triton_attention as ta
+
+    made = []
+    orig = ta._kv_descriptor
+    monkeypatch.setattr(ta, "_kv_descriptor", lambda *a: made.append(1) or orig(*a))
+    q, k, v, tq, tk, tv = make(2, 23, 37, 2, 16, True, seed=12)
+    for x in (k, v, tk, tv):
+        x[:, 30:] = float("nan")
+    want = oracle(q, k, v, tq, tk, tv, kv_len=30)
+    check(run_kernel(q, k, v, tq, tk, tv, kv_len=30, config=TMA), want)
+    assert len(made) == 4  # the descriptor path really ran
+    check(run_kernel(q, k, v, tq, tk, tv, kv_len=30), want)
+
+
 def test_kv_len_tensor_with_fully_masked_batch():
     args = make(3, 19, 40, 2, 16, True, seed=11)
     lens = torch.tensor([40, 0, 17])
@@ -206,7 +226,7 @@ def test_config_cache_has_no_seq_len_and_round_trips(tmp_path):
     path = tmp_path / "tune.json"
     tuning.save_tuning(str(path))
     data = json.loads(path.read_text())
-    assert data[key] == dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
+    assert data[key] == dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, tma=False)
     tuning.clear_cache()
     assert tuning.get_config(None, 64, torch.bfloat16, True) == cfg
     assert tuning.load_tuning(str(path)) == 1
@@ -228,6 +248,6 @@ def test_seq_lens_are_not_specialised():
         dns = set(f.kwargs["do_not_specialize"])
         sig = inspect.signature(f.fn)
         constexprs = {n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation)}
-    assert {"seq_q", "seq_k"} <= dns
+    assert {"seq_q", "seq_k", "kv_rows"} <= dns
     assert constexprs == {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "HAS_KV_TANGENT", "HAS_KV_LEN",
-                          "DOT_PRECISION"}
+                          "USE_TMA", "DOT_PRECISION"}

@@ -55,40 +55,52 @@ def _block_d(head_dim: int) -> int:
 
 
 @triton.jit
+def _load_kv(src, row0, col0, start_n, stride_s, offs_n, dmask, kv_end,
+             MASK: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] key/value tile; rows >= kv_end read as 0 when MASK.
+
+    Pointer mode: ``src`` holds the tile's pointers for start_n = 0. TMA mode: ``src`` is a 2D
+    tensor descriptor over [batch * seq_k, heads * head_dim] and (row0, col0) the tile origin.
+    """
+    if USE_TMA:
+        x = src.load([row0 + start_n, col0])
+        if MASK:  # rows past kv_end may be another batch's keys or padding garbage
+            x = tl.where(((start_n + offs_n) < kv_end)[:, None], x, 0.0)
+    elif MASK:
+        ld_mask = ((start_n + offs_n) < kv_end)[:, None] & dmask[None, :]
+        x = tl.load(src + start_n * stride_s, mask=ld_mask, other=0.0)
+    elif EVEN_D:
+        x = tl.load(src + start_n * stride_s)
+    else:
+        x = tl.load(src + start_n * stride_s, mask=dmask[None, :], other=0.0)
+    return x
+
+
+@triton.jit
 def _tile(
     acc_o, acc_t, m_i, l_i, r_i,
     q, tq,
-    k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
+    k_src, v_src, tk_src, tv_src,
+    row0, col0,
     start_n, kv_end, offs_n, dmask,
     stride_ks, stride_vs, stride_tks, stride_tvs,
     sm_scale, qk_scale,
     HAS_KV_TANGENT: tl.constexpr,
     MASK: tl.constexpr,
     EVEN_D: tl.constexpr,
+    USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One KV tile of the streaming update (see module docstring)."""
-    if MASK:
-        nmask = (start_n + offs_n) < kv_end
-        ld_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptrs + start_n * stride_ks, mask=ld_mask, other=0.0)
-    elif EVEN_D:
-        k = tl.load(k_ptrs + start_n * stride_ks)
-    else:
-        k = tl.load(k_ptrs + start_n * stride_ks, mask=dmask[None, :], other=0.0)
+    k = _load_kv(k_src, row0, col0, start_n, stride_ks, offs_n, dmask, kv_end, MASK, EVEN_D, USE_TMA)
     kt = tl.trans(k)
     s = tl.dot(q, kt, input_precision=DOT_PRECISION)
     ts = tl.dot(tq, kt, input_precision=DOT_PRECISION)
     if HAS_KV_TANGENT:
-        if MASK:
-            tk = tl.load(tk_ptrs + start_n * stride_tks, mask=ld_mask, other=0.0)
-        elif EVEN_D:
-            tk = tl.load(tk_ptrs + start_n * stride_tks)
-        else:
-            tk = tl.load(tk_ptrs + start_n * stride_tks, mask=dmask[None, :], other=0.0)
+        tk = _load_kv(tk_src, row0, col0, start_n, stride_tks, offs_n, dmask, kv_end, MASK, EVEN_D, USE_TMA)
         ts = tl.dot(q, tl.trans(tk), ts, input_precision=DOT_PRECISION)
     if MASK:
-        s = tl.where(nmask[None, :], s, float("-inf"))
+        s = tl.where(((start_n + offs_n) < kv_end)[None, :], s, float("-inf"))
     # Base-2 online softmax; qk_scale = softmax_scale * log2(e) > 0; ts is unscaled, so
     # H~ = P~ * (softmax_scale * ts).
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -99,31 +111,21 @@ def _tile(
     r_i = r_i * alpha + tl.sum(h, 1)
     acc_o = acc_o * alpha[:, None]
     acc_t = acc_t * alpha[:, None]
-    if MASK:
-        v = tl.load(v_ptrs + start_n * stride_vs, mask=ld_mask, other=0.0)
-    elif EVEN_D:
-        v = tl.load(v_ptrs + start_n * stride_vs)
-    else:
-        v = tl.load(v_ptrs + start_n * stride_vs, mask=dmask[None, :], other=0.0)
+    v = _load_kv(v_src, row0, col0, start_n, stride_vs, offs_n, dmask, kv_end, MASK, EVEN_D, USE_TMA)
     pc = p.to(v.dtype)
     acc_o = tl.dot(pc, v, acc_o, input_precision=DOT_PRECISION)
     acc_t = tl.dot(h.to(v.dtype), v, acc_t, input_precision=DOT_PRECISION)
     if HAS_KV_TANGENT:
-        if MASK:
-            tv = tl.load(tv_ptrs + start_n * stride_tvs, mask=ld_mask, other=0.0)
-        elif EVEN_D:
-            tv = tl.load(tv_ptrs + start_n * stride_tvs)
-        else:
-            tv = tl.load(tv_ptrs + start_n * stride_tvs, mask=dmask[None, :], other=0.0)
+        tv = _load_kv(tv_src, row0, col0, start_n, stride_tvs, offs_n, dmask, kv_end, MASK, EVEN_D, USE_TMA)
         acc_t = tl.dot(pc, tv, acc_t, input_precision=DOT_PRECISION)
     return acc_o, acc_t, m_new, l_i, r_i
 
 
-@triton.jit(do_not_specialize=["seq_q", "seq_k"])
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "kv_rows"])
 def _attn_tangent_fwd(
     Q, K, V, TQ, TK, TV, O, TO, LSE, TLSE, KV_LEN,
     sm_scale, qk_scale,
-    seq_q, seq_k, H,
+    seq_q, seq_k, kv_rows, H,
     s_qb, s_qs, s_qh,
     s_kb, s_ks, s_kh,
     s_vb, s_vs, s_vh,
@@ -138,8 +140,10 @@ def _attn_tangent_fwd(
     BLOCK_N: tl.constexpr,
     HAS_KV_TANGENT: tl.constexpr,
     HAS_KV_LEN: tl.constexpr,
+    USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """seq_k: keys to use (<= kv_rows); kv_rows: rows per batch of the K/V tensors."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -163,14 +167,22 @@ def _attn_tangent_fwd(
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     tq = tl.load(tq_ptrs, mask=q_mask, other=0.0)
 
-    k_ptrs = K + off_b * s_kb + off_h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :]
-    v_ptrs = V + off_b * s_vb + off_h * s_vh + offs_n[:, None] * s_vs + offs_d[None, :]
-    if HAS_KV_TANGENT:
-        tk_ptrs = TK + off_b * s_tkb + off_h * s_tkh + offs_n[:, None] * s_tks + offs_d[None, :]
-        tv_ptrs = TV + off_b * s_tvb + off_h * s_tvh + offs_n[:, None] * s_tvs + offs_d[None, :]
+    if USE_TMA:
+        k_src = K
+        v_src = V
+        tk_src = TK
+        tv_src = TV
     else:
-        tk_ptrs = k_ptrs
-        tv_ptrs = v_ptrs
+        k_src = K + off_b * s_kb + off_h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :]
+        v_src = V + off_b * s_vb + off_h * s_vh + offs_n[:, None] * s_vs + offs_d[None, :]
+        if HAS_KV_TANGENT:
+            tk_src = TK + off_b * s_tkb + off_h * s_tkh + offs_n[:, None] * s_tks + offs_d[None, :]
+            tv_src = TV + off_b * s_tvb + off_h * s_tvh + offs_n[:, None] * s_tvs + offs_d[None, :]
+        else:
+            tk_src = k_src
+            tv_src = v_src
+    row0 = (pid_bh // H) * kv_rows
+    col0 = (pid_bh % H) * HEAD_DIM
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -182,18 +194,18 @@ def _attn_tangent_fwd(
     for start_n in range(0, n_full, BLOCK_N):
         acc_o, acc_t, m_i, l_i, r_i = _tile(
             acc_o, acc_t, m_i, l_i, r_i, q, tq,
-            k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
+            k_src, v_src, tk_src, tv_src, row0, col0,
             start_n, kv_end, offs_n, dmask,
             s_ks, s_vs, s_tks, s_tvs, sm_scale, qk_scale,
-            HAS_KV_TANGENT, False, EVEN_D, DOT_PRECISION,
+            HAS_KV_TANGENT, False, EVEN_D, USE_TMA, DOT_PRECISION,
         )
     if n_full < kv_end:
         acc_o, acc_t, m_i, l_i, r_i = _tile(
             acc_o, acc_t, m_i, l_i, r_i, q, tq,
-            k_ptrs, v_ptrs, tk_ptrs, tv_ptrs,
+            k_src, v_src, tk_src, tv_src, row0, col0,
             n_full, kv_end, offs_n, dmask,
             s_ks, s_vs, s_tks, s_tvs, sm_scale, qk_scale,
-            HAS_KV_TANGENT, True, EVEN_D, DOT_PRECISION,
+            HAS_KV_TANGENT, True, EVEN_D, USE_TMA, DOT_PRECISION,
         )
 
     # Epilogue. l == 0 only for a row with no valid key: out = tout = 0, lse = -inf, tlse = 0.
@@ -311,16 +323,18 @@ def triton_attention_with_tangent(
         cfg = tuning.AttnConfig(**config)
     else:
         cfg = config
-    if not has_kvt:
-        tk_, tv_ = k, v  # never read
-    else:
-        tk_, tv_ = tk, tv
+    tk_, tv_ = (tk, tv) if has_kvt else (k, v)  # k, v stand in for unused tangents (never read)
+    kv_args = [k, v, tk_, tv_]
+    use_tma = bool(cfg.tma) and _tma_ok(kv_args, D, block_d, Sk)
+    if use_tma:
+        kv_args = [_kv_descriptor(x, B, Sk, H, D, cfg.BLOCK_N) for x in kv_args]
     grid = (triton.cdiv(Sq, cfg.BLOCK_M), B * H)
-    _attn_tangent_fwd[grid](
-        q, k, v, tq, tk_, tv_, out, tout, lse, tlse,
+    global _last_kernel
+    _last_kernel = _attn_tangent_fwd[grid](
+        q, kv_args[0], kv_args[1], tq, kv_args[2], kv_args[3], out, tout, lse, tlse,
         kv_len_t if kv_len_t is not None else lse,
         scale, scale * LOG2E,
-        Sq, seq_k, H,
+        Sq, seq_k, Sk, H,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -335,8 +349,36 @@ def triton_attention_with_tangent(
         BLOCK_N=cfg.BLOCK_N,
         HAS_KV_TANGENT=has_kvt,
         HAS_KV_LEN=kv_len_t is not None,
+        USE_TMA=use_tma,
         DOT_PRECISION="ieee" if dtype == torch.float32 else None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out, tout, lse, tlse
+
+
+_last_kernel = None  # the last launched CompiledKernel (resource reports in the benchmark)
+
+
+def _tma_ok(kv, D, block_d, Sk) -> bool:
+    """TMA path: 2D view [B*Sk, H*D] of each K/V tensor (rows contiguous across batches,
+    heads contiguous in a row, 16-byte aligned), exact head dim, Sk > 0."""
+    if D != block_d or Sk == 0:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    for x in kv:
+        B, S, H, _ = x.shape
+        if x.stride(2) != D or (B > 1 and x.stride(0) != S * x.stride(1)):
+            return False
+        if (x.stride(1) * x.element_size()) % 16 or x.data_ptr() % 16:
+            return False
+    return True
+
+
+def _kv_descriptor(x, B, Sk, H, D, block_n):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(x, [B * Sk, H * D], [x.stride(1), 1], [block_n, D])

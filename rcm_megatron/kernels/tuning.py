@@ -34,6 +34,7 @@ class AttnConfig:
     BLOCK_N: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # K/V tiles through tensor descriptors (Hopper TMA) instead of pointers
 
     def as_dict(self) -> dict:
         return asdict(self)
