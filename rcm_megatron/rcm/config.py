@@ -101,7 +101,10 @@ class RCMConfig:
         for name in ("p_g", "p_d"):
             v = getattr(self, name)
             if isinstance(v, str):
-                setattr(self, name, SamplerSpec.parse(v))
+                try:
+                    setattr(self, name, SamplerSpec.parse(v))
+                except ValueError as e:
+                    _fail(name, f"a valid sampler 'name(params)' ({e})", v)
             elif not isinstance(v, SamplerSpec):
                 _fail(name, "a SamplerSpec or 'name(params)' string", v)
         if not (_is_int(self.rollout_max_steps) and 1 <= self.rollout_max_steps <= 8):

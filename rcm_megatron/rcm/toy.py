@@ -34,3 +34,20 @@ class ToyVelocityNet(nn.Module):
     @torch.no_grad()
     def forward_with_tangent(self, latents, timestep, context, t_latents, t_timestep):
         return torch.func.jvp(lambda x, ts: self(x, ts, context), (latents, timestep), (t_latents, t_timestep))
+
+
+def toy_batch(batch: int = 4, channels: int = 4, frames: int = 2, height: int = 4, width: int = 4,
+              context_len: int = 5, context_dim: int = 8, dtype: torch.dtype = torch.float64, seed: int = 0,
+              first_index: int = 0):
+    """(x0, context, uncond_context [1,L,D], indices) for the toy net; samples depend only on
+    their global index, so any slice of a bigger toy batch is itself a toy batch."""
+    idx = torch.arange(first_index, first_index + batch)
+    rows = []
+    for i in idx.tolist():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        rows.append((torch.randn(channels, frames, height, width, generator=g, dtype=dtype),
+                     torch.randn(context_len, context_dim, generator=g, dtype=dtype)))
+    x0 = torch.stack([r[0] for r in rows])
+    context = torch.stack([r[1] for r in rows])
+    uncond = torch.randn(1, context_len, context_dim, generator=torch.Generator().manual_seed(2**40 + seed), dtype=dtype)
+    return x0, context, uncond, idx
