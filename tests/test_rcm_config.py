@@ -1,5 +1,6 @@
 """RCMConfig validation names the field; presets."""
 
+import json
 import math
 
 import pytest
@@ -34,6 +35,13 @@ def test_defaults_and_presets():
 def test_validation_names_field(field, value):
     with pytest.raises(ValueError, match=rf"{field}"):
         RCMConfig(**{field: value})
+
+
+def test_dict_round_trip():
+    cfg = RCMConfig.preset("wan-14b", rollout_fixed_times=(1.5, 1.4, 1.0), grad_clip_norm=2.0)
+    assert RCMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown field"):
+        RCMConfig.from_dict({"cfg_scal": 5.0})
 
 
 def test_unknown_preset():

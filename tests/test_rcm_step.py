@@ -9,7 +9,6 @@ import torch
 from rcm_megatron.rcm.config import RCMConfig
 from rcm_megatron.rcm.rng import KeyedRNG
 from rcm_megatron.rcm.sampling import PAPER_MID_TIMES, sample, sampling_times
-from rcm_megatron.rcm.schedule import phase
 from rcm_megatron.rcm.step import Batch, critic_step, student_step
 from rcm_megatron.rcm.toy import ToyVelocityNet, toy_batch
 from test_rcm_trigflow import literal_predict

@@ -158,6 +158,22 @@ class RCMConfig:
     def replace(self, **changes) -> RCMConfig:
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        """JSON-friendly (samplers as 'name(params)' strings, tuples as lists); from_dict inverts it."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, SamplerSpec) else list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RCMConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"RCMConfig: unknown field(s) {unknown}")
+        return cls(**d)
+
 
 PRESETS: dict[str, dict] = {
     "wan-1.3b": dict(p_g=WAN_1_3B_P_G, p_d=WAN_P_D, student_update_freq=5, lr_student=2e-6, lr_fake_score=4e-7),

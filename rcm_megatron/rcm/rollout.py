@@ -3,8 +3,9 @@
 Each sample i runs N_i steps at times times[i, 0] > times[i, 1] > ... : x0 = student
 x0_hat(x, t_k), then re-noise x = cos t_{k+1} x0 + sin t_{k+1} eps_k. The whole rollout is
 forward-only; what it keeps is each sample's *last step input* (x, t), so the last step
-can be recomputed with grad (``predict(net, last_x, last_t, context)``). That costs one extra forward, keeps every
-with-grad pass the same shape, and is how a pipeline-parallel schedule runs it.
+can be recomputed with grad (``predict(net, last_x, last_t, context)``). That costs one
+extra forward, keeps every with-grad pass the same shape, and is how a pipeline-parallel
+schedule runs it.
 
 Steps may differ per sample: step k runs only the samples with N_i > k. Noise is keyed
 per sample (rng.py), so results do not depend on how the batch is split.
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .protocol import VelocityNet
 from .rng import Indices, KeyedRNG, index_list
 from .time_samplers import TimeSampler
-from .protocol import VelocityNet
 from .trigflow import add_noise, predict
 
 
