@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""rCM distillation of Wan2.1 DiTs (Megatron-LM style flags).
+
+    python pretrain_rcm.py                      # tiny model, built-in data, CPU, a few minutes
+    torchrun --nproc-per-node 8 pretrain_rcm.py --teacher-checkpoint WAN_DIR --bf16 ...
+
+Configuration errors print one line naming the flag, file or shape and exit with code 2,
+before any model is built.
+"""
+
+import sys
+import warnings
+
+
+def main(argv=None) -> int:
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    from rcm_megatron.training.arguments import ArgumentError, parse_args
+
+    try:
+        train, model_cfg, rcm_cfg, par = parse_args(argv)
+        from rcm_megatron.training.trainer import Trainer
+
+        trainer = Trainer(train, model_cfg, rcm_cfg, par)
+    except ArgumentError as e:
+        print(f"pretrain_rcm.py: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.run()
+    except ArgumentError as e:
+        print(f"pretrain_rcm.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from rcm_megatron.parallel.initialize import destroy_distributed
+
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

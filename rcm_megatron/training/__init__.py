@@ -1,0 +1,1 @@
+"""Training loop, optimizers, EMA, checkpointing and logging."""

@@ -1,0 +1,193 @@
+"""Command-line flags of pretrain_rcm.py (Megatron-LM names) and their validation.
+
+Everything that can be checked without building a model is checked here, so a bad flag,
+file or shape ends the run with one line naming it (exit code 2) before any memory is
+allocated or any checkpoint touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from ..models.config import PRESETS, WanConfig, preset
+from ..parallel.config import CP_COMM_TYPES, ParallelConfig
+from ..rcm.config import MODES, RCMConfig
+
+
+class ArgumentError(ValueError):
+    """A user-facing configuration error; pretrain_rcm.py prints it and exits with code 2."""
+
+
+@dataclass
+class TrainingConfig:
+    mode: str  # "distill" or "teacher" (flow-matching pretraining of a teacher)
+    train_iters: int
+    seed: int
+    data: str | None
+    latent_shape: tuple[int, int, int, int] | None
+    log_dir: str | None
+    log_interval: int
+    save: str | None
+    save_interval: int | None
+    load: str | None
+    teacher_checkpoint: str | None
+    bf16: bool
+    device: str
+    keep_last: int | None
+    teacher_lr: float
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_rcm.py",
+        description="rCM distillation of Wan2.1 DiTs (with no flags: a tiny model on built-in data, on CPU).")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(PRESETS), default=None,
+                   help="architecture preset (default tiny; taken from --teacher-checkpoint when given)")
+    g.add_argument("--teacher-checkpoint", default=None,
+                   help="diffusers WanTransformer3DModel folder or an rcm-megatron model file (.pt)")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters/activations (fp32 norms, time embedding)")
+    g.add_argument("--mode", choices=("distill", "teacher"), default="distill",
+                   help="distill a student (default) or pretrain a teacher by flow matching")
+    g = p.add_argument_group("training")
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None, help="student lr (default: method preset)")
+    g.add_argument("--fake-score-lr", type=float, default=None, help="fake score lr (default: method preset)")
+    g.add_argument("--teacher-lr", type=float, default=1e-3, help="lr of --mode teacher")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=0.0, help="gradient norm clip (0 = none, the method's default)")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="'synthetic' (default) or a .pt latent file")
+    g.add_argument("--latent-shape", type=int, nargs=4, metavar=("C", "T", "H", "W"), default=None,
+                   help="latent shape of the built-in synthetic data (default C=in_channels, 3, 8, 8)")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--log-dir", default="runs/default")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--save", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
+    g = p.add_argument_group("method (rCM)")
+    g.add_argument("--method", choices=MODES, default="rcm", help="rcm, or the scm / dmd / dcm baselines")
+    g.add_argument("--cfg-scale", type=float, default=None)
+    g.add_argument("--student-update-freq", type=int, default=None)
+    g.add_argument("--tangent-warmup", type=int, default=None, help="iterations of sCM tangent warmup")
+    g.add_argument("--scm-loss-scale", type=float, default=None)
+    g.add_argument("--dmd-loss-scale", type=float, default=None)
+    g.add_argument("--p-g", default=None, help="sCM time sampler, e.g. 'lognormal(0.7,1.6)'")
+    g.add_argument("--p-d", default=None, help="DMD/critic/rollout time sampler, e.g. 'uniform_shift(5)'")
+    g.add_argument("--rollout-steps", type=int, default=None, help="max student rollout steps (1..4)")
+    g.add_argument("--ema-width", type=float, default=None, help="power-EMA relative width (0.1 official, 0.05 paper)")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--cp-comm-type", choices=CP_COMM_TYPES, default="p2p")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    return p
+
+
+def _positive(name: str, v, allow_none=False):
+    if v is None and allow_none:
+        return
+    if v is None or v < 1:
+        raise ArgumentError(f"{name} must be a positive integer, got {v}")
+
+
+def parse_args(argv=None):
+    """Parse and validate; returns (TrainingConfig, WanConfig | None, RCMConfig, ParallelConfig).
+
+    The model config is None when it will come from --teacher-checkpoint (read later,
+    after the file was checked to exist here).
+    """
+    args = build_parser().parse_args(argv)
+    _positive("--train-iters", args.train_iters)
+    _positive("--micro-batch-size", args.micro_batch_size)
+    _positive("--global-batch-size", args.global_batch_size, allow_none=True)
+    _positive("--log-interval", args.log_interval)
+    _positive("--save-interval", args.save_interval, allow_none=True)
+    _positive("--keep-last", args.keep_last, allow_none=True)
+    if args.teacher_checkpoint is not None and not os.path.exists(args.teacher_checkpoint):
+        raise ArgumentError(f"--teacher-checkpoint {args.teacher_checkpoint}: no such file or directory")
+    if args.load is not None and not os.path.isdir(args.load):
+        raise ArgumentError(f"--load {args.load}: no such checkpoint directory")
+    if args.data not in (None, "synthetic") and not os.path.isfile(args.data):
+        raise ArgumentError(f"--data {args.data}: no such file (expected 'synthetic' or a .pt latent file)")
+    if args.save_interval is not None and args.save is None:
+        raise ArgumentError("--save-interval needs --save DIR")
+    if args.device not in (None, "cpu", "cuda"):
+        raise ArgumentError(f"--device must be cpu or cuda, got {args.device!r}")
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    if device == "cuda" and not _cuda():
+        raise ArgumentError("--device cuda: no CUDA device is available")
+
+    model_cfg: WanConfig | None = None
+    if args.teacher_checkpoint is None:
+        model_cfg = preset(args.model or "tiny")
+    if args.latent_shape is not None and min(args.latent_shape) < 1:
+        raise ArgumentError(f"--latent-shape must be four positive ints, got {args.latent_shape}")
+
+    try:
+        par = ParallelConfig(
+            tensor_model_parallel_size=args.tensor_model_parallel_size, sequence_parallel=args.sequence_parallel,
+            context_parallel_size=args.context_parallel_size, cp_comm_type=args.cp_comm_type,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        par.resolve_batch(world)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from e
+
+    preset_name = "wan-14b" if (args.model == "wan-14b") else "wan-1.3b"
+    overrides = {k: v for k, v in {
+        "mode": args.method, "seed": args.seed, "cfg_scale": args.cfg_scale,
+        "student_update_freq": args.student_update_freq, "tangent_warmup_iters": args.tangent_warmup,
+        "scm_loss_scale": args.scm_loss_scale, "dmd_loss_scale": args.dmd_loss_scale, "p_g": args.p_g,
+        "p_d": args.p_d, "rollout_max_steps": args.rollout_steps, "ema_sigma_rel": args.ema_width,
+        "lr_student": args.lr, "lr_fake_score": args.fake_score_lr, "weight_decay": args.weight_decay,
+        "grad_clip_norm": args.clip_grad if args.clip_grad > 0 else None,
+    }.items() if v is not None}
+    if args.clip_grad == 0:
+        overrides["grad_clip_norm"] = None
+    if args.model in (None, "tiny") and args.teacher_checkpoint is None:
+        # The embedded default: a tiny random teacher learns nothing at Wan's lr in minutes.
+        overrides.setdefault("lr_student", 1e-4)
+        overrides.setdefault("lr_fake_score", 1e-4)
+    try:
+        rcm_cfg = RCMConfig.preset(preset_name, **overrides)
+    except ValueError as e:
+        raise ArgumentError(str(e).replace("RCMConfig.", "method setting ")) from e
+
+    train = TrainingConfig(
+        mode=args.mode, train_iters=args.train_iters, seed=args.seed, data=args.data,
+        latent_shape=tuple(args.latent_shape) if args.latent_shape else None, log_dir=args.log_dir,
+        log_interval=args.log_interval, save=args.save, save_interval=args.save_interval, load=args.load,
+        teacher_checkpoint=args.teacher_checkpoint, bf16=args.bf16, device=device, keep_last=args.keep_last,
+        teacher_lr=args.teacher_lr)
+    return train, model_cfg, rcm_cfg, par
+
+
+def check_data_against_model(dataset, cfg: WanConfig, source: str) -> None:
+    """Latent channels, patch divisibility and text width of the data vs the model."""
+    c, t, h, w = dataset.latent_shape
+    if c != cfg.in_channels:
+        raise ArgumentError(f"{source}: latents have {c} channels, the model expects in_channels={cfg.in_channels}")
+    for size, p, axis in zip((t, h, w), cfg.patch_size, ("T", "H", "W")):
+        if size % p:
+            raise ArgumentError(f"{source}: latent {axis}={size} is not divisible by the patch size {p} "
+                                f"(latent shape {(c, t, h, w)}, patch {cfg.patch_size})")
+    if dataset.text_dim != cfg.text_dim:
+        raise ArgumentError(f"{source}: text embeddings have width {dataset.text_dim}, the model expects "
+                            f"text_dim={cfg.text_dim}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

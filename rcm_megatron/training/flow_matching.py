@@ -1,0 +1,30 @@
+"""Flow-matching pretraining of a teacher (``pretrain_rcm.py --mode teacher``).
+
+Rectified flow as Wan is trained: x_s = (1 - s) x0 + s eps, the network predicts
+v = eps - x0 at timestep 1000 s, s from Wan's shifted uniform sampler. The prompt is
+replaced by the negative-prompt embedding with probability ``cond_drop`` so the teacher
+supports classifier-free guidance. Draws are keyed per sample (layout-invariant).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..rcm.rng import KeyedRNG
+
+
+def flow_matching_loss(net, x0, context, uncond_context, indices, seed: int, iteration: int,
+                       shift: float = 3.0, cond_drop: float = 0.1):
+    """Per-sample sum of squared velocity errors (fp32); returns (loss_sum, per_sample)."""
+    rng = KeyedRNG(seed, iteration)
+    dev, dt = x0.device, x0.dtype
+    eps = rng.normal("fm.noise", indices, x0.shape[1:], device=dev).to(dt)
+    u = rng.uniform("fm.time", indices, device=dev)
+    s = (shift * u / (1 + (shift - 1) * u)).clamp(1e-4, 1 - 1e-4)
+    drop = rng.uniform("fm.drop", indices, device=dev) < cond_drop
+    ctx = torch.where(drop.view(-1, 1, 1), uncond_context.to(context.dtype).expand_as(context), context)
+    sb = s.view(-1, 1, 1, 1, 1).to(dt)
+    x_s = (1 - sb) * x0 + sb * eps
+    v = net(x_s, (1000.0 * s).to(torch.float32 if dt != torch.float64 else dt), ctx)
+    per_sample = (v.float() - (eps - x0).float()).square().flatten(1).sum(1)
+    return per_sample.sum(), per_sample

@@ -1,0 +1,88 @@
+"""Per-iteration metrics: TensorBoard events, ``metrics.jsonl`` and a one-line progress print.
+
+Only the logging rank (global rank 0) writes. A resumed run appends to metrics.jsonl after
+dropping lines past the resume iteration, so the file always reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+
+class MetricsLogger:
+    def __init__(self, log_dir: str | None, log_interval: int = 10, enabled: bool = True, resume_iteration: int = 0):
+        self.enabled = enabled and log_dir is not None
+        self.log_interval = max(1, int(log_interval))
+        self.log_dir = log_dir
+        self._tb = None
+        self._jsonl = None
+        self._t0 = time.time()
+        if self.enabled:
+            os.makedirs(log_dir, exist_ok=True)
+            path = os.path.join(log_dir, "metrics.jsonl")
+            _truncate_after(path, resume_iteration)
+            self._jsonl = open(path, "a", buffering=1)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=log_dir, purge_step=resume_iteration + 1 if resume_iteration else None)
+            except ImportError:  # tensorboard is a dependency; keep logging if a minimal env lacks it
+                print("warning: tensorboard not installed; writing metrics.jsonl only", file=sys.stderr)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _plain(v) for k, v in record.items()}
+        self._jsonl.write(json.dumps(clean, sort_keys=True) + "\n")
+        it = clean["iteration"]
+        if self._tb is not None:
+            for k, v in clean.items():
+                if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(_tb_tag(k), v, it)
+        if it % self.log_interval == 0 or it == 1:
+            losses = " ".join(f"{k}={v:.4g}" for k, v in clean.items() if k.startswith("loss") and isinstance(v, float))
+            print(f"iter {it:6d} | {clean.get('phase', ''):7s} | {losses} | grad_norm={clean.get('grad_norm', float('nan')):.3g}"
+                  f" | lr={clean.get('lr', 0):.3g} | {clean.get('samples_per_sec', 0):.2f} samples/s"
+                  f" | elapsed {time.time() - self._t0:.0f}s", flush=True)
+
+    def add_image(self, tag: str, image, iteration: int) -> None:
+        if self._tb is not None:
+            self._tb.add_image(tag, image, iteration, dataformats="HWC")
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _tb_tag(key: str) -> str:
+    if key.startswith("loss"):
+        return f"loss/{key}"
+    return f"train/{key}"
+
+
+def _truncate_after(path: str, iteration: int) -> None:
+    """Drop records with iteration > ``iteration`` (work done after the checkpoint we resume from)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("iteration", 0) <= iteration]
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
