@@ -1,7 +1,10 @@
 """Wan self- and cross-attention, carrying a tangent.
 
 q/k/v projections are column-parallel (heads split over tensor parallelism), the output
-projection row-parallel. q and k are RMS-normalized over the whole hidden size. The
+projection row-parallel. The token stream enters the tensor-parallel region once per
+attention (under sequence parallelism: one all-gather of the token shards, stripped of
+padding, so attention sees exactly the real tokens). q and k are RMS-normalized over the
+whole hidden size. The
 attention itself goes through ``rcm_megatron.kernels``: the differentiable primal for
 with-grad passes, the fused attention-with-tangent for tangent passes.
 """
@@ -13,7 +16,8 @@ import torch.nn as nn
 
 from ..kernels import attention, attention_with_tangent
 from ..parallel import state
-from ..parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from ..parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, mark_tensor_parallel,
+                                        replicated_input, tensor_parallel_input)
 from .layers import rms_norm_across_heads
 from .rope import apply_rope
 
@@ -25,8 +29,7 @@ class QKNorm(nn.Module):
         super().__init__()
         tp = state.tensor_parallel_world_size()
         self.full_size, self.eps = hidden_size, eps
-        self.weight = nn.Parameter(torch.ones(hidden_size // tp))
-        self.weight.tp_split_dim = 0
+        self.weight = mark_tensor_parallel(nn.Parameter(torch.ones(hidden_size // tp)), 0)
 
     def forward(self, x, tx=None):
         return rms_norm_across_heads(x, tx, self.weight, self.eps, self.full_size)
@@ -59,8 +62,10 @@ class _Attention(nn.Module):
 
 
 class SelfAttention(_Attention):
-    def forward(self, x, tx, rope):
+    def forward(self, x, tx, rope, seq_len: int | None = None):
+        """x [B, S, D] (under sequence parallelism this rank's token shard; seq_len = S real tokens)."""
         cos, sin = rope
+        x, tx = tensor_parallel_input(x, tx, seq_len)
         q, tq = self.norm_q(*self.to_q(x, tx))
         k, tk = self.norm_k(*self.to_k(x, tx))
         v, tv = self.to_v(x, tx)
@@ -75,7 +80,9 @@ class SelfAttention(_Attention):
 class CrossAttention(_Attention):
     """Queries from the video tokens, keys/values from the text (which has no tangent)."""
 
-    def forward(self, x, tx, context):
+    def forward(self, x, tx, context, seq_len: int | None = None):
+        x, tx = tensor_parallel_input(x, tx, seq_len)
+        context = replicated_input(context)
         q, tq = self.norm_q(*self.to_q(x, tx))
         k, _ = self.norm_k(*self.to_k(context))
         v, _ = self.to_v(context)

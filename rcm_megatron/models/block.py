@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from ..parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, grad_sum_over_sequence_shards,
+                                        tensor_parallel_input)
 from .attention import CrossAttention, SelfAttention
 from .config import WanConfig
 from .layers import LayerNorm, compute_dtype, gated_residual, gelu_tanh, modulate
@@ -21,7 +22,8 @@ class FeedForward(nn.Module):
         self.fc1 = ColumnParallelLinear(hidden_size, ffn_hidden_size)
         self.fc2 = RowParallelLinear(ffn_hidden_size, hidden_size)
 
-    def forward(self, x, tx=None):
+    def forward(self, x, tx=None, seq_len: int | None = None):
+        x, tx = tensor_parallel_input(x, tx, seq_len)
         return self.fc2(*gelu_tanh(*self.fc1(x, tx)))
 
 
@@ -37,9 +39,12 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(d, cfg.ffn_hidden_size)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
-    def forward(self, x, tx, tproj, ttproj, context, rope):
-        """x [B,S,D]; tproj [B,6,D] (time projection, fp32) and its tangent; context [B,L,D]."""
-        mod = self.scale_shift_table.to(tproj.dtype) + tproj
+    def forward(self, x, tx, tproj, ttproj, context, rope, seq_len: int | None = None):
+        """x [B,S,D]; tproj [B,6,D] (time projection, fp32) and its tangent; context [B,L,D].
+
+        Under sequence parallelism x is this rank's token shard and seq_len the real length.
+        """
+        mod = grad_sum_over_sequence_shards(self.scale_shift_table.to(tproj.dtype) + tproj)
         shift, scale, gate, c_shift, c_scale, c_gate = mod.unsqueeze(2).unbind(1)
         if ttproj is not None:
             t_shift, t_scale, t_gate, t_c_shift, t_c_scale, t_c_gate = ttproj.unsqueeze(2).unbind(1)
@@ -50,14 +55,14 @@ class WanBlock(nn.Module):
             return h.to(x.dtype), None if th is None else th.to(x.dtype)
 
         h, th = cast(*modulate(*self.norm1(x, tx), shift, t_shift, scale, t_scale))
-        a, ta = self.attn1(h, th, rope)
+        a, ta = self.attn1(h, th, rope, seq_len)
         x, tx = gated_residual(x, tx, a, ta, gate, t_gate)
 
         h, th = cast(*self.norm2(x, tx))
-        a, ta = self.attn2(h, th, context)
+        a, ta = self.attn2(h, th, context, seq_len)
         x = x + a
         tx = None if tx is None else tx + ta
 
         h, th = cast(*modulate(*self.norm3(x, tx), c_shift, t_c_shift, c_scale, t_c_scale))
-        f, tf = self.ffn(h, th)
+        f, tf = self.ffn(h, th, seq_len)
         return gated_residual(x, tx, f, tf, c_gate, t_c_gate)

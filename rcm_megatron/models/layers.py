@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..parallel.tensor_parallel import all_reduce_tp_sum
+from ..parallel.tensor_parallel import all_reduce_tp_sum, grad_sum_over_sequence_shards
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -114,7 +114,11 @@ def gated_residual(x, tx, a, ta, gate, tgate):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm computed in fp32 (diffusers' FP32LayerNorm), optional affine, with tangent."""
+    """LayerNorm computed in fp32 (diffusers' FP32LayerNorm), optional affine, with tangent.
+
+    It normalizes the token stream, which is sequence-sharded under sequence parallelism;
+    the affine parameters' gradients are then summed over the tensor-parallel group.
+    """
 
     def __init__(self, dim: int, eps: float, affine: bool):
         super().__init__()
@@ -127,6 +131,6 @@ class LayerNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x, tx=None):
-        w = None if self.weight is None else self.weight.to(compute_dtype(x))
-        b = None if self.bias is None else self.bias.to(compute_dtype(x))
+        w = None if self.weight is None else grad_sum_over_sequence_shards(self.weight).to(compute_dtype(x))
+        b = None if self.bias is None else grad_sum_over_sequence_shards(self.bias).to(compute_dtype(x))
         return layer_norm(x, tx, self.eps, w, b)

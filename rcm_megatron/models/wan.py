@@ -8,6 +8,11 @@ For pipeline parallelism a model holds a contiguous range of blocks; ``pre_proce
 own the embeddings, ``post_process`` stages own the head (megatron-core's GPTModel
 convention). Parallel communication lives in ``parallel/``; this file only says what the
 network computes.
+
+Under sequence parallelism the token stream is sharded along the sequence over the
+tensor-parallel group from the patch embedding to the head's projection (``StageState.x``
+holds this rank's ceil(S/tp) tokens, zero-padded at the end); the output is gathered and
+replicated on every rank.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..parallel.tensor_parallel import linear_with_tangent
+from ..parallel import state as parallel_state
+from ..parallel.tensor_parallel import (grad_sum_over_sequence_shards, linear_with_tangent, shard_sequence,
+                                        unshard_sequence, validate_tp)
 from .block import WanBlock
 from .config import WanConfig
 from .embeddings import PatchEmbedding, TextEmbedding, TimeEmbedding
@@ -42,11 +49,18 @@ class StageState:
     context: torch.Tensor
     grid: tuple[int, int, int]
 
+    @property
+    def seq_len(self) -> int:
+        """Number of real tokens (x may hold a padded sequence-parallel shard of them)."""
+        f, h, w = self.grid
+        return f * h * w
+
 
 class WanDiT(nn.Module):
     def __init__(self, config: WanConfig, pre_process: bool = True, post_process: bool = True,
                  layer_range: tuple[int, int] | None = None):
         super().__init__()
+        validate_tp(config, parallel_state.tensor_parallel_world_size())
         self.config = config
         self.pre_process, self.post_process = pre_process, post_process
         first, last = layer_range if layer_range is not None else (0, config.num_layers)
@@ -75,9 +89,7 @@ class WanDiT(nn.Module):
         the seed and the parameter's global name, then sliced to this rank's shard, so the
         same seed gives the same model under any TP/PP layout.
         """
-        from ..parallel import state
-
-        tp, rank = state.tensor_parallel_world_size(), state.tensor_parallel_rank()
+        tp, rank = parallel_state.tensor_parallel_world_size(), parallel_state.tensor_parallel_rank()
         for name, p in self.named_parameters():
             split = getattr(p, "tp_split_dim", None)
             full = list(p.shape)
@@ -117,7 +129,7 @@ class WanDiT(nn.Module):
         c = self.config
         pt, ph, pw = c.patch_size
         grid = (latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
-        x, tx = self.patch_embedding(latents, t_latents)
+        x, tx = shard_sequence(*self.patch_embedding(latents, t_latents))
         temb, ttemb, tproj, ttproj = self.time_embedding(timestep, t_timestep)
         ctx = self.text_embedding(context.to(self.text_embedding.linear_1.weight.dtype))
         return StageState(x, tx, temb, ttemb, tproj, ttproj, ctx, grid)
@@ -132,12 +144,13 @@ class WanDiT(nn.Module):
         rope = rope_cos_sin(state.grid, c.head_dim, c.rope_max_seq_len, c.rope_theta, device=state.x.device,
                             dtype=torch.float64 if state.x.dtype == torch.float64 else torch.float32)
         for block in self.blocks.values():
-            state.x, state.tx = block(state.x, state.tx, state.tproj, state.ttproj, state.context, rope)
+            state.x, state.tx = block(state.x, state.tx, state.tproj, state.ttproj, state.context, rope,
+                                      state.seq_len)
         return state
 
     def head(self, state: StageState, out_shape):
         c = self.config
-        mod = self.scale_shift_table.to(state.temb.dtype) + state.temb.unsqueeze(1)
+        mod = grad_sum_over_sequence_shards(self.scale_shift_table.to(state.temb.dtype) + state.temb.unsqueeze(1))
         shift, scale = mod.unsqueeze(2).unbind(1)
         t_shift = t_scale = None
         if state.ttemb is not None:
@@ -146,7 +159,9 @@ class WanDiT(nn.Module):
         h, th = modulate(n, tn, shift, t_shift, scale, t_scale)
         h = h.to(state.x.dtype)
         th = None if th is None else th.to(state.x.dtype)
-        y, ty = linear_with_tangent(h, th, self.proj_out.weight, self.proj_out.bias)
+        y, ty = linear_with_tangent(h, th, grad_sum_over_sequence_shards(self.proj_out.weight),
+                                    grad_sum_over_sequence_shards(self.proj_out.bias))
+        y, ty = unshard_sequence(y, ty, state.seq_len)
         return self._unpatchify(y, state.grid, out_shape), None if ty is None else self._unpatchify(ty, state.grid, out_shape)
 
     def _unpatchify(self, y, grid, out_shape):

@@ -12,6 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from . import state
 from .config import ParallelConfig
 
 
@@ -33,6 +34,7 @@ def initialize_distributed(cfg: ParallelConfig, timeout_minutes: int = 30) -> No
         if cfg.model_parallel_size > 1:
             raise ValueError(f"model-parallel size {cfg.model_parallel_size} needs a distributed launch "
                              "(torchrun --nproc-per-node N ...)")
+        state.set_sequence_parallel(False)
         return
     if not dist.is_initialized():
         backend = cfg.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -50,6 +52,7 @@ def initialize_distributed(cfg: ParallelConfig, timeout_minutes: int = 30) -> No
             hierarchical_context_parallel_sizes=cfg.hierarchical_context_parallel_sizes,
             order="tp-cp-ep-dp-pp",  # expert parallel size 1: the tp-cp-dp-pp order of DESIGN.md
         )
+    state.set_sequence_parallel(cfg.sequence_parallel)
 
 
 def destroy_distributed() -> None:
@@ -58,3 +61,4 @@ def destroy_distributed() -> None:
 
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+    state.set_sequence_parallel(False)

@@ -3,6 +3,9 @@
 Model code asks here for its groups and never touches torch.distributed itself. With no
 initialized model parallelism every group is None and every size is 1, which is the
 single-process case the float64 oracle runs.
+
+Sequence parallelism (Megatron's ``--sequence-parallel``) is a switch kept here, set by
+``initialize_distributed`` from the ParallelConfig; the model reads it at every forward.
 """
 
 from __future__ import annotations
@@ -36,3 +39,17 @@ def tensor_parallel_world_size() -> int:
 def tensor_parallel_rank() -> int:
     group = tensor_parallel_group()
     return dist.get_rank(group) if group is not None else 0
+
+
+_SEQUENCE_PARALLEL = False
+
+
+def set_sequence_parallel(enabled: bool) -> None:
+    """Turn sequence parallelism on or off (``initialize_distributed`` calls this)."""
+    global _SEQUENCE_PARALLEL
+    _SEQUENCE_PARALLEL = bool(enabled)
+
+
+def sequence_parallel_enabled() -> bool:
+    """True when token streams are sharded along the sequence over the TP group (needs TP > 1)."""
+    return _SEQUENCE_PARALLEL and tensor_parallel_world_size() > 1

@@ -1,9 +1,23 @@
-"""Tensor-parallel linears that carry a tangent.
+"""Tensor-parallel linears that carry a tangent, and the edges of tensor-parallel regions.
 
-Megatron-style column/row split. The primal and its tangent go through one GEMM (stacked
-along the batch dimension) and one collective. megatron-core's own linears cannot be used
-because they know nothing of tangents; its autograd mappings are used for the with-grad
-passes (they run on gloo as well as NCCL).
+Megatron-style column/row split. Primal and tangent go through one GEMM (stacked along the
+batch dimension) and one collective (packed, see ``mappings``).
+
+A tensor-parallel region is entered once per input, however many column-parallel linears
+read it (q, k and v share one all-gather):
+
+- ``tensor_parallel_input(x, tx, seq_len)``: the token stream. Without sequence parallelism
+  it is replicated: identity forward, gradient all-reduced. With sequence parallelism it is
+  sharded along the sequence: all-gather forward (padding stripped), reduce-scatter backward.
+- ``replicated_input(context)``: a replicated tensor that is never sequence-sharded (text).
+- ``RowParallelLinear`` leaves the region itself: all-reduce, or reduce-scatter to sequence
+  shards under sequence parallelism.
+
+The model enters and leaves sequence parallelism with ``shard_sequence`` (after the patch
+embedding) and ``unshard_sequence`` (after the head's projection, where tokens are 64 wide
+rather than hidden-size wide). Replicated parameters applied to sequence shards go through
+``grad_sum_over_sequence_shards``, which sums their partial gradients over TP in backward,
+so the model's gradients come out complete and no extra call is needed after backward.
 """
 
 from __future__ import annotations
@@ -13,40 +27,108 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import state
+from .mappings import (all_gather_sequence, all_reduce_tensor_parallel, all_reduce_tp_sum,  # noqa: F401
+                       copy_to_tensor_parallel, grad_sum_over_sequence_shards, pack, reduce_scatter_sequence,
+                       split_sequence, unpack)
+
+
+def validate_tp(config, tp: int, world_size: int | None = None) -> None:
+    """Raise a clear ValueError if a WanConfig cannot be split over ``tp`` tensor-parallel ranks.
+
+    Call before building any model (WanDiT calls it first thing in its constructor too).
+    """
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"--tensor-model-parallel-size must be a positive integer, got {tp!r}")
+    problems = []
+    if config.num_attention_heads % tp:
+        problems.append(f"num_attention_heads={config.num_attention_heads}")
+    if config.hidden_size % tp:
+        problems.append(f"hidden_size={config.hidden_size}")
+    if config.ffn_hidden_size % tp:
+        problems.append(f"ffn_hidden_size={config.ffn_hidden_size}")
+    if world_size is not None and world_size % tp:
+        problems.append(f"world size {world_size}")
+    if problems:
+        raise ValueError(f"--tensor-model-parallel-size {tp} must divide {', '.join(problems)}")
+
+
+def mark_tensor_parallel(param: nn.Parameter, dim: int) -> nn.Parameter:
+    """Record that ``param`` is split over TP along ``dim`` (our ``tp_split_dim`` plus the
+    attributes megatron-core's optimizer and checkpointing read)."""
+    param.tp_split_dim = dim
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    param.partition_stride = 1
+    return param
 
 
 def linear_with_tangent(x, tx, weight, bias):
-    """y = x W^T + b and ty = tx W^T, in one GEMM when a tangent is present."""
+    """y = x W^T + b and ty = tx W^T, in one GEMM when a tangent is present.
+
+    The outputs are the two halves of one buffer, so a following collective packs them for free.
+    """
     if tx is None:
         return F.linear(x, weight, bias), None
-    n = x.shape[0]
-    y = F.linear(torch.cat([x, tx.to(x.dtype)], dim=0), weight)
-    y, ty = y[:n], y[n:]
+    buf, n = pack(x, tx)  # no copy when x and tx are already stacked
+    y, ty = unpack(F.linear(buf, weight), n)
     if bias is not None:
         y = y + bias
     return y, ty
 
 
-def _copy_to_tp(x):
-    """Identity forward, all-reduce of the gradient backward (input of a column-parallel layer)."""
-    if state.tensor_parallel_world_size() == 1:
-        return x
-    from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
-
-    return copy_to_tensor_model_parallel_region(x)
+# ------------------------------------------------------------------ region edges
 
 
-def _reduce_from_tp(x):
-    """All-reduce forward, identity backward (output of a row-parallel layer)."""
-    if state.tensor_parallel_world_size() == 1:
-        return x
-    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+def tensor_parallel_input(x, tx=None, seq_len: int | None = None):
+    """Enter a tensor-parallel region with the token stream (see the module docstring).
 
-    return reduce_from_tensor_model_parallel_region(x)
+    ``seq_len`` is the number of real tokens (sequence parallelism strips the padding with it).
+    The returned (x, tx) are stacked in one buffer, so each linear reading them runs one GEMM.
+    """
+    if state.sequence_parallel_enabled():
+        return all_gather_sequence(x, tx, seq_len=seq_len, grad="reduce_scatter")
+    buf, n = pack(x, tx)
+    return unpack(copy_to_tensor_parallel(buf), n)
+
+
+def replicated_input(x):
+    """Enter a tensor-parallel region with a replicated, never sequence-sharded tensor."""
+    return copy_to_tensor_parallel(x)
+
+
+def tensor_parallel_output(y, ty=None):
+    """Leave a tensor-parallel region with partial sums: all-reduce, or reduce-scatter to
+    sequence shards (zero-padded) under sequence parallelism. One collective for y and ty."""
+    if state.sequence_parallel_enabled():
+        return reduce_scatter_sequence(y, ty)
+    return all_reduce_tensor_parallel(y, ty)
+
+
+def shard_sequence(x, tx=None):
+    """Model entry to sequence parallelism: keep this rank's token shard (identity without SP)."""
+    if not state.sequence_parallel_enabled():
+        return x, tx
+    return split_sequence(x, tx)
+
+
+def unshard_sequence(y, ty=None, seq_len: int | None = None):
+    """Model exit from sequence parallelism: all-gather the token shards into the replicated
+    [B, seq_len, ...] output (identity without SP). The loss must then be computed the same
+    way on every TP rank, as at TP = 1; the backward keeps each rank's part of the gradient."""
+    if not state.sequence_parallel_enabled():
+        return y, ty
+    return all_gather_sequence(y, ty, seq_len=seq_len, grad="split")
+
+
+# ------------------------------------------------------------------ layers
 
 
 class ColumnParallelLinear(nn.Module):
-    """Output features split across the tensor-parallel group; input replicated."""
+    """Output features split across the tensor-parallel group.
+
+    The input must already be inside the region (``tensor_parallel_input`` /
+    ``replicated_input``): the caller enters once for all linears that share an input.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
@@ -54,21 +136,19 @@ class ColumnParallelLinear(nn.Module):
         if out_features % tp:
             raise ValueError(f"output size {out_features} is not divisible by tensor-model-parallel-size {tp}")
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features // tp, in_features))
-        self.weight.tp_split_dim = 0
+        self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features // tp, in_features)), 0)
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features // tp))
-            self.bias.tp_split_dim = 0
+            self.bias = mark_tensor_parallel(nn.Parameter(torch.zeros(out_features // tp)), 0)
         else:
             self.register_parameter("bias", None)
 
     def forward(self, x, tx=None):
-        x = _copy_to_tp(x)
         return linear_with_tangent(x, tx, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """Input features split across the tensor-parallel group; output summed over it."""
+    """Input features split across the tensor-parallel group; output summed over it (and
+    reduce-scattered to sequence shards under sequence parallelism). The bias is replicated."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
@@ -76,8 +156,7 @@ class RowParallelLinear(nn.Module):
         if in_features % tp:
             raise ValueError(f"input size {in_features} is not divisible by tensor-model-parallel-size {tp}")
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp))
-        self.weight.tp_split_dim = 1
+        self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features, in_features // tp)), 1)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features))
             self.bias.tp_split_dim = None
@@ -85,26 +164,7 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x, tx=None):
-        y, ty = linear_with_tangent(x, tx, self.weight, None)
-        if ty is None:
-            y = _reduce_from_tp(y)
-        elif state.tensor_parallel_world_size() > 1:
-            n = y.shape[0]
-            packed = _reduce_from_tp(torch.cat([y, ty], dim=0))
-            y, ty = packed[:n], packed[n:]
+        y, ty = tensor_parallel_output(*linear_with_tangent(x, tx, self.weight, None))
         if self.bias is not None:
-            y = y + self.bias
+            y = y + grad_sum_over_sequence_shards(self.bias)
         return y, ty
-
-
-def all_reduce_tp_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the tensor-parallel group, summed again in backward.
-
-    Used for statistics every rank consumes (the whole-hidden RMSNorm of q and k): each
-    rank's gradient of the statistic covers only its own outputs, so the backward must sum.
-    """
-    if state.tensor_parallel_world_size() == 1:
-        return x
-    import torch.distributed.nn.functional as dist_fn
-
-    return dist_fn.all_reduce(x, group=state.tensor_parallel_group())
