@@ -23,7 +23,11 @@ Implementation notes
   adjacent in the grid so its K/V stay in L2.
 - The softmax runs in base 2 with log2(e) folded into the score scale (one FMA + exp2 per
   score); everything accumulates in fp32, P~ and H~ are rounded to the input dtype for the
-  P~ V, P~ tV and H~ V products.
+  P~ V, P~ tV and H~ V products. The exponent is biased by log2(softmax scale) so that
+  H~ = P~ * tS is one multiply per score (tv is divided by the scale in one elementwise pass).
+- Lazy rescaling (``AttnConfig.lazy``): the running max is only moved, and the two
+  [BLOCK_M, D] accumulators rescaled, when some row's max grew by more than 2^8 (2^3 for fp16);
+  Triton serialises each program's MMA and softmax work, so ALU work saved is time saved.
 - Sequence lengths are runtime ints that Triton does not specialise on (``do_not_specialize``),
   and launch configs are cached per (GPU, head dim, dtype, KV-tangent) in ``tuning.py``: a new
   sequence length never recompiles or retunes.
@@ -84,11 +88,12 @@ def _tile(
     row0, col0,
     start_n, kv_end, offs_n, dmask,
     stride_ks, stride_vs, stride_tks, stride_tvs,
-    sm_scale, qk_scale,
+    log2c, qk_scale,
     HAS_KV_TANGENT: tl.constexpr,
     MASK: tl.constexpr,
     EVEN_D: tl.constexpr,
     USE_TMA: tl.constexpr,
+    LAZY_THRESH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One KV tile of the streaming update (see module docstring)."""
@@ -101,16 +106,37 @@ def _tile(
         ts = tl.dot(q, tl.trans(tk), ts, input_precision=DOT_PRECISION)
     if MASK:
         s = tl.where(((start_n + offs_n) < kv_end)[None, :], s, float("-inf"))
-    # Base-2 online softmax; qk_scale = softmax_scale * log2(e) > 0; ts is unscaled, so
-    # H~ = P~ * (softmax_scale * ts).
+    # Base-2 online softmax; qk_scale = softmax_scale * log2(e) > 0. The exponent is biased by
+    # log2(softmax_scale) = log2c, so p = softmax_scale * P~ and h = p * ts is exactly
+    # H~ = P~ * tS for the raw ts = tq K^T + q tK^T: one multiply per score. O~ and l carry the
+    # factor softmax_scale (cancels in O = O~ / l); the P~ tV product gets it removed by
+    # passing tV / softmax_scale (the wrapper's one elementwise pass).
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    h = p * (ts * sm_scale)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    r_i = r_i * alpha + tl.sum(h, 1)
-    acc_o = acc_o * alpha[:, None]
-    acc_t = acc_t * alpha[:, None]
+    if LAZY_THRESH > 0:
+        # Lazy rescaling: keep the running max (and skip the O(BLOCK_M * D) rescale of both
+        # accumulators) unless some row's max grew by more than LAZY_THRESH (log2 units); then
+        # P~ <= 2^LAZY_THRESH, harmless in fp32 sums and bf16 products. One block-wide max
+        # decides, so the branch is uniform.
+        if tl.max(m_new - m_i, 0) > LAZY_THRESH:
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            r_i = r_i * alpha
+            acc_o = acc_o * alpha[:, None]
+            acc_t = acc_t * alpha[:, None]
+            m_i = m_new
+        p = tl.math.exp2(s * qk_scale - (m_i - log2c)[:, None])
+        h = p * ts
+        l_i = l_i + tl.sum(p, 1)
+        r_i = r_i + tl.sum(h, 1)
+        m_new = m_i
+    else:
+        p = tl.math.exp2(s * qk_scale - (m_new - log2c)[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        h = p * ts
+        l_i = l_i * alpha + tl.sum(p, 1)
+        r_i = r_i * alpha + tl.sum(h, 1)
+        acc_o = acc_o * alpha[:, None]
+        acc_t = acc_t * alpha[:, None]
     v = _load_kv(v_src, row0, col0, start_n, stride_vs, offs_n, dmask, kv_end, MASK, EVEN_D, USE_TMA)
     pc = p.to(v.dtype)
     acc_o = tl.dot(pc, v, acc_o, input_precision=DOT_PRECISION)
@@ -124,7 +150,7 @@ def _tile(
 @triton.jit(do_not_specialize=["seq_q", "seq_k", "kv_rows"])
 def _attn_tangent_fwd(
     Q, K, V, TQ, TK, TV, O, TO, LSE, TLSE, KV_LEN,
-    sm_scale, qk_scale,
+    sm_scale, log2c, qk_scale,
     seq_q, seq_k, kv_rows, H,
     s_qb, s_qs, s_qh,
     s_kb, s_ks, s_kh,
@@ -141,9 +167,11 @@ def _attn_tangent_fwd(
     HAS_KV_TANGENT: tl.constexpr,
     HAS_KV_LEN: tl.constexpr,
     USE_TMA: tl.constexpr,
+    LAZY_THRESH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """seq_k: keys to use (<= kv_rows); kv_rows: rows per batch of the K/V tensors."""
+    """seq_k: keys to use (<= kv_rows); kv_rows: rows per batch of the K/V tensors.
+    TV must arrive divided by softmax_scale (see _tile); log2c = log2(softmax_scale)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -196,26 +224,27 @@ def _attn_tangent_fwd(
             acc_o, acc_t, m_i, l_i, r_i, q, tq,
             k_src, v_src, tk_src, tv_src, row0, col0,
             start_n, kv_end, offs_n, dmask,
-            s_ks, s_vs, s_tks, s_tvs, sm_scale, qk_scale,
-            HAS_KV_TANGENT, False, EVEN_D, USE_TMA, DOT_PRECISION,
+            s_ks, s_vs, s_tks, s_tvs, log2c, qk_scale,
+            HAS_KV_TANGENT, False, EVEN_D, USE_TMA, LAZY_THRESH, DOT_PRECISION,
         )
     if n_full < kv_end:
         acc_o, acc_t, m_i, l_i, r_i = _tile(
             acc_o, acc_t, m_i, l_i, r_i, q, tq,
             k_src, v_src, tk_src, tv_src, row0, col0,
             n_full, kv_end, offs_n, dmask,
-            s_ks, s_vs, s_tks, s_tvs, sm_scale, qk_scale,
-            HAS_KV_TANGENT, True, EVEN_D, USE_TMA, DOT_PRECISION,
+            s_ks, s_vs, s_tks, s_tvs, log2c, qk_scale,
+            HAS_KV_TANGENT, True, EVEN_D, USE_TMA, LAZY_THRESH, DOT_PRECISION,
         )
 
-    # Epilogue. l == 0 only for a row with no valid key: out = tout = 0, lse = -inf, tlse = 0.
+    # Epilogue. l_i and acc_o carry softmax_scale (see _tile), r_i and acc_t do not.
+    # l == 0 only for a row with no valid key: out = tout = 0, lse = -inf, tlse = 0.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     inv_l = 1.0 / l_safe
-    tlse = r_i * inv_l
+    tlse = r_i * (sm_scale * inv_l)
     out = acc_o * inv_l[:, None]
-    tout = acc_t * inv_l[:, None] - tlse[:, None] * out
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tout = acc_t * (sm_scale * inv_l)[:, None] - tlse[:, None] * out
+    lse = tl.where(empty, float("-inf"), (m_i - log2c + tl.log2(l_safe)) * 0.6931471805599453)
 
     o_ptrs = O + off_b * s_ob + off_h * s_oh + offs_m[:, None] * s_os + offs_d[None, :]
     to_ptrs = TO + off_b * s_tob + off_h * s_toh + offs_m[:, None] * s_tos + offs_d[None, :]
@@ -323,7 +352,9 @@ def triton_attention_with_tangent(
         cfg = tuning.AttnConfig(**config)
     else:
         cfg = config
-    tk_, tv_ = (tk, tv) if has_kvt else (k, v)  # k, v stand in for unused tangents (never read)
+    # The kernel takes tv divided by softmax_scale (see _tile): then H~ needs one multiply per
+    # score. One elementwise pass over tv, ~0.2% of the kernel's time at 32K tokens.
+    tk_, tv_ = (tk, tv * (1.0 / scale)) if has_kvt else (k, v)  # k, v stand in for unused tangents
     kv_args = [k, v, tk_, tv_]
     use_tma = bool(cfg.tma) and _tma_ok(kv_args, D, block_d, Sk)
     if use_tma:
@@ -333,7 +364,7 @@ def triton_attention_with_tangent(
     _last_kernel = _attn_tangent_fwd[grid](
         q, kv_args[0], kv_args[1], tq, kv_args[2], kv_args[3], out, tout, lse, tlse,
         kv_len_t if kv_len_t is not None else lse,
-        scale, scale * LOG2E,
+        scale, math.log2(scale), scale * LOG2E,
         Sq, seq_k, Sk, H,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -350,6 +381,7 @@ def triton_attention_with_tangent(
         HAS_KV_TANGENT=has_kvt,
         HAS_KV_LEN=kv_len_t is not None,
         USE_TMA=use_tma,
+        LAZY_THRESH=_lazy_thresh(cfg, dtype),
         DOT_PRECISION="ieee" if dtype == torch.float32 else None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -358,6 +390,14 @@ def triton_attention_with_tangent(
 
 
 _last_kernel = None  # the last launched CompiledKernel (resource reports in the benchmark)
+
+
+def _lazy_thresh(cfg, dtype) -> float:
+    """Max growth (log2 units) of a row max before the accumulators are rescaled; 0 = always.
+    fp16 keeps P~ <= 2^3 so P~ * tS stays far from its 65504 range limit."""
+    if not cfg.lazy:
+        return 0.0
+    return 3.0 if dtype == torch.float16 else 8.0
 
 
 def _tma_ok(kv, D, block_d, Sk) -> bool:

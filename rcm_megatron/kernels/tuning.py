@@ -35,6 +35,7 @@ class AttnConfig:
     num_warps: int
     num_stages: int
     tma: bool = False  # K/V tiles through tensor descriptors (Hopper TMA) instead of pointers
+    lazy: bool = True  # rescale accumulators only when a row max grows by > 2^8 (see kernel)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -72,12 +73,13 @@ def _heuristic(dev_name: str, block_d: int, dtype: torch.dtype, has_kv_tangent: 
         return AttnConfig(64, 32, 4, 2) if block_d <= 64 else AttnConfig(32, 32, 4, 2)
     major = capability[0] if capability else 8
     if major >= 9:
-        # One warpgroup per program (BLOCK_M 64, 4 warps) and <= ~100 KB shared memory, so two
-        # programs share an SM: Triton serialises each program's wgmma and softmax, and the
-        # second program fills the gaps. K/V tiles through TMA (no address registers, no spills).
+        # Measured on H100 (benchmarks/results/attention_jvp_*run1.json): full tangents like
+        # BLOCK_M 128 / 8 warps (K/V tiles are reused by 128 rows: half the L2 traffic of 64),
+        # zero-KV tangents like BLOCK_M 64 / 4 warps with <= 100 KB shared memory, so two
+        # programs share an SM and overlap each other's softmax with MMA. K/V through TMA.
         if block_d <= 64:
             return AttnConfig(64, 64, 4, 2, True)
-        return AttnConfig(64, 32, 4, 2, True) if has_kv_tangent else AttnConfig(64, 32, 4, 3, True)
+        return AttnConfig(128, 64, 8, 2, True) if has_kv_tangent else AttnConfig(64, 64, 4, 2, True)
     if major == 8:
         if block_d <= 64:
             return AttnConfig(128, 64, 4, 2)
@@ -166,10 +168,9 @@ def candidate_configs(block_d: int, dtype: torch.dtype, has_kv_tangent: bool) ->
         return [C(64, 64, 4, 2, True), C(64, 64, 4, 3, True), C(128, 64, 8, 2, True), C(128, 64, 8, 3, True),
                 C(64, 64, 4, 2)]
     if has_kv_tangent:
-        return [C(64, 32, 4, 2, True), C(128, 64, 8, 2, True), C(128, 32, 8, 3, True), C(128, 32, 8, 2, True),
-                C(64, 32, 4, 2), C(128, 64, 8, 2), C(64, 64, 4, 2, True)]
-    return [C(64, 32, 4, 3, True), C(64, 64, 4, 2, True), C(64, 32, 4, 2, True), C(128, 64, 8, 3, True),
-            C(128, 32, 8, 4, True), C(128, 64, 8, 3), C(64, 64, 4, 2)]
+        return [C(128, 64, 8, 2, True), C(128, 64, 8, 2, True, False), C(128, 32, 8, 3, True),
+                C(64, 32, 4, 2, True)]
+    return [C(64, 64, 4, 2, True), C(64, 64, 4, 2, True, False), C(64, 32, 4, 3, True), C(128, 64, 8, 3)]
 
 
 def tune_attention(q, k, v, tq, tk=None, tv=None, softmax_scale=None, candidates=None,
