@@ -138,7 +138,7 @@ def measure(model, inputs, dev, reps, tag, results, ref=None, nockpt_model=None)
             results.setdefault("_ref", {})["v"], results["_ref"]["dv"] = v.float().cpu(), dv.float().cpu()
         else:
             rec["rel_vs_tp1"] = {"v": rel(v.float().cpu(), ref["v"]), "dv": rel(dv.float().cpu(), ref["dv"])}
-            log(f"[{tag}] vs TP=1 (bf16): v {rec['rel_vs_tp1']['v']:.2e}, dv {rec['rel_vs_tp1']['dv']:.2e}")
+            log(f"[{tag}] vs TP=1: v {rec['rel_vs_tp1']['v']:.2e}, dv {rec['rel_vs_tp1']['dv']:.2e}")
         del v, dv
     except Exception:  # noqa: BLE001 - keep going, record the failure
         rec["tangent_pass"] = {"error": traceback.format_exc()[-2000:]}
@@ -179,8 +179,9 @@ def versions():
         except Exception:  # noqa: BLE001
             pass
     try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           cwd=os.path.dirname(__file__)).stdout.strip() or None
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__)).stdout.strip()
+        out["git_commit"] = sha if len(sha) == 40 else None  # the device machines get no .git
     except Exception:  # noqa: BLE001
         out["git_commit"] = None
     return out
@@ -213,7 +214,8 @@ def main():
         cfg = preset(args.preset)
     if args.layers:
         cfg = cfg.replace(num_layers=args.layers)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10),
+                            device_id=None if args.dry else dev)
     world = dist.get_world_size()
     c, f, h, w = map(int, args.latent.split(","))
     pt, ph, pw = cfg.patch_size
