@@ -1,0 +1,100 @@
+"""The Wan2.1 VAE and umT5 text encoder, as the data tools use them (diffusers / transformers).
+
+Both load with ``from_pretrained`` from a local folder (nothing is downloaded): either the
+component folder itself or a Wan2.1 diffusers pipeline folder (its ``vae/``,
+``text_encoder/`` and ``tokenizer/`` are used).
+
+Latents are normalized as Wan's DiT consumes them: z = (mu - latents_mean) / latents_std
+per channel, mu the posterior mean (deterministic; ``sample=True`` draws from it).
+Prompts follow Wan's text path: whitespace cleaned, tokenized to at most ``max_length``
+(512) tokens with the end token, encoded with the attention mask; the embedding is cut to
+the prompt's own tokens (the loader zero-pads to ``max_length`` again, as Wan does).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Wan2.1's default negative prompt (its sample_neg_prompt), used for CFG during distillation.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+def _component(path: str, sub: str) -> str:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory")
+    nested = os.path.join(path, sub)
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(nested):
+        return nested
+    return path
+
+
+def clean_prompt(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class WanVAEEncoder:
+    """diffusers ``AutoencoderKLWan``: video [B,3,T,H,W] in [-1,1] -> normalized latents."""
+
+    def __init__(self, path: str, device="cpu", dtype=torch.float32):
+        from diffusers import AutoencoderKLWan
+
+        folder = _component(path, "vae")
+        self.vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
+        self.vae.requires_grad_(False)
+        cfg = self.vae.config
+        self.source = os.path.abspath(folder)
+        self.device, self.dtype = torch.device(device), dtype
+        down = list(cfg.temperal_downsample)
+        self.temporal_factor = int(getattr(cfg, "scale_factor_temporal", None) or 2 ** sum(down))
+        self.spatial_factor = int(getattr(cfg, "scale_factor_spatial", None) or 2 ** len(down))
+        self.z_dim = int(cfg.z_dim)
+        self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        if height % self.spatial_factor or width % self.spatial_factor:
+            raise ValueError(f"--height/--width {height}x{width} must be multiples of the VAE's spatial factor "
+                             f"{self.spatial_factor}")
+        return (self.z_dim, (num_frames - 1) // self.temporal_factor + 1, height // self.spatial_factor,
+                width // self.spatial_factor)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        dist = self.vae.encode(video.to(self.device, self.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        z = z.float()
+        return (z - self.mean.to(z.device)) / self.std.to(z.device)
+
+
+class UMT5TextEncoder:
+    """transformers ``UMT5EncoderModel`` + tokenizer -> per-prompt embeddings [L_i, D]."""
+
+    def __init__(self, path: str, tokenizer: str | None = None, device="cpu", dtype=torch.float32,
+                 max_length: int = 512):
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        folder = _component(path, "text_encoder")
+        tok_folder = tokenizer or (os.path.join(path, "tokenizer") if os.path.isdir(os.path.join(path, "tokenizer"))
+                                   else folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_folder)
+        self.model = UMT5EncoderModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
+        self.source = os.path.abspath(folder)
+        self.device, self.max_length = torch.device(device), int(max_length)
+        self.dim = int(self.model.config.d_model)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> list[torch.Tensor]:
+        tok = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=self.max_length,
+                             truncation=True, add_special_tokens=True, return_attention_mask=True,
+                             return_tensors="pt")
+        ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        h = self.model(ids, attention_mask=mask).last_hidden_state.float().cpu()
+        lengths = mask.sum(1).tolist()
+        return [h[i, : max(1, int(n))].clone() for i, n in enumerate(lengths)]
