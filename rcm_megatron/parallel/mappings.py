@@ -167,30 +167,18 @@ class _AllGatherTokens(torch.autograd.Function):
         return (_scatter_tokens_sum(g) if ctx.grad_is_partial else _split_tokens(g)), None, None
 
 
-class _ReduceScatterTokens(torch.autograd.Function):
-    """Sum partial results over TP, keep this rank's sequence shard. Backward: all-gather."""
+class _ToSequenceShards(torch.autograd.Function):
+    """Keep this rank's sequence shard: of the TP sum of partial results (reduce-scatter), or
+    of a replicated tensor (split, no communication). Backward: all-gather."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, summed: bool):
         ctx.seq_len = x.shape[1]
-        return _scatter_tokens_sum(x)
+        return _scatter_tokens_sum(x) if summed else _split_tokens(x)
 
     @staticmethod
     def backward(ctx, g):
-        return _gather_tokens(g, ctx.seq_len)
-
-
-class _SplitTokens(torch.autograd.Function):
-    """Keep this rank's shard of a replicated sequence. Backward: all-gather."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.seq_len = x.shape[1]
-        return _split_tokens(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather_tokens(g, ctx.seq_len)
+        return _gather_tokens(g, ctx.seq_len), None
 
 
 class _CopyToTensorParallel(torch.autograd.Function):
@@ -255,7 +243,7 @@ def reduce_scatter_sequence(x, tx=None):
     if _tp() == 1:
         return x, tx
     buf, n = pack(x, tx)
-    return unpack(_ReduceScatterTokens.apply(buf), n)
+    return unpack(_ToSequenceShards.apply(buf, True), n)
 
 
 def split_sequence(x, tx=None):
@@ -263,7 +251,7 @@ def split_sequence(x, tx=None):
     Backward: all-gather (each rank's gradient covers only its own tokens)."""
     if _tp() == 1:
         return x, tx
-    return _SplitTokens.apply(x), None if tx is None else _SplitTokens.apply(tx)
+    return _ToSequenceShards.apply(x, False), None if tx is None else _ToSequenceShards.apply(tx, False)
 
 
 def copy_to_tensor_parallel(x):
