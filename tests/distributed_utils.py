@@ -61,7 +61,7 @@ def run_distributed(fn, world_size: int, config=None, *args, timeout: float = 30
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, daemon=True,
+    procs = [ctx.Process(target=_worker, daemon=False,
                          args=(r, world_size, port, fn, config, args, kwargs, results, threads))
              for r in range(world_size)]
     for p in procs:
