@@ -1,0 +1,32 @@
+# Wan2.1 T2V 1.3B -> 4-step student with rCM, 480p, 81 frames (latents 16x21x60x104 = 32760 tokens).
+# One 8-GPU node: data parallel 8, no model parallelism. Sourced by examples/slurm/wan1.3b_1node.sbatch.
+# Paths come from the environment so one config serves every cluster:
+#   TEACHER  diffusers WanTransformer3DModel folder (Wan2.1-T2V-1.3B-Diffusers/transformer)
+#   DATA     shard directory from tools/prepare_data.py or tools/synthesize_data.py
+: "${TEACHER:=/checkpoints/Wan2.1-T2V-1.3B-Diffusers/transformer}"
+: "${DATA:=/data/wan-480p-81f/shards}"
+NPROC_PER_NODE=8
+
+TRAIN_ARGS=(
+  --teacher-checkpoint "$TEACHER"
+  --data "$DATA"
+  --bf16
+  --method rcm
+  # batch: 64 samples per iteration = 8 GPUs x 8 micro-batches of 1
+  --micro-batch-size 1
+  --global-batch-size 64
+  --train-iters 10000
+  # the paper's Wan 1.3B recipe (also the --model wan-1.3b method preset)
+  --lr 2e-6
+  --fake-score-lr 4e-7
+  --student-update-freq 5
+  --p-g "lognormal(0.7,1.6)"
+  --p-d "uniform_shift(5)"
+  --cfg-scale 5
+  --rollout-steps 4
+  --ema-width 0.1
+  # checkpoint often enough that one interval fits in the 300 s requeue lead (--signal)
+  --save-interval 50
+  --keep-last 3
+  --log-interval 10
+)
