@@ -107,3 +107,11 @@ def test_usr1_requeues(stubs):
     assert "requeueing" in out
     argv = (tmp / "srun.args").read_text().splitlines()
     assert not any(a.startswith("--container-image") for a in argv)  # IMAGE empty: on the host
+
+
+def test_dockerfile():
+    text = open(os.path.join(ROOT, "Dockerfile")).read()
+    assert "ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:" in text and "FROM ${BASE_IMAGE}" in text
+    assert 'pip install -e ".[hf,data]"' in text and "\nUSER " in text
+    ignore = open(os.path.join(ROOT, ".dockerignore")).read().split()
+    assert ".git" in ignore and "runs" in ignore
