@@ -217,6 +217,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer configs and shapes (smoke run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per shape")
     ap.add_argument("--dry", action="store_true", help="CPU + TRITON_INTERPRET=1 script check")
     a = ap.parse_args()
     global DEV, DT, DRY
@@ -278,29 +279,41 @@ def main():
     shapes = SHAPES[:1] + SHAPES[3:] if a.quick else SHAPES
     for name, Lq, Lk, H, kind in shapes:
         big = Lq > 40000
-        row = {"shape": name, "Lq": Lq, "Lk": Lk, "heads": H, "kind": kind}
+        row = {"shape": name, "Lq": Lq, "Lk": Lk, "heads": H, "kind": kind, "rounds": a.rounds}
         args = None
         try:
             args = inputs(Lq, Lk, H, True, seed=7)
             q, k, v, tq, tk, tv = args
-            meas = {}
-            for mname, fn, units in (
+            methods = (
                 ("cudnn_fwd", sdpa_fn(q, k, v, SDPBackend.CUDNN_ATTENTION), 2),
                 ("flash_fwd", sdpa_fn(q, k, v, SDPBackend.FLASH_ATTENTION), 2),
                 ("ours_full", ours_fn(q, k, v, tq, tk, tv), 6),
                 ("ours_zero_kv", ours_fn(q, k, v, tq, None, None), 4),
-            ):
-                m = {}
-                try:
-                    m["ms"] = bench(fn, big)
+            )
+            meas = {mname: {"ms_rounds": []} for mname, _, _ in methods}
+            # Interleaved rounds (cuDNN, flash, ours, ours, cuDNN, ...): every method sees the
+            # same mix of GPU temperatures and clocks; the median over rounds is reported.
+            for _ in range(a.rounds):
+                for mname, fn, units in methods:
+                    m = meas[mname]
+                    if "error" in m:
+                        continue
+                    try:
+                        m["ms_rounds"].append(bench(fn, big))
+                    except Exception as e:
+                        m["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            for mname, fn, units in methods:
+                m = meas[mname]
+                if m["ms_rounds"]:
+                    m["ms"] = sorted(m["ms_rounds"])[len(m["ms_rounds"]) // 2]
                     m["tflops"] = flops(Lq, Lk, H, units) / m["ms"] / 1e9
-                    m["peak_extra_gb"] = peak_extra_gb(fn)
+                    try:
+                        m["peak_extra_gb"] = peak_extra_gb(fn)
+                    except Exception as e:
+                        m["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     if mname.startswith("ours"):
                         m["resources"] = resource_report()
                         m["config"] = tuning.get_config(q.device, D, DT, mname == "ours_full").as_dict()
-                except Exception as e:
-                    m["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                meas[mname] = m
             base = meas["cudnn_fwd"].get("ms")
             for m in meas.values():
                 if base and "ms" in m:
@@ -376,8 +389,10 @@ def main():
     for row in results["rows"]:
         for mname, m in row.get("methods", {}).items():
             if "ms" in m:
+                rr = " ".join(f"{x:.3f}" for x in m.get("ms_rounds", []))
                 log(f"| {row['shape']} | {mname} | {m['ms']:.3f} | {m['tflops']:.0f} | "
-                    f"{m.get('ratio_vs_cudnn_fwd', float('nan')):.2f} | {m['peak_extra_gb']:.2f} |")
+                    f"{m.get('ratio_vs_cudnn_fwd', float('nan')):.2f} | {m.get('peak_extra_gb', float('nan')):.2f} |"
+                    + (f" rounds: {rr}" if rr else ""))
             else:
                 log(f"| {row['shape']} | {mname} | {m.get('error', '?')[:80]} |")
         for ek in ("err_full", "err_zero_kv"):

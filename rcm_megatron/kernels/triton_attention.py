@@ -25,9 +25,10 @@ Implementation notes
   score); everything accumulates in fp32, P~ and H~ are rounded to the input dtype for the
   P~ V, P~ tV and H~ V products. The exponent is biased by log2(softmax scale) so that
   H~ = P~ * tS is one multiply per score (tv is divided by the scale in one elementwise pass).
-- Lazy rescaling (``AttnConfig.lazy``): the running max is only moved, and the two
-  [BLOCK_M, D] accumulators rescaled, when some row's max grew by more than 2^8 (2^3 for fp16);
-  Triton serialises each program's MMA and softmax work, so ALU work saved is time saved.
+- Triton 3.6 waits for each score product right after issuing it and serialises the two
+  warpgroups with CTA barriers around every TMA issue, so MMA and softmax overlap only where
+  ptxas hoists independent softmax work above a wait (and the last P~ tV product stays in
+  flight into the next tile). docs/performance.md has the measurements and what would go further.
 - Sequence lengths are runtime ints that Triton does not specialise on (``do_not_specialize``),
   and launch configs are cached per (GPU, head dim, dtype, KV-tangent) in ``tuning.py``: a new
   sequence length never recompiles or retunes.
@@ -93,7 +94,6 @@ def _tile(
     MASK: tl.constexpr,
     EVEN_D: tl.constexpr,
     USE_TMA: tl.constexpr,
-    LAZY_THRESH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One KV tile of the streaming update (see module docstring)."""
@@ -112,31 +112,13 @@ def _tile(
     # factor softmax_scale (cancels in O = O~ / l); the P~ tV product gets it removed by
     # passing tV / softmax_scale (the wrapper's one elementwise pass).
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    if LAZY_THRESH > 0:
-        # Lazy rescaling: keep the running max (and skip the O(BLOCK_M * D) rescale of both
-        # accumulators) unless some row's max grew by more than LAZY_THRESH (log2 units); then
-        # P~ <= 2^LAZY_THRESH, harmless in fp32 sums and bf16 products. One block-wide max
-        # decides, so the branch is uniform.
-        if tl.max(m_new - m_i, 0) > LAZY_THRESH:
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            r_i = r_i * alpha
-            acc_o = acc_o * alpha[:, None]
-            acc_t = acc_t * alpha[:, None]
-            m_i = m_new
-        p = tl.math.exp2(s * qk_scale - (m_i - log2c)[:, None])
-        h = p * ts
-        l_i = l_i + tl.sum(p, 1)
-        r_i = r_i + tl.sum(h, 1)
-        m_new = m_i
-    else:
-        p = tl.math.exp2(s * qk_scale - (m_new - log2c)[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        h = p * ts
-        l_i = l_i * alpha + tl.sum(p, 1)
-        r_i = r_i * alpha + tl.sum(h, 1)
-        acc_o = acc_o * alpha[:, None]
-        acc_t = acc_t * alpha[:, None]
+    p = tl.math.exp2(s * qk_scale - (m_new - log2c)[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    h = p * ts
+    l_i = l_i * alpha + tl.sum(p, 1)
+    r_i = r_i * alpha + tl.sum(h, 1)
+    acc_o = acc_o * alpha[:, None]
+    acc_t = acc_t * alpha[:, None]
     v = _load_kv(v_src, row0, col0, start_n, stride_vs, offs_n, dmask, kv_end, MASK, EVEN_D, USE_TMA)
     pc = p.to(v.dtype)
     acc_o = tl.dot(pc, v, acc_o, input_precision=DOT_PRECISION)
@@ -167,7 +149,6 @@ def _attn_tangent_fwd(
     HAS_KV_TANGENT: tl.constexpr,
     HAS_KV_LEN: tl.constexpr,
     USE_TMA: tl.constexpr,
-    LAZY_THRESH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """seq_k: keys to use (<= kv_rows); kv_rows: rows per batch of the K/V tensors.
@@ -225,7 +206,7 @@ def _attn_tangent_fwd(
             k_src, v_src, tk_src, tv_src, row0, col0,
             start_n, kv_end, offs_n, dmask,
             s_ks, s_vs, s_tks, s_tvs, log2c, qk_scale,
-            HAS_KV_TANGENT, False, EVEN_D, USE_TMA, LAZY_THRESH, DOT_PRECISION,
+            HAS_KV_TANGENT, False, EVEN_D, USE_TMA, DOT_PRECISION,
         )
     if n_full < kv_end:
         acc_o, acc_t, m_i, l_i, r_i = _tile(
@@ -233,7 +214,7 @@ def _attn_tangent_fwd(
             k_src, v_src, tk_src, tv_src, row0, col0,
             n_full, kv_end, offs_n, dmask,
             s_ks, s_vs, s_tks, s_tvs, log2c, qk_scale,
-            HAS_KV_TANGENT, True, EVEN_D, USE_TMA, LAZY_THRESH, DOT_PRECISION,
+            HAS_KV_TANGENT, True, EVEN_D, USE_TMA, DOT_PRECISION,
         )
 
     # Epilogue. l_i and acc_o carry softmax_scale (see _tile), r_i and acc_t do not.
@@ -381,7 +362,6 @@ def triton_attention_with_tangent(
         HAS_KV_TANGENT=has_kvt,
         HAS_KV_LEN=kv_len_t is not None,
         USE_TMA=use_tma,
-        LAZY_THRESH=_lazy_thresh(cfg, dtype),
         DOT_PRECISION="ieee" if dtype == torch.float32 else None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -391,13 +371,6 @@ def triton_attention_with_tangent(
 
 _last_kernel = None  # the last launched CompiledKernel (resource reports in the benchmark)
 
-
-def _lazy_thresh(cfg, dtype) -> float:
-    """Max growth (log2 units) of a row max before the accumulators are rescaled; 0 = always.
-    fp16 keeps P~ <= 2^3 so P~ * tS stays far from its 65504 range limit."""
-    if not cfg.lazy:
-        return 0.0
-    return 3.0 if dtype == torch.float16 else 8.0
 
 
 def _tma_ok(kv, D, block_d, Sk) -> bool:
