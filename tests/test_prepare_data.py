@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -182,6 +183,9 @@ def test_prepare_nothing_valid_and_config_errors(tmp_path, models, videos, capfd
             "--height", "16", "--width", "16", "--text-len", "8", "--fps", "0"]
     assert tool.main(["--input", str(bad), "--num-frames", "5", *base]) == 1
     assert f"no valid sample in --input {bad}: all 2 rows were skipped" in capfd.readouterr().err
+    # the output already holds a dataset of another shape: refused before anything is written
+    assert tool.main(["--input", str(bad), "--num-frames", "5", *base, "--height", "32"]) == 2  # last flag wins
+    assert "existing dataset has latent_shape=[4, 2, 2, 2], this run would write [4, 2, 4, 2]" in capfd.readouterr().err
     assert tool.main(["--input", str(bad), "--num-frames", "8", *base]) == 2
     assert "--num-frames 8: the Wan VAE needs 4k+1 frames" in capfd.readouterr().err
     assert tool.main(["--input", str(tmp_path / "none.csv"), *base]) == 2
@@ -194,7 +198,10 @@ def test_prepare_nothing_valid_and_config_errors(tmp_path, models, videos, capfd
 def test_prepare_two_ranks_with_torchrun(tmp_path, models, videos):
     """Each rank writes its own shards; together they equal the single-process output."""
     out = tmp_path / "dist"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    with socket.socket() as sock:  # a free port: other test runs may share the machine
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
            os.path.join(ROOT, "tools", "prepare_data.py"), "--input", str(videos / "manifest.jsonl"),
            "--output", str(out), "--vae", str(models), "--text-encoder", str(models), "--num-frames", "5",
            "--height", "16", "--width", "16", "--fps", "0", "--samples-per-shard", "3", "--text-len", "12",

@@ -33,7 +33,8 @@ import torch  # noqa: E402
 from rcm_megatron.data.encoders import WAN_NEGATIVE_PROMPT, UMT5TextEncoder, WanVAEEncoder  # noqa: E402
 from rcm_megatron.data.jobs import Progress, RankInfo, barrier_and_sum, quiet_hub, read_manifest  # noqa: E402
 from rcm_megatron.data.shards import (  # noqa: E402
-    ShardWriter, shard_complete, shard_name, write_dataset_meta, write_negative_context, _shard_count,
+    ShardWriter, _shard_count, check_dataset_meta, shard_complete, shard_name, write_dataset_meta,
+    write_negative_context,
 )
 from rcm_megatron.data.video import (  # noqa: E402
     BACKENDS, TooFewFrames, VideoError, check_frame_count, pick_backend, read_video, resize_center_crop,
@@ -159,17 +160,20 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2
+    dataset_meta = {
+        "latent_shape": latent_shape, "text_len": args.text_len, "text_dim": text.dim,
+        "latent_dtype": args.latent_dtype, "num_frames": args.num_frames, "height": args.height,
+        "width": args.width, "fps": args.fps, "vae": vae.source, "text_encoder": text.source,
+        "negative_prompt": args.negative_prompt, "tool": "prepare_data", "input": os.path.abspath(args.input),
+        "samples_per_shard": args.samples_per_shard, "sample_posterior": args.sample_posterior}
+    try:
+        check_dataset_meta(args.output, dataset_meta)  # every rank: never add shards to another dataset
+        if ranks.rank == 0:
+            write_dataset_meta(args.output, dataset_meta)
+    except ValueError as e:
+        print(f"prepare_data.py: error: {e}", file=sys.stderr)
+        return 2
     if ranks.rank == 0:
-        try:
-            write_dataset_meta(args.output, {
-                "latent_shape": latent_shape, "text_len": args.text_len, "text_dim": text.dim,
-                "latent_dtype": args.latent_dtype, "num_frames": args.num_frames, "height": args.height,
-                "width": args.width, "fps": args.fps, "vae": vae.source, "text_encoder": text.source,
-                "negative_prompt": args.negative_prompt, "tool": "prepare_data", "input": os.path.abspath(args.input),
-                "samples_per_shard": args.samples_per_shard, "sample_posterior": args.sample_posterior})
-        except ValueError as e:
-            print(f"prepare_data.py: error: {e}", file=sys.stderr)
-            return 2
         write_negative_context(args.output, text.encode([args.negative_prompt])[0], args.negative_prompt)
     progress.info(f"latent shape {list(latent_shape)}, text dim {text.dim}; {len(todo)} shards to write")
     for s in todo:

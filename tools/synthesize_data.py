@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from rcm_megatron.data.encoders import WAN_NEGATIVE_PROMPT, UMT5TextEncoder  # noqa: E402
 from rcm_megatron.data.jobs import Progress, RankInfo, barrier_and_sum, quiet_hub, read_manifest  # noqa: E402
 from rcm_megatron.data.shards import (  # noqa: E402
-    ShardWriter, _shard_count, shard_complete, shard_name, write_dataset_meta, write_negative_context,
+    ShardWriter, _shard_count, check_dataset_meta, shard_complete, shard_name, write_dataset_meta,
+    write_negative_context,
 )
 from rcm_megatron.rcm.teacher_sampling import euler_sample  # noqa: E402
 
@@ -133,17 +134,20 @@ def main(argv=None) -> int:
                   f"this rank: {len(mine)} shards | {args.steps} Euler steps, cfg {args.guidance_scale}, "
                   f"shift {args.shift} | device {device}")
     neg = text.encode([args.negative_prompt])[0]
+    dataset_meta = {
+        "latent_shape": list(shape), "text_len": args.text_len, "text_dim": text.dim,
+        "latent_dtype": args.latent_dtype, "tool": "synthesize_data", "teacher": meta.get("source"),
+        "text_encoder": text.source, "negative_prompt": args.negative_prompt, "steps": args.steps,
+        "guidance_scale": args.guidance_scale, "shift": args.shift, "seed": args.seed,
+        "samples_per_prompt": spp, "samples_per_shard": per_shard, "prompts": os.path.abspath(args.prompts)}
+    try:
+        check_dataset_meta(args.output, dataset_meta)  # every rank: never add shards to another dataset
+        if ranks.rank == 0:
+            write_dataset_meta(args.output, dataset_meta)
+    except ValueError as e:
+        print(f"synthesize_data.py: error: {e}", file=sys.stderr)
+        return 2
     if ranks.rank == 0:
-        try:
-            write_dataset_meta(args.output, {
-                "latent_shape": list(shape), "text_len": args.text_len, "text_dim": text.dim,
-                "latent_dtype": args.latent_dtype, "tool": "synthesize_data", "teacher": meta.get("source"),
-                "text_encoder": text.source, "negative_prompt": args.negative_prompt, "steps": args.steps,
-                "guidance_scale": args.guidance_scale, "shift": args.shift, "seed": args.seed,
-                "samples_per_prompt": spp, "samples_per_shard": per_shard, "prompts": os.path.abspath(args.prompts)})
-        except ValueError as e:
-            print(f"synthesize_data.py: error: {e}", file=sys.stderr)
-            return 2
         write_negative_context(args.output, neg, args.negative_prompt)
     uncond = neg.unsqueeze(0).to(device)
     for s in mine:

@@ -148,19 +148,31 @@ def load_tensor(data: bytes):
 
 
 # ----------------------------------------------------------------------------- writing
+def check_dataset_meta(root: str, meta: dict) -> None:
+    """If ``root`` already holds a dataset, its shape-defining fields must equal ``meta``'s, so a
+    resumed or extended run never mixes incompatible shards (every rank checks; rank 0 writes)."""
+    path = os.path.join(root, META_FILE)
+    if not os.path.isfile(path):
+        return
+    old = read_dataset_meta(root)
+    for key in ("latent_shape", "text_len", "text_dim", "latent_dtype"):
+        if key in old and key in meta and list(_listify(old[key])) != list(_listify(meta[key])):
+            raise ValueError(f"{path}: existing dataset has {key}={old[key]}, this run would write "
+                             f"{list(meta[key]) if isinstance(meta[key], tuple) else meta[key]}; "
+                             "use another output directory")
+
+
+def _listify(v):
+    return v if isinstance(v, (list, tuple)) else [v]
+
+
 def write_dataset_meta(root: str, meta: dict) -> dict:
-    """Write ``meta.json`` (atomically). If one exists, the shape-defining fields must agree,
-    so a resumed or extended run never mixes incompatible shards."""
+    """Write ``meta.json`` (atomically) after ``check_dataset_meta``."""
     os.makedirs(root, exist_ok=True)
     meta = {"format": FORMAT, **meta}
     meta["latent_shape"] = [int(s) for s in meta["latent_shape"]]
+    check_dataset_meta(root, meta)
     path = os.path.join(root, META_FILE)
-    if os.path.isfile(path):
-        old = read_dataset_meta(root)
-        for key in ("latent_shape", "text_len", "text_dim", "latent_dtype"):
-            if key in old and key in meta and old[key] != meta[key]:
-                raise ValueError(f"{path}: existing dataset has {key}={old[key]}, this run would write "
-                                 f"{meta[key]}; use another output directory")
     _atomic_write_bytes(path, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
     return meta
 

@@ -170,7 +170,17 @@ def read_video(path: str, num_frames: int, target_fps: float | None = None, back
     if not os.path.isfile(path):
         raise VideoError(f"{path}: no such file")
     if backend == "dali":
-        return _read_dali(path, num_frames, target_fps, device)
+        try:
+            return _read_dali(path, num_frames, target_fps, device)
+        except TooFewFrames:
+            raise
+        except VideoError as dali_error:  # a codec DALI's decoder lacks: PyAV decodes everything FFmpeg does
+            try:
+                return _read_pyav(path, num_frames, target_fps)
+            except TooFewFrames:
+                raise
+            except VideoError as e:
+                raise VideoError(f"{e} (DALI: {dali_error})") from e
     if backend == "torchcodec":
         return _read_torchcodec(path, num_frames, target_fps, device)
     return _read_pyav(path, num_frames, target_fps)
