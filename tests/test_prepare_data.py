@@ -113,6 +113,17 @@ def test_decode_sampling_and_errors(videos):
         check_frame_count(80)
 
 
+def test_dali_decoder_matches_pyav_and_falls_back(tmp_path):
+    """Optional (DALI is not a test dependency): its CPU decoder takes VP9; mpeg4 falls back to PyAV."""
+    pytest.importorskip("nvidia.dali")
+    write_video(tmp_path / "v.webm", 12, codec="libvpx-vp9")
+    a = read_video(str(tmp_path / "v.webm"), 5, 4, backend="dali")
+    b = read_video(str(tmp_path / "v.webm"), 5, 4, backend="pyav")
+    assert a.shape == b.shape == (5, 16, 16, 3) and (a.float() - b.float()).abs().max() <= 12
+    write_video(tmp_path / "v.mp4", 12)
+    assert read_video(str(tmp_path / "v.mp4"), 5, backend="dali").shape == (5, 16, 16, 3)
+
+
 def test_resize_center_crop():
     f = torch.zeros(2, 20, 40, 3, dtype=torch.uint8)
     f[:, :, 15:25] = 255  # a bright vertical band in the middle

@@ -126,7 +126,8 @@ def _read_dali(path: str, num_frames: int, target_fps: float | None, device: str
         @pipeline_def(batch_size=1, num_threads=2, device_id=dev_id if gpu else None, prefetch_queue_depth=1)
         def pipe():
             data = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, device="cpu")
-            return fn.experimental.decoders.video(data, device="mixed" if gpu else "cpu")
+            decode = getattr(getattr(fn, "decoders", None), "video", None) or fn.experimental.decoders.video
+            return decode(data, device="mixed" if gpu else "cpu")
 
         p = pipe()
         p.build()
