@@ -24,11 +24,16 @@ def main(argv=None) -> int:
     except ArgumentError as e:
         print(f"pretrain_rcm.py: error: {e}", file=sys.stderr)
         return 2
+    from rcm_megatron.training.trainer import TrainingAborted
+
     try:
         trainer.run()
     except ArgumentError as e:
         print(f"pretrain_rcm.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingAborted as e:
+        print(f"pretrain_rcm.py: aborted: {e}", file=sys.stderr)
+        return 1
     finally:
         from rcm_megatron.parallel.initialize import destroy_distributed
 

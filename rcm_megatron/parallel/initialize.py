@@ -30,14 +30,19 @@ def rank() -> int:
 
 def initialize_distributed(cfg: ParallelConfig, timeout_minutes: int = 30) -> None:
     """Initialize the default process group and megatron-core model-parallel groups."""
+    backend = cfg.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if not launched_by_torchrun():
         if cfg.model_parallel_size > 1:
             raise ValueError(f"model-parallel size {cfg.model_parallel_size} needs a distributed launch "
                              "(torchrun --nproc-per-node N ...)")
-        state.set_sequence_parallel(False)
-        return
-    if not dist.is_initialized():
-        backend = cfg.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if not dist.is_initialized():
+            # A single process still gets a (world size 1) process group, so checkpointing and
+            # every other code path is the one a torchrun launch takes.
+            if backend == "nccl":
+                torch.cuda.set_device(0)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+    elif not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))

@@ -1,19 +1,19 @@
 """The training loop: builds teacher, student and fake score, and runs the rCM schedule
-(or flow-matching teacher pretraining) with logging, checkpoints and exact resume.
+(or flow-matching teacher pretraining) with logging, sharded checkpoints and exact resume.
 
 Per iteration: the schedule names the trained model; every DP rank takes its slice of the
 layout-independent global batch, accumulates gradients over micro-batches (losses are sums
 over samples divided by the *global* batch size, so data-parallel gradients simply add),
-reduces gradients, skips the step if they are non-finite, steps the optimizer and, on
-student steps, the power EMA.
+reduces gradients over DP x CP, skips the step if they are non-finite, steps the optimizer
+and, on student steps, the power EMA. SIGTERM / SIGUSR1 (SLURM pre-emption) and
+``--exit-duration-in-mins`` end the run after a save at an iteration boundary.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
 import os
+import signal
 import time
 
 import torch
@@ -25,48 +25,27 @@ from ..models import WanConfig, WanDiT
 from ..parallel import state as pstate
 from ..parallel.config import ParallelConfig
 from ..parallel.initialize import initialize_distributed, rank as global_rank, world_size
+from ..parallel.sharding import load_full_state_dict
+from ..parallel.tensor_parallel import validate_tp
 from ..rcm import Batch, PowerEMA, RCMConfig, build_optimizer, clip_gradients, critic_step, phase, student_step
+from . import sharded_state as ss
 from .arguments import ArgumentError, TrainingConfig, check_data_against_model
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, CheckpointManager, checkpoint_path, latest_iteration, load_sharded, read_common
 from .flow_matching import flow_matching_loss
 from .metrics import MetricsLogger
+from .throughput import latent_grid, memory_metrics, num_tokens, phase_flops, throughput_metrics
+
+CHECKPOINT_VERSION = 1
 
 
-def _data_parallel_info():
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1, None
+class TrainingAborted(RuntimeError):
+    """A run that must stop without saving (e.g. too many consecutive non-finite steps)."""
+
+
+def _mpu():
     from megatron.core import parallel_state as mpu
 
-    group = mpu.get_data_parallel_group()
-    return dist.get_rank(group), dist.get_world_size(group), group
-
-
-def _grad_reduce_group():
-    """Gradients of replicated data are summed over data- and context-parallel ranks."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    from megatron.core import parallel_state as mpu
-
-    group = mpu.get_data_parallel_group(with_context_parallel=True)
-    return group if dist.get_world_size(group) > 1 else None
-
-
-def load_full_state_dict(model: WanDiT, full: dict) -> None:
-    """Load a full (unsharded) state dict into a possibly TP-sharded model, by ``tp_split_dim``."""
-    tp, r = pstate.tensor_parallel_world_size(), pstate.tensor_parallel_rank()
-    own = dict(model.named_parameters())
-    missing = sorted(set(own) - set(full))
-    if missing:
-        raise KeyError(f"weights are missing parameters {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    with torch.no_grad():
-        for name, p in own.items():
-            t = full[name]
-            split = getattr(p, "tp_split_dim", None)
-            if split is not None and tp > 1:
-                t = t.chunk(tp, dim=split)[r]
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"weight {name} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
-            p.copy_(t.to(p.dtype))
+    return mpu
 
 
 class Trainer:
@@ -82,41 +61,51 @@ class Trainer:
                 raise ArgumentError(f"--teacher-checkpoint {train.teacher_checkpoint}: {e}") from e
         self.model_cfg = model_cfg
         try:
-            self.dataset = build_dataset(train.data, model_cfg.in_channels, model_cfg.text_dim, train.latent_shape,
-                                         seed=train.seed)
+            self.dataset = self._open_dataset()
+            validate_tp(model_cfg, par.tensor_model_parallel_size)
         except (OSError, ValueError) as e:
             raise ArgumentError(str(e)) from e
         check_data_against_model(self.dataset, model_cfg, f"--data {train.data or 'synthetic'}")
-        tp = par.tensor_model_parallel_size
-        for name, size in (("num_attention_heads", model_cfg.num_attention_heads),
-                           ("ffn_hidden_size", model_cfg.ffn_hidden_size), ("hidden_size", model_cfg.hidden_size)):
-            if size % tp:
-                raise ArgumentError(f"--tensor-model-parallel-size {tp} does not divide the model's {name} ({size})")
-        if train.save and par.model_parallel_size > 1:
-            raise ArgumentError("--save with tensor/context/pipeline parallelism needs sharded checkpoints, "
-                                "which this version does not write yet; save at model-parallel size 1")
-        self.resume = None
-        if train.load:
-            try:
-                self.resume = load_checkpoint(train.load)
-            except (OSError, ValueError) as e:
-                raise ArgumentError(str(e)) from e
-            self._check_resume_compatible(self.resume)
-        if train.mode == "teacher" and train.teacher_checkpoint is None and self.resume is None:
-            pass  # pretraining a teacher from scratch
+        self.load_path = self._resolve_load()
+        if self.load_path is not None:
+            self._check_resume_compatible(read_common(self.load_path))
 
     # ------------------------------------------------------------------ setup
-    def _check_resume_compatible(self, ckpt: dict) -> None:
-        want = self.model_cfg.to_dict()
-        got = ckpt.get("model_config")
+    def _open_dataset(self):
+        from ..data.shards import ShardDataset, is_shard_spec
+
+        if is_shard_spec(self.train.data):
+            return ShardDataset(self.train.data)
+        return build_dataset(self.train.data, self.model_cfg.in_channels, self.model_cfg.text_dim,
+                             self.train.latent_shape, seed=self.train.seed)
+
+    def _resolve_load(self) -> str | None:
+        root = self.train.load
+        if root is None and self.train.auto_resume and self.train.save and os.path.isdir(self.train.save):
+            if latest_iteration(self.train.save) is not None:
+                root = self.train.save
+        if root is None:
+            return None
+        try:
+            return checkpoint_path(root)
+        except CheckpointError as e:
+            raise ArgumentError(f"--load: {e}") from e
+
+    def _check_resume_compatible(self, common: dict) -> None:
+        meta = common.get("meta", {})
+        where = self.load_path
+        if meta.get("format") != "rcm-megatron-train" or meta.get("version") != CHECKPOINT_VERSION:
+            raise ArgumentError(f"--load {where}: not an rcm-megatron training checkpoint (version {CHECKPOINT_VERSION})")
+        want, got = self.model_cfg.to_dict(), meta.get("model_config") or {}
         if got != want:
-            diff = sorted(k for k in set(want) | set(got or {}) if (got or {}).get(k) != want.get(k))
-            raise ArgumentError(f"--load {self.train.load}: checkpoint is for another architecture "
-                                f"(differs in {diff})")
-        if ckpt.get("mode") != self.train.mode or ckpt.get("method") != (self.rcm.mode if self.train.mode == "distill" else None):
-            raise ArgumentError(f"--load {self.train.load}: checkpoint was written by --mode {ckpt.get('mode')} "
-                                f"--method {ckpt.get('method')}, this run is --mode {self.train.mode} "
-                                f"--method {self.rcm.mode}")
+            diff = sorted(k for k in set(want) | set(got) if got.get(k) != want.get(k))
+            raise ArgumentError(f"--load {where}: checkpoint is for another architecture (differs in {diff}: "
+                                f"{ {k: got.get(k) for k in diff} } vs this run's { {k: want.get(k) for k in diff} })")
+        method = self.rcm.mode if self.train.mode == "distill" else None
+        if meta.get("mode") != self.train.mode or meta.get("method") != method:
+            raise ArgumentError(f"--load {where}: checkpoint was written by --mode {meta.get('mode')} "
+                                f"--method {meta.get('method')}, this run is --mode {self.train.mode} --method {method}")
+        self.resume_meta = meta
 
     def _new_model(self, trainable: bool) -> WanDiT:
         m = WanDiT(self.model_cfg)
@@ -128,71 +117,109 @@ class Trainer:
 
     def build(self) -> None:
         initialize_distributed(self.par)
+        mpu = _mpu()
         self.rank = global_rank()
-        self.dp_rank, self.dp_size, self.dp_group = _data_parallel_info()
+        self.dp_rank, self.dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+        self.dp_group = mpu.get_data_parallel_group()
+        grad_group = mpu.get_data_parallel_group(with_context_parallel=True)
+        self.grad_group = grad_group if dist.get_world_size(grad_group) > 1 else None
         self.global_batch, self.num_micro = self.par.resolve_batch(world_size())
         distill = self.train.mode == "distill"
         dev = self.device
+        self.teacher = None
         if distill:
             self.teacher = self._new_model(trainable=False).to(dev).eval()
             if self.train.bf16:
                 self.teacher.to_dtype(torch.bfloat16)
-            self.student = self._new_model(trainable=True).to(dev)
-            self.fake = self._new_model(trainable=True).to(dev) if self.rcm.uses_fake_score else None
+        self.student = self._new_model(trainable=True).to(dev)  # in --mode teacher: the model being pretrained
+        self.fake = self._new_model(trainable=True).to(dev) if distill and self.rcm.uses_fake_score else None
+        if distill:
             self.opt_student = build_optimizer(self.student.parameters(), self.rcm, "student")
-            self.opt_fake = build_optimizer(self.fake.parameters(), self.rcm, "fake_score") if self.fake else None
-            self.ema = PowerEMA(self.student, self.rcm.ema_sigma_rel)
         else:
-            self.teacher = None
-            self.student = self._new_model(trainable=True).to(dev)  # the model being pretrained
-            self.fake, self.opt_fake = None, None
             self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=self.train.teacher_lr,
                                                  betas=(0.9, 0.99), weight_decay=self.rcm.weight_decay)
-            self.ema = PowerEMA(self.student, self.rcm.ema_sigma_rel)
+        self.opt_fake = build_optimizer(self.fake.parameters(), self.rcm, "fake_score") if self.fake else None
+        self.ema = PowerEMA(self.student, self.rcm.ema_sigma_rel)
         self.uncond = self.dataset.negative_context.unsqueeze(0).to(dev)
-        self.iteration, self.student_steps, self.skipped_steps = 0, 0, 0
-        if self.resume is not None:
-            self._load_state(self.resume)
-            self.resume = None
+        self.loader = None
+        from ..data.shards import ShardDataset, ShardLoader
+
+        if isinstance(self.dataset, ShardDataset):
+            self.loader = ShardLoader(self.dataset, self.dp_rank, self.dp_size, self.par.micro_batch_size,
+                                      self.train.seed, global_batch_size=self.global_batch)
+        self.iteration, self.student_steps, self.skipped_steps, self.consecutive_skips = 0, 0, 0, 0
+        self.checkpoints = CheckpointManager(self.train.save, self.train.keep_last) if self.train.save else None
+        if self.load_path is not None:
+            self._load(self.load_path)
+        if self.loader is not None:
+            self.loader.set_iteration(self.iteration)
         self.logger = MetricsLogger(self.train.log_dir, self.train.log_interval, enabled=self.rank == 0,
                                     resume_iteration=self.iteration)
+        c, t, h, w = self.dataset.latent_shape
+        self.tokens = num_tokens(self.model_cfg, (c, t, h, w))
 
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        return {
-            "format": "rcm-megatron-train", "iteration": self.iteration, "student_steps": self.student_steps,
-            "skipped_steps": self.skipped_steps, "mode": self.train.mode,
-            "method": self.rcm.mode if self.train.mode == "distill" else None,
-            "model_config": self.model_cfg.to_dict(), "rcm_config": repr(self.rcm), "teacher": self.teacher_meta,
-            "student": self.student.state_dict(), "ema": self.ema.state_dict(),
-            "fake_score": self.fake.state_dict() if self.fake is not None else None,
-            "opt_student": self.opt_student.state_dict(),
-            "opt_fake_score": self.opt_fake.state_dict() if self.opt_fake is not None else None,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "data_position": {"iteration": self.iteration, "global_batch": self.global_batch, "seed": self.train.seed},
-        }
+    # ------------------------------------------------------------------ checkpoint state
+    def _meta(self) -> dict:
+        return {"format": "rcm-megatron-train", "version": CHECKPOINT_VERSION, "iteration": self.iteration,
+                "student_steps": self.student_steps, "skipped_steps": self.skipped_steps,
+                "consecutive_skips": self.consecutive_skips, "mode": self.train.mode,
+                "method": self.rcm.mode if self.train.mode == "distill" else None,
+                "model_config": self.model_cfg.to_dict(), "rcm_config": self.rcm.to_dict(),
+                "teacher": self.teacher_meta, "world_size": world_size(),
+                "layout": {"tp": self.par.tensor_model_parallel_size, "cp": self.par.context_parallel_size,
+                           "pp": self.par.pipeline_model_parallel_size, "dp": self.dp_size},
+                "data_position": {"iteration": self.iteration, "global_batch": self.global_batch,
+                                  "seed": self.train.seed,
+                                  "loader": self.loader.state_dict() if self.loader is not None else None}}
 
-    def _load_state(self, ckpt: dict) -> None:
-        self.student.load_state_dict(ckpt["student"])
-        self.ema.load_state_dict(ckpt["ema"])
-        self.opt_student.load_state_dict(ckpt["opt_student"])
+    def sharded_state_dict(self, with_rng: bool = True) -> dict:
+        sd = {"meta": self._meta(),
+              "student": ss.model_sharded_state_dict(self.student, "student"),
+              "ema": ss.tensors_sharded_state_dict(self.ema.shadow, self.student, "ema"),
+              "ema_meta": {"sigma_rel": self.ema.sigma_rel, "num_updates": self.ema.num_updates},
+              "opt_student": ss.optimizer_sharded_state_dict(self.opt_student, self.student, "opt_student")}
         if self.fake is not None:
-            self.fake.load_state_dict(ckpt["fake_score"])
-            self.opt_fake.load_state_dict(ckpt["opt_fake_score"])
-        self.iteration, self.student_steps = int(ckpt["iteration"]), int(ckpt["student_steps"])
-        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        pos = ckpt.get("data_position", {})
-        if pos.get("global_batch", self.global_batch) != self.global_batch:
-            raise ArgumentError(f"--load {self.train.load}: checkpoint used global batch {pos['global_batch']}, "
-                                f"this run {self.global_batch}; the data position would not resume exactly")
+            sd["fake_score"] = ss.model_sharded_state_dict(self.fake, "fake_score")
+            sd["opt_fake_score"] = ss.optimizer_sharded_state_dict(self.opt_fake, self.fake, "opt_fake_score")
+        if with_rng:
+            sd["rng"] = ss.rng_sharded_object("rng", {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+        return sd
+
+    def _load(self, path: str) -> None:
+        meta = self.resume_meta
+        same_world = meta.get("world_size") == world_size()
+        loaded = load_sharded(path, self.sharded_state_dict(with_rng=same_world))
+        ss.copy_loaded_into_model(self.student, loaded["student"])
+        for name, t in loaded["ema"].items():
+            if t.data_ptr() != self.ema.shadow[name].data_ptr():
+                self.ema.shadow[name].copy_(t)
+        self.ema.num_updates = int(loaded["ema_meta"]["num_updates"])
+        ss.load_optimizer_state(self.opt_student, self.student, loaded["opt_student"])
+        if self.fake is not None:
+            ss.copy_loaded_into_model(self.fake, loaded["fake_score"])
+            ss.load_optimizer_state(self.opt_fake, self.fake, loaded["opt_fake_score"])
+        if same_world and loaded.get("rng") is not None:
+            torch.set_rng_state(loaded["rng"]["torch"])
+        self.iteration, self.student_steps = int(meta["iteration"]), int(meta["student_steps"])
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        self.consecutive_skips = int(meta.get("consecutive_skips", 0))
+        pos = meta.get("data_position", {})
+        if pos.get("global_batch") != self.global_batch or pos.get("seed") != self.train.seed:
+            raise ArgumentError(f"--load {path}: checkpoint used global batch {pos.get('global_batch')} and seed "
+                                f"{pos.get('seed')}, this run {self.global_batch} and {self.train.seed}; the data "
+                                "position would not resume exactly")
+        if self.loader is not None and pos.get("loader") is not None:
+            self.loader.load_state_dict(pos["loader"])
+        if self.rank == 0:
+            print(f"resumed from {path} at iteration {self.iteration}", flush=True)
 
     def save(self) -> None:
-        if self.train.save and self.rank == 0:
-            save_checkpoint(self.train.save, self.iteration, self.state_dict(), keep_last=self.train.keep_last)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.iteration, self.sharded_state_dict())
+            if self.rank == 0:
+                print(f"saved checkpoint at iteration {self.iteration} to {self.train.save}", flush=True)
 
     # ------------------------------------------------------------------ loop
     def _autocast(self):
@@ -201,32 +228,33 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _micro_batches(self, it: int):
-        idx = global_batch_indices(self.train.seed, it, self.global_batch, len(self.dataset))
-        local = local_slice(idx, self.dp_rank, self.dp_size)
-        mbs = self.par.micro_batch_size
-        for k in range(self.num_micro):
-            chunk = local[k * mbs:(k + 1) * mbs]
-            raw = self.dataset.batch(chunk)
+        if self.loader is not None:
+            raws = (self.loader.next_batch() for _ in range(self.num_micro))
+        else:
+            idx = global_batch_indices(self.train.seed, it, self.global_batch, len(self.dataset))
+            local = local_slice(idx, self.dp_rank, self.dp_size)
+            mbs = self.par.micro_batch_size
+            raws = (self.dataset.batch(local[k * mbs:(k + 1) * mbs]) for k in range(self.num_micro))
+        for raw in raws:
             yield Batch(x0=raw["latents"].to(self.device), context=raw["context"].to(self.device),
                         uncond_context=self.uncond, indices=raw["index"])
 
     def _reduce_and_norm(self, model) -> torch.Tensor:
         params = [p for p in model.parameters() if p.requires_grad]
-        group = _grad_reduce_group()
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if group is not None:
-                dist.all_reduce(p.grad, group=group)
-        norm_sq = sum(p.grad.detach().float().pow(2).sum() for p in params)
+            if self.grad_group is not None:
+                dist.all_reduce(p.grad, group=self.grad_group)
+        sharded = sum((p.grad.detach().float().pow(2).sum() for p in params
+                       if getattr(p, "tp_split_dim", None) is not None), torch.zeros(()))
+        rest = sum((p.grad.detach().float().pow(2).sum() for p in params
+                    if getattr(p, "tp_split_dim", None) is None), torch.zeros(()))
         tp_group = pstate.tensor_parallel_group()
-        if tp_group is not None:  # sharded parameters: add the other shards' squares (replicated ones counted once)
-            sharded = sum(p.grad.detach().float().pow(2).sum() for p in params
-                          if getattr(p, "tp_split_dim", None) is not None)
-            rest = norm_sq - sharded
+        if tp_group is not None and dist.get_world_size(tp_group) > 1:  # other shards' squares; replicated once
+            sharded = sharded.to(self.device)
             dist.all_reduce(sharded, group=tp_group)
-            norm_sq = sharded + rest
-        return norm_sq.sqrt()
+        return (sharded.cpu() + rest.cpu()).sqrt()
 
     def _one_iteration(self, it: int) -> dict:
         distill = self.train.mode == "distill"
@@ -236,7 +264,9 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         t0 = time.perf_counter()
+        first = None
         for batch in self._micro_batches(it):
+            first = batch if first is None else first
             with self._autocast():
                 if not distill:
                     loss, _ = flow_matching_loss(self.student, batch.x0, batch.context, batch.uncond_context,
@@ -252,41 +282,96 @@ class Trainer:
             for k, v in out.items():
                 w = 1.0 if k.startswith("loss") else 1.0 / (self.num_micro * self.dp_size)
                 totals[k] = totals.get(k, 0.0) + float(v) * w
-        if self.dp_group is not None and self.dp_size > 1:
+        if self.dp_size > 1:
             keys = sorted(totals)
-            buf = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+            buf = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self._comm_device())
             dist.all_reduce(buf, group=self.dp_group)
-            totals = dict(zip(keys, buf.tolist()))
+            totals = dict(zip(keys, buf.cpu().tolist()))
         grad_norm = self._reduce_and_norm(trained)
         record = {"iteration": it + 1, "phase": "teacher" if not distill else ph.model}
         if torch.isfinite(grad_norm):
-            clip_gradients(trained.parameters(), self.rcm) if distill else None
+            if distill:
+                clip_gradients(trained.parameters(), self.rcm)
             opt.step()
+            self.consecutive_skips = 0
             if trained is self.student:
                 record["ema_beta"] = self.ema.update(self.student)
                 self.student_steps += 1
         else:
             self.skipped_steps += 1
+            self.consecutive_skips += 1
+            opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
         losses = {k: v for k, v in totals.items() if k.startswith("loss")}
         record.update(losses)
         record["loss"] = sum(losses.values())
         record.update({k: v for k, v in totals.items() if not k.startswith("loss")})
+        flops = phase_flops(self.model_cfg, self.tokens, self.dataset.text_len,
+                            "teacher" if not distill else ph, self.rcm.rollout_max_steps,
+                            self.rcm.rollout_random_steps)["total"] * self.global_batch
         record.update({"grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                        "samples_per_sec": self.global_batch / max(elapsed, 1e-9),
                        "skipped_steps": self.skipped_steps, "student_steps": self.student_steps})
+        record.update(throughput_metrics(flops, elapsed, world_size(), tokens=self.tokens * self.global_batch))
+        if self.device.type == "cuda":
+            record.update(memory_metrics(self.device, reset=True))
+        if self.loader is not None:
+            record["bad_samples"] = self.loader.bad_samples
+        if self.train.log_images_interval and (it + 1) % self.train.log_images_interval == 0 and first is not None:
+            self.logger.add_image("latents/data", latent_grid(first.x0.float().cpu()), it + 1)
         return record
+
+    def _comm_device(self):
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def _agree(self, flag: bool) -> bool:
+        """All ranks take the same decision (any rank's flag)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
     def run(self) -> dict:
         self.build()
-        last = {}
-        while self.iteration < self.train.train_iters:
-            last = self._one_iteration(self.iteration)
-            self.iteration += 1
-            self.logger.log(last)
-            if self.train.save_interval and self.iteration % self.train.save_interval == 0:
+        stop = {"signal": None}
+
+        def on_signal(signum, _frame):
+            stop["signal"] = signal.Signals(signum).name
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        start, last, saved_at = time.time(), {}, None
+        try:
+            while self.iteration < self.train.train_iters:
+                last = self._one_iteration(self.iteration)
+                self.iteration += 1
+                self.logger.log(last)
+                if self.checkpoints is not None:
+                    self.checkpoints.finalize()
+                if self.train.max_consecutive_skipped_steps and \
+                        self.consecutive_skips >= self.train.max_consecutive_skipped_steps:
+                    raise TrainingAborted(f"{self.consecutive_skips} consecutive steps had non-finite gradients "
+                                          f"(--max-consecutive-skipped-steps {self.train.max_consecutive_skipped_steps});"
+                                          f" stopping at iteration {self.iteration} without saving")
+                if self.train.save_interval and self.iteration % self.train.save_interval == 0:
+                    self.save()
+                    saved_at = self.iteration
+                timed_out = (self.train.exit_duration_in_mins is not None
+                             and time.time() - start > 60 * self.train.exit_duration_in_mins)
+                if self._agree(stop["signal"] is not None or timed_out):
+                    reason = stop["signal"] or f"--exit-duration-in-mins {self.train.exit_duration_in_mins}"
+                    if saved_at != self.iteration:
+                        self.save()
+                        saved_at = self.iteration
+                    if self.rank == 0:
+                        print(f"exiting at iteration {self.iteration} ({reason}); checkpoint saved", flush=True)
+                    break
+            if self.train.save and saved_at != self.iteration:
                 self.save()
-        if self.train.save and not (self.train.save_interval and self.iteration % self.train.save_interval == 0):
-            self.save()
-        self.logger.close()
+            if self.checkpoints is not None:
+                self.checkpoints.finalize(blocking=True)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.logger.close()
+            if self.loader is not None:
+                self.loader.close()
         return last

@@ -1,0 +1,115 @@
+"""Sharded state dicts for megatron-core ``dist_checkpointing``.
+
+Every parameter becomes a ``ShardedTensor`` keyed by its *global* name (blocks are named
+by global layer index, so pipeline stages never collide) with its tensor-parallel split
+(``tp_split_dim``) as the sharding axis. Exactly one rank writes each piece: ``replica_id``
+is zero only on the first TP rank of replicated tensors, the first CP and DP rank, and the
+first pipeline stage for tensors every stage holds (the time embedding). Loading builds the
+same structure for the *current* layout, so a checkpoint reshards across TP/PP/CP/DP.
+
+The AdamW moments (and the power-EMA shadow) are sharded exactly like their parameters;
+the step counts, configs and iteration are common state; each rank's RNG state is a
+``ShardedObject``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..parallel import state as pstate
+
+PIPELINE_REPLICATED = ("time_embedding.",)
+
+
+def _ranks():
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 0, 0, 0
+    from megatron.core import parallel_state as mpu
+
+    if not mpu.model_parallel_is_initialized():
+        return 0, 0, 0, dist.get_rank()
+    return (mpu.get_pipeline_model_parallel_rank(), mpu.get_tensor_model_parallel_rank(),
+            mpu.get_context_parallel_rank(), mpu.get_data_parallel_rank())
+
+
+def _sharded(key: str, name: str, tensor: torch.Tensor, split: int | None):
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    pp, tp_rank, cp, dp = _ranks()
+    tp = pstate.tensor_parallel_world_size()
+    pp_replica = pp if name.startswith(PIPELINE_REPLICATED) else 0
+    if split is not None and tp > 1:
+        return ShardedTensor.from_rank_offsets(key, tensor, (split, tp_rank, tp), replica_id=(pp_replica, 0, cp, dp))
+    return ShardedTensor.from_rank_offsets(key, tensor, replica_id=(pp_replica, tp_rank, cp, dp))
+
+
+def _split_dims(model: nn.Module) -> dict:
+    return {n: getattr(p, "tp_split_dim", None) for n, p in model.named_parameters()}
+
+
+def model_sharded_state_dict(model: nn.Module, prefix: str) -> dict:
+    dims = _split_dims(model)
+    return {n: _sharded(f"{prefix}.{n}", n, p.detach(), dims[n]) for n, p in model.named_parameters()}
+
+
+def tensors_sharded_state_dict(tensors: dict, model: nn.Module, prefix: str) -> dict:
+    """Name-keyed tensors laid out like ``model``'s parameters (e.g. the EMA shadow)."""
+    dims = _split_dims(model)
+    return {n: _sharded(f"{prefix}.{n}", n, t, dims[n]) for n, t in tensors.items()}
+
+
+def ensure_adam_state(opt: torch.optim.Optimizer) -> None:
+    """Materialize AdamW state (zeros, step 0) so a fresh optimizer has tensors to save/load into."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def optimizer_sharded_state_dict(opt: torch.optim.Optimizer, model: nn.Module, prefix: str) -> dict:
+    ensure_adam_state(opt)
+    names = {p: n for n, p in model.named_parameters()}
+    dims = _split_dims(model)
+    moments, steps = {}, {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            n, st = names[p], opt.state[p]
+            steps[n] = float(st["step"])
+            moments[n] = {k: _sharded(f"{prefix}.{k}.{n}", n, st[k], dims[n]) for k in ("exp_avg", "exp_avg_sq")}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return {"moments": moments, "steps": steps, "param_groups": groups}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, loaded: dict) -> None:
+    """Copy a loaded ``optimizer_sharded_state_dict`` back (tensors were loaded in place)."""
+    names = {p: n for n, p in model.named_parameters()}
+    for group, saved in zip(opt.param_groups, loaded["param_groups"]):
+        for k, v in saved.items():
+            group[k] = v
+        for p in group["params"]:
+            n, st = names[p], opt.state[p]
+            st["step"] = torch.tensor(loaded["steps"][n], dtype=torch.float32)
+            for k in ("exp_avg", "exp_avg_sq"):
+                src = loaded["moments"][n][k]
+                if src.data_ptr() != st[k].data_ptr():
+                    st[k].copy_(src)
+
+
+def rng_sharded_object(key: str, data):
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return ShardedObject(key, data, (world,), (rank,), replica_id=0)
+
+
+def copy_loaded_into_model(model: nn.Module, loaded: dict) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if loaded[n].data_ptr() != p.data_ptr():
+                p.copy_(loaded[n])
