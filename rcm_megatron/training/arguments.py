@@ -20,6 +20,17 @@ class ArgumentError(ValueError):
     """A user-facing configuration error; pretrain_rcm.py prints it and exits with code 2."""
 
 
+# The embedded default (issue 10): with neither --model nor --teacher-checkpoint, distill the
+# shipped toy teacher on the built-in toy video task (--data toy); --mode teacher pretrains a
+# toy teacher from scratch. Method settings tuned for the toy task (docs/quality.md) apply to
+# every --data toy distillation unless the flag is given.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_TEACHER = os.path.join(REPO_ROOT, "assets", "toy_teacher.pt")
+TOY_DEFAULTS = {"cfg_scale": 2.0, "lr_student": 3e-4, "lr_fake_score": 3e-4, "student_update_freq": 3,
+                "tangent_warmup_iters": 0}
+TOY_TRAIN_DEFAULTS = {"train_iters": 300, "micro_batch_size": 16}
+
+
 @dataclass
 class TrainingConfig:
     mode: str  # "distill" or "teacher" (flow-matching pretraining of a teacher)
@@ -37,6 +48,10 @@ class TrainingConfig:
     device: str
     keep_last: int | None
     teacher_lr: float
+    auto_resume: bool = False
+    exit_duration_in_mins: float | None = None
+    max_consecutive_skipped_steps: int | None = None
+    log_images_interval: int | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,15 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="rCM distillation of Wan2.1 DiTs (with no flags: a tiny model on built-in data, on CPU).")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(PRESETS), default=None,
-                   help="architecture preset (default tiny; taken from --teacher-checkpoint when given)")
+                   help="architecture preset with a random-init teacher (default: the shipped toy teacher "
+                        "assets/toy_teacher.pt; taken from --teacher-checkpoint when given)")
     g.add_argument("--teacher-checkpoint", default=None,
-                   help="diffusers WanTransformer3DModel folder or an rcm-megatron model file (.pt)")
+                   help="diffusers WanTransformer3DModel folder or an rcm-megatron model file (.pt); "
+                        "default assets/toy_teacher.pt when --model is not given")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters/activations (fp32 norms, time embedding)")
     g.add_argument("--mode", choices=("distill", "teacher"), default="distill",
                    help="distill a student (default) or pretrain a teacher by flow matching")
     g = p.add_argument_group("training")
-    g.add_argument("--train-iters", type=int, default=100)
-    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--train-iters", type=int, default=None,
+                   help=f"default {TOY_TRAIN_DEFAULTS['train_iters']} on --data toy, else 100")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help=f"default {TOY_TRAIN_DEFAULTS['micro_batch_size']} on --data toy, else 2")
     g.add_argument("--global-batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None, help="student lr (default: method preset)")
     g.add_argument("--fake-score-lr", type=float, default=None, help="fake score lr (default: method preset)")
@@ -63,16 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="'synthetic' (default) or a .pt latent file")
+    g.add_argument("--data", default=None,
+                   help="'toy' (the built-in toy video task; default with the toy teacher or --model toy), "
+                        "'synthetic' (default with other presets) or a .pt latent file")
     g.add_argument("--latent-shape", type=int, nargs=4, metavar=("C", "T", "H", "W"), default=None,
                    help="latent shape of the built-in synthetic data (default C=in_channels, 3, 8, 8)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-dir", default="runs/default")
     g.add_argument("--log-interval", type=int, default=10)
-    g.add_argument("--save", default=None)
+    g.add_argument("--save", default=None, help="checkpoint dir (default LOG_DIR/checkpoints when neither --model "
+                                                  "nor --teacher-checkpoint is given, else none)")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
+    g.add_argument("--auto-resume", action="store_true",
+                   help="resume from the newest complete checkpoint in --save if there is one (SLURM requeue)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit cleanly after this many minutes (job time limits)")
+    g.add_argument("--max-consecutive-skipped-steps", type=int, default=None,
+                   help="abort after this many consecutive steps with non-finite gradients (default: never)")
+    g.add_argument("--log-images-interval", type=int, default=None,
+                   help="write a TensorBoard grid of latent frames every N iterations")
     g = p.add_argument_group("method (rCM)")
     g.add_argument("--method", choices=MODES, default="rcm", help="rcm, or the scm / dmd / dcm baselines")
     g.add_argument("--cfg-scale", type=float, default=None)
@@ -107,18 +137,27 @@ def parse_args(argv=None):
     after the file was checked to exist here).
     """
     args = build_parser().parse_args(argv)
+    _apply_toy_defaults(args)
     _positive("--train-iters", args.train_iters)
     _positive("--micro-batch-size", args.micro_batch_size)
     _positive("--global-batch-size", args.global_batch_size, allow_none=True)
     _positive("--log-interval", args.log_interval)
     _positive("--save-interval", args.save_interval, allow_none=True)
     _positive("--keep-last", args.keep_last, allow_none=True)
+    _positive("--max-consecutive-skipped-steps", args.max_consecutive_skipped_steps, allow_none=True)
+    _positive("--log-images-interval", args.log_images_interval, allow_none=True)
+    if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
+        raise ArgumentError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
+    if args.auto_resume and args.save is None:
+        raise ArgumentError("--auto-resume needs --save DIR (where checkpoints are looked for)")
     if args.teacher_checkpoint is not None and not os.path.exists(args.teacher_checkpoint):
         raise ArgumentError(f"--teacher-checkpoint {args.teacher_checkpoint}: no such file or directory")
     if args.load is not None and not os.path.isdir(args.load):
         raise ArgumentError(f"--load {args.load}: no such checkpoint directory")
-    if args.data not in (None, "synthetic") and not os.path.isfile(args.data):
-        raise ArgumentError(f"--data {args.data}: no such file (expected 'synthetic' or a .pt latent file)")
+    from ..data.shards import is_shard_spec
+
+    if args.data not in (None, "synthetic", "toy") and not os.path.isfile(args.data) and not is_shard_spec(args.data):
+        raise ArgumentError(f"--data {args.data}: no such file (expected 'synthetic', 'toy' or a .pt latent file)")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.device not in (None, "cpu", "cuda"):
@@ -155,7 +194,10 @@ def parse_args(argv=None):
     }.items() if v is not None}
     if args.clip_grad == 0:
         overrides["grad_clip_norm"] = None
-    if args.model in (None, "tiny") and args.teacher_checkpoint is None:
+    if args.data == "toy" and args.mode == "distill":
+        for key, value in TOY_DEFAULTS.items():
+            overrides.setdefault(key, value)
+    if args.model == "tiny" and args.teacher_checkpoint is None:
         # The embedded default: a tiny random teacher learns nothing at Wan's lr in minutes.
         overrides.setdefault("lr_student", 1e-4)
         overrides.setdefault("lr_fake_score", 1e-4)
@@ -169,8 +211,33 @@ def parse_args(argv=None):
         latent_shape=tuple(args.latent_shape) if args.latent_shape else None, log_dir=args.log_dir,
         log_interval=args.log_interval, save=args.save, save_interval=args.save_interval, load=args.load,
         teacher_checkpoint=args.teacher_checkpoint, bf16=args.bf16, device=device, keep_last=args.keep_last,
-        teacher_lr=args.teacher_lr)
+        teacher_lr=args.teacher_lr, auto_resume=args.auto_resume, exit_duration_in_mins=args.exit_duration_in_mins,
+        max_consecutive_skipped_steps=args.max_consecutive_skipped_steps, log_images_interval=args.log_images_interval)
     return train, model_cfg, rcm_cfg, par
+
+
+def _apply_toy_defaults(args) -> None:
+    """Resolve the defaults that depend on the embedded toy task (see TOY_DEFAULTS)."""
+    if args.model is None and args.teacher_checkpoint is None:
+        if args.mode == "distill":
+            if not os.path.isfile(DEFAULT_TEACHER):
+                raise ArgumentError(f"the default teacher {DEFAULT_TEACHER} is missing (it ships with the repository; "
+                                    "restore it with git, pass --teacher-checkpoint PATH, or --model tiny for a "
+                                    "random teacher)")
+            args.teacher_checkpoint = DEFAULT_TEACHER
+        else:
+            args.model = "toy"
+        if args.save is None:
+            args.save = os.path.join(args.log_dir, "checkpoints")
+        if args.data is None:
+            args.data = "toy"
+    elif args.model == "toy" and args.data is None:
+        args.data = "toy"
+    toy = args.data == "toy"
+    if args.train_iters is None:
+        args.train_iters = TOY_TRAIN_DEFAULTS["train_iters"] if toy and args.mode == "distill" else 100
+    if args.micro_batch_size is None:
+        args.micro_batch_size = TOY_TRAIN_DEFAULTS["micro_batch_size"] if toy else 2
 
 
 def check_data_against_model(dataset, cfg: WanConfig, source: str) -> None:
