@@ -44,9 +44,9 @@ class MetricsLogger:
                 if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(_tb_tag(k), v, it)
         if it % self.log_interval == 0 or it == 1:
-            losses = " ".join(f"{k}={v:.4g}" for k, v in clean.items() if k.startswith("loss") and isinstance(v, float))
-            print(f"iter {it:6d} | {clean.get('phase', ''):7s} | {losses} | grad_norm={clean.get('grad_norm', float('nan')):.3g}"
-                  f" | lr={clean.get('lr', 0):.3g} | {clean.get('samples_per_sec', 0):.2f} samples/s"
+            losses = " ".join(f"{k}={_num(v, '.4g')}" for k, v in record.items() if k.startswith("loss"))
+            print(f"iter {it:6d} | {clean.get('phase', ''):7s} | {losses} | grad_norm={_num(record.get('grad_norm'), '.3g')}"
+                  f" | lr={_num(record.get('lr', 0), '.3g')} | {_num(record.get('samples_per_sec', 0), '.2f')} samples/s"
                   f" | elapsed {time.time() - self._t0:.0f}s", flush=True)
 
     def add_image(self, tag: str, image, iteration: int) -> None:
@@ -58,6 +58,13 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+
+
+def _num(v, spec: str) -> str:
+    """Format a number for the progress line; non-finite values print as nan/inf."""
+    if hasattr(v, "item"):
+        v = v.item()
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
 def _plain(v):

@@ -1,0 +1,148 @@
+"""Faults around checkpoints: a process killed (SIGKILL) in the middle of writing one, a
+partial or foreign checkpoint, and steps whose gradients are not finite."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ["--model", "tiny", "--log-interval", "1", "--micro-batch-size", "1", "--global-batch-size", "2",
+        "--rollout-steps", "2", "--student-update-freq", "2"]
+
+
+def run_script(code: str, check=True):
+    """Run in its own session with output in files: a process killed by SIGKILL leaves
+    megatron-core's writer helper process behind, which must not hold our pipes open."""
+    import signal
+    import tempfile
+    import types
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, text=True, env=env, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the session
+            except ProcessLookupError:
+                pass
+        out.seek(0)
+        err.seek(0)
+        p = types.SimpleNamespace(returncode=proc.returncode, stdout=out.read(), stderr=err.read())
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def pretrain(*args, check=True):
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import pretrain_rcm; sys.exit(pretrain_rcm.main({list(args)!r}))"
+    return run_script(code, check=check)
+
+
+def tree_digest(path) -> str:
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for f in sorted(files):
+            h.update(os.path.join(root, f).encode())
+            with open(os.path.join(root, f), "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def losses(log_dir):
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k.startswith("loss") or k == "iteration"} for line in f]
+
+
+def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    ck, log = str(tmp_path / "ckpt"), str(tmp_path / "log")
+    pretrain(*BASE, "--train-iters", "2", "--log-dir", log, "--save", ck)
+    # Second run dies by SIGKILL inside megatron-core's shard writer while saving iteration 4.
+    killer = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {ROOT!r})
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+        def die(*a, **k):
+            os.kill(os.getpid(), signal.SIGKILL)
+        FileSystemWriterAsync.write_preloaded_data = staticmethod(die)
+        import pretrain_rcm
+        sys.exit(pretrain_rcm.main({[*BASE, "--train-iters", "4", "--log-dir", log, "--save", ck, "--load", ck]!r}))
+    """)
+    p = run_script(killer, check=False)
+    assert p.returncode == -9
+    assert os.path.isdir(os.path.join(ck, "iter_0000004.tmp"))
+    assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read() == "2"
+    # The surviving checkpoint loads, and the resumed run equals a straight one.
+    pretrain(*BASE, "--train-iters", "4", "--log-dir", log, "--save", ck, "--load", ck)
+    straight = str(tmp_path / "straight")
+    pretrain(*BASE, "--train-iters", "4", "--log-dir", straight)
+    assert losses(log) == losses(straight)
+    assert not os.path.exists(os.path.join(ck, "iter_0000004.tmp"))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("saved")
+    pretrain(*BASE, "--train-iters", "2", "--log-dir", str(d / "log"), "--save", str(d / "ckpt"))
+    return d / "ckpt"
+
+
+def test_partial_checkpoint_is_refused_and_untouched(saved, tmp_path):
+    import shutil
+
+    ck = tmp_path / "ckpt"
+    shutil.copytree(saved, ck)
+    os.remove(ck / "iter_0000002" / "metadata.json")
+    before = tree_digest(ck)
+    p = pretrain(*BASE, "--train-iters", "4", "--log-dir", str(tmp_path / "l"), "--load", str(ck), "--save", str(ck),
+                 check=False)
+    assert p.returncode == 2
+    assert "iter_0000002: missing metadata.json" in p.stderr
+    assert tree_digest(ck) == before
+
+
+def test_checkpoint_of_another_architecture_or_method(saved, tmp_path):
+    before = tree_digest(saved)
+    p = pretrain("--model", "wan-1.3b", "--latent-shape", "16", "1", "4", "4", "--train-iters", "3",
+                 "--log-dir", str(tmp_path / "a"), "--load", str(saved), check=False)
+    assert p.returncode == 2 and "another architecture" in p.stderr and "hidden_size" in p.stderr
+    p = pretrain(*BASE, "--method", "dmd", "--train-iters", "3", "--log-dir", str(tmp_path / "b"),
+                 "--load", str(saved), check=False)
+    assert p.returncode == 2 and "--method rcm" in p.stderr and "--method dmd" in p.stderr
+    assert tree_digest(saved) == before
+
+
+def test_non_finite_gradients_are_skipped_then_abort(tmp_path):
+    """Poisoned critic gradients: the step is skipped and counted; after N in a row the run aborts."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        import torch
+        import rcm_megatron.training.trainer as tr
+        real = tr.critic_step
+        def poisoned(cfg, student, fake, batch, it, **kw):
+            out = real(cfg, student, fake, batch, it, **kw)
+            if it >= 3:
+                next(fake.parameters()).grad.fill_(float("nan"))
+            return out
+        tr.critic_step = poisoned
+        import pretrain_rcm
+        sys.exit(pretrain_rcm.main({[*BASE, "--student-update-freq", "5", "--train-iters", "20",
+                                     "--max-consecutive-skipped-steps", "3", "--log-dir", str(tmp_path),
+                                     "--save", str(tmp_path / "ckpt")]!r}))
+    """)
+    p = run_script(code, check=False)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "3 consecutive steps had non-finite gradients" in p.stderr
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    # iteration 5 is a (finite) student step, which resets the consecutive count
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 0, 1, 1, 2, 3, 4]
+    assert not os.path.exists(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt")
