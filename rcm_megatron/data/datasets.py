@@ -99,7 +99,16 @@ class TensorFileLatents(LatentDataset):
 
 
 def build_dataset(data: str | None, in_channels: int, text_dim: int, latent_shape=None, seed: int = 1234):
-    """``data`` None or "synthetic" -> SyntheticLatents matching the model; otherwise a tensor file."""
+    """``data`` None or "synthetic" -> SyntheticLatents matching the model; "toy" -> the toy video
+    task (data/toy.py, fixed shape); otherwise a tensor file."""
+    if data == "toy":  # the built-in toy task with measurable quality (issue 10)
+        from .toy import ToyVideoLatents
+
+        ds = ToyVideoLatents(seed=seed)
+        if latent_shape and tuple(latent_shape) != ds.latent_shape:
+            raise ValueError(f"--latent-shape {' '.join(map(str, latent_shape))}: --data toy has the fixed latent "
+                             f"shape {' '.join(map(str, ds.latent_shape))}")
+        return ds
     if data in (None, "", "synthetic"):
         shape = tuple(latent_shape) if latent_shape else (in_channels, 3, 8, 8)
         return SyntheticLatents(latent_shape=shape, text_dim=text_dim, seed=seed)

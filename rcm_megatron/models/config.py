@@ -76,6 +76,10 @@ PRESETS: dict[str, WanConfig] = {
     # CPU-friendly: 2 blocks, head dim 32, small text dim; same structure as the real models.
     "tiny": WanConfig(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4,
                       in_channels=16, out_channels=16, text_dim=64),
+    # The built-in toy video task (--data toy, rcm_megatron/data/toy.py): 4-channel 4x8x8 latents,
+    # 32-wide class embeddings; 4 blocks of width 128, ~1M parameters (assets/toy_teacher.pt).
+    "toy": WanConfig(num_layers=4, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4,
+                     in_channels=4, out_channels=4, text_dim=32, freq_dim=64),
     "wan-1.3b": WanConfig(num_layers=30, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12,
                           text_dim=4096),
     "wan-14b": WanConfig(num_layers=40, hidden_size=5120, ffn_hidden_size=13824, num_attention_heads=40,

@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Quality and diversity of a teacher and distilled students on the toy video task.
+
+    python tools/evaluate.py --teacher assets/toy_teacher.pt \\
+        --student scm=runs/scm/checkpoints --student dmd=runs/dmd/checkpoints --student rcm=runs/rcm/checkpoints \\
+        --out benchmarks/results/toy_quality
+
+Samples the teacher with ``--teacher-steps`` Euler steps and classifier-free guidance
+``--cfg-scale`` and every student with 1, 2 and 4 steps (rcm_megatron.rcm.sampling.sample),
+``--num-samples`` videos each (classes balanced), and compares them with held-out toy data
+in the fixed analytic feature space of rcm_megatron/eval/toy_features.py: Frechet distance
+(per class, averaged), mode coverage, precision and within-class diversity (definitions in
+rcm_megatron/eval/metrics.py). Writes OUT.json (everything, per class too) and OUT.png
+(bar charts and sample videos) and prints a markdown table. Also reported: held-out data
+vs the reference (the noise floor of each metric at this sample count) and the *untrained*
+student (the teacher's weights sampled in N steps, where every distillation starts).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from rcm_megatron.eval.loading import WEIGHTS, load_model  # noqa: E402
+from rcm_megatron.eval.toy_benchmark import (HELD_OUT_SEED, SAMPLE_SEED, data_floor, evaluate_model,  # noqa: E402
+                                             generate, reference_features)
+
+DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy_teacher.pt")
+SUMMARY = ("fd", "coverage", "precision", "mode_entropy", "diversity")
+
+
+def _student_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (a checkpoint dir or model file), got {text!r}")
+    return name, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher model file (default: assets/toy_teacher.pt)")
+    p.add_argument("--student", type=_student_arg, action="append", default=[], metavar="NAME=PATH",
+                   help="a distilled student: training checkpoint dir (--save) or model file; repeatable")
+    p.add_argument("--weights", choices=WEIGHTS, default="ema", help="student weights from checkpoints (default ema)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student sampling steps")
+    p.add_argument("--teacher-steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="teacher guidance (default: the toy distillation default, rcm_megatron.training.arguments)")
+    p.add_argument("--teacher-shift", type=float, default=3.0, help="shift of the teacher's Euler time grid")
+    p.add_argument("--sigma-max", type=float, default=80.0, help="student sampler's first time atan(sigma_max)")
+    p.add_argument("--mid-times", type=float, nargs="+", default=None, help="student sampler's intermediate times")
+    p.add_argument("--num-samples", type=int, default=1024, help="generated videos per model and step count")
+    p.add_argument("--num-reference", type=int, default=4096, help="held-out data videos")
+    p.add_argument("--seed", type=int, default=SAMPLE_SEED, help="sampling noise seed")
+    p.add_argument("--skip-teacher", action="store_true", help="do not sample the teacher (quick student checks)")
+    p.add_argument("--skip-untrained", action="store_true", help="do not evaluate the untrained student")
+    p.add_argument("--out", default="runs/evaluate/toy_quality", help="output prefix: OUT.json and OUT.png")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def _summary(r: dict) -> dict:
+    return {k: round(r[k], 4) for k in SUMMARY}
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| model | steps | FD | coverage | precision | mode entropy | diversity |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def row(name, r):
+        lines.append(f"| {name} | {r['steps']} | {r['fd']:.4f} | {r['coverage']:.3f} | {r['precision']:.3f} | "
+                     f"{r['mode_entropy']:.3f} | {r['diversity']:.3f} |")
+    if "data" in results:
+        row("held-out data (floor)", results["data"])
+    if "teacher" in results:
+        row(f"teacher (Euler, CFG {results['teacher']['cfg_scale']})", results["teacher"])
+    for s, r in sorted(results.get("untrained", {}).items(), key=lambda kv: int(kv[0])):
+        row("untrained student", r)
+    for m, per in results["methods"].items():
+        for s, r in sorted(per.items(), key=lambda kv: int(kv[0])):
+            row(m, r)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cfg_scale is None:
+        from rcm_megatron.training.arguments import TOY_DEFAULTS
+
+        args.cfg_scale = TOY_DEFAULTS["cfg_scale"]
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    ref = reference_features(args.num_reference, HELD_OUT_SEED)
+    results = {"settings": {k: v for k, v in vars(args).items() if k != "student"},
+               "students": dict(args.student), "methods": {}, "untrained": {},
+               "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads()},
+               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+    results["data"] = data_floor(args.num_samples, ref)
+    samples = {}
+    skw = {"sigma_max": args.sigma_max, "mid_times": args.mid_times, "seed": args.seed}
+    teacher = None
+    if os.path.exists(args.teacher):
+        teacher, _ = load_model(args.teacher)
+    elif not args.skip_teacher or not args.skip_untrained:
+        print(f"evaluate.py: error: --teacher {args.teacher}: no such file", file=sys.stderr)
+        return 2
+    if not args.skip_teacher:
+        r = evaluate_model(teacher, "teacher", ref, args.num_samples, steps=args.teacher_steps,
+                           cfg_scale=args.cfg_scale, shift=args.teacher_shift, seed=args.seed)
+        results["teacher"] = r
+        print(f"teacher {args.teacher_steps} steps: {_summary(r)} ({r['seconds']} s)", flush=True)
+        samples[f"TEACHER {args.teacher_steps}"] = generate(teacher, "teacher", 4, steps=args.teacher_steps,
+                                                            cfg_scale=args.cfg_scale, shift=args.teacher_shift,
+                                                            seed=args.seed)[0]
+    if not args.skip_untrained:
+        for s in args.steps:
+            r = evaluate_model(teacher, "student", ref, args.num_samples, steps=s, **skw)
+            results["untrained"][str(s)] = r
+            print(f"untrained student {s} step(s): {_summary(r)}", flush=True)
+    for name, path in args.student:
+        try:
+            student, meta = load_model(path, which=args.weights)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"evaluate.py: error: --student {name}={path}: {e}", file=sys.stderr)
+            return 2
+        results["methods"][name] = {}
+        results["students"][name] = {"path": path, **{k: v for k, v in meta.items() if k != "teacher"}}
+        for s in args.steps:
+            r = evaluate_model(student, "student", ref, args.num_samples, steps=s, **skw)
+            results["methods"][name][str(s)] = r
+            print(f"{name} {s} step(s): {_summary(r)} ({r['seconds']} s)", flush=True)
+            if s in (min(args.steps), max(args.steps)):
+                samples[f"{name.upper()} {s} STEP" + ("S" if s > 1 else "")] = generate(
+                    student, "student", 4, steps=s, **skw)[0]
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    table = markdown_table(results)
+    print(table)
+    if not args.no_plot and results["methods"] and "teacher" in results:
+        from rcm_megatron.eval.plot import plot_benchmark
+
+        plot_benchmark(results, samples, args.out + ".png",
+                       "TOY VIDEO TASK: FEW-STEP STUDENTS VS THE TEACHER")
+        print(f"wrote {args.out}.json and {args.out}.png")
+    else:
+        print(f"wrote {args.out}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
