@@ -52,6 +52,10 @@ class TrainingConfig:
     exit_duration_in_mins: float | None = None
     max_consecutive_skipped_steps: int | None = None
     log_images_interval: int | None = None
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    optimizer_cpu_offload: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--cp-comm-type", choices=CP_COMM_TYPES, default="p2p")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="GPU: megatron-core DDP + distributed optimizer (fp32 main params sharded over DP)")
+    g.add_argument("--overlap-grad-reduce", action="store_true", help="with --use-distributed-optimizer")
+    g.add_argument("--overlap-param-gather", action="store_true", help="with --use-distributed-optimizer")
+    g.add_argument("--optimizer-cpu-offload", action="store_true", help="with --use-distributed-optimizer")
     return p
 
 
@@ -148,6 +157,10 @@ def parse_args(argv=None):
     _positive("--log-images-interval", args.log_images_interval, allow_none=True)
     if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
         raise ArgumentError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
+    if (args.overlap_grad_reduce or args.overlap_param_gather or args.optimizer_cpu_offload) \
+            and not args.use_distributed_optimizer:
+        raise ArgumentError("--overlap-grad-reduce / --overlap-param-gather / --optimizer-cpu-offload need "
+                            "--use-distributed-optimizer")
     if args.auto_resume and args.save is None:
         raise ArgumentError("--auto-resume needs --save DIR (where checkpoints are looked for)")
     if args.teacher_checkpoint is not None and not os.path.exists(args.teacher_checkpoint):
@@ -163,6 +176,9 @@ def parse_args(argv=None):
     if args.device not in (None, "cpu", "cuda"):
         raise ArgumentError(f"--device must be cpu or cuda, got {args.device!r}")
     device = args.device or ("cuda" if _cuda() else "cpu")
+    if args.use_distributed_optimizer and device != "cuda":
+        raise ArgumentError("--use-distributed-optimizer needs CUDA (megatron-core's DDP and distributed optimizer); "
+                            "without it the CPU path reduces gradients over DP x CP with the same semantics")
     if device == "cuda" and not _cuda():
         raise ArgumentError("--device cuda: no CUDA device is available")
 
@@ -212,7 +228,9 @@ def parse_args(argv=None):
         log_interval=args.log_interval, save=args.save, save_interval=args.save_interval, load=args.load,
         teacher_checkpoint=args.teacher_checkpoint, bf16=args.bf16, device=device, keep_last=args.keep_last,
         teacher_lr=args.teacher_lr, auto_resume=args.auto_resume, exit_duration_in_mins=args.exit_duration_in_mins,
-        max_consecutive_skipped_steps=args.max_consecutive_skipped_steps, log_images_interval=args.log_images_interval)
+        max_consecutive_skipped_steps=args.max_consecutive_skipped_steps, log_images_interval=args.log_images_interval,
+        use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload)
     return train, model_cfg, rcm_cfg, par
 
 

@@ -51,7 +51,9 @@ def _split_dims(model: nn.Module) -> dict:
 
 def model_sharded_state_dict(model: nn.Module, prefix: str) -> dict:
     dims = _split_dims(model)
-    return {n: _sharded(f"{prefix}.{n}", n, p.detach(), dims[n]) for n, p in model.named_parameters()}
+    # The Parameter itself (not a detached view): megatron-core's distributed optimizer maps its
+    # state to model tensors by object identity.
+    return {n: _sharded(f"{prefix}.{n}", n, p, dims[n]) for n, p in model.named_parameters()}
 
 
 def tensors_sharded_state_dict(tensors: dict, model: nn.Module, prefix: str) -> dict:

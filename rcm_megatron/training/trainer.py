@@ -139,6 +139,11 @@ class Trainer:
             self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=self.train.teacher_lr,
                                                  betas=(0.9, 0.99), weight_decay=self.rcm.weight_decay)
         self.opt_fake = build_optimizer(self.fake.parameters(), self.rcm, "fake_score") if self.fake else None
+        self.student_dp = self.fake_dp = None
+        if self.train.use_distributed_optimizer:
+            self._wrap_megatron_data_parallel(distill)
+        self.student_net = self.student_dp.net if self.student_dp else self.student
+        self.fake_net = self.fake_dp.net if self.fake_dp else self.fake
         self.ema = PowerEMA(self.student, self.rcm.ema_sigma_rel)
         self.uncond = self.dataset.negative_context.unsqueeze(0).to(dev)
         self.loader = None
@@ -158,6 +163,28 @@ class Trainer:
         c, t, h, w = self.dataset.latent_shape
         self.tokens = num_tokens(self.model_cfg, (c, t, h, w))
 
+    def _wrap_megatron_data_parallel(self, distill: bool) -> None:
+        """GPU: megatron-core DDP + distributed optimizer replace the plain AdamW path."""
+        from .megatron_dp import MegatronDP
+
+        if self.train.bf16:
+            self.student.to_dtype(torch.bfloat16)
+            if self.fake is not None:
+                self.fake.to_dtype(torch.bfloat16)
+        kw = dict(eps=self.rcm.adam_eps, weight_decay=self.rcm.weight_decay, clip_grad=self.rcm.grad_clip_norm,
+                  bf16=self.train.bf16, overlap_grad_reduce=self.train.overlap_grad_reduce,
+                  overlap_param_gather=self.train.overlap_param_gather, cpu_offload=self.train.optimizer_cpu_offload)
+        if distill:
+            self.student_dp = MegatronDP(self.student, self.model_cfg, self.par, lr=self.rcm.lr_student,
+                                         betas=self.rcm.adam_betas, **kw)
+        else:
+            self.student_dp = MegatronDP(self.student, self.model_cfg, self.par, lr=self.train.teacher_lr,
+                                         betas=(0.9, 0.99), **kw)
+        if self.fake is not None:
+            self.fake_dp = MegatronDP(self.fake, self.model_cfg, self.par, lr=self.rcm.lr_fake_score,
+                                      betas=self.rcm.adam_betas, **kw)
+        self.opt_student = self.opt_fake = None
+
     # ------------------------------------------------------------------ checkpoint state
     def _meta(self) -> dict:
         return {"format": "rcm-megatron-train", "version": CHECKPOINT_VERSION, "iteration": self.iteration,
@@ -166,21 +193,29 @@ class Trainer:
                 "method": self.rcm.mode if self.train.mode == "distill" else None,
                 "model_config": self.model_cfg.to_dict(), "rcm_config": self.rcm.to_dict(),
                 "teacher": self.teacher_meta, "world_size": world_size(),
+                "optimizer_format": "megatron-distributed" if self.student_dp else "torch-adamw",
                 "layout": {"tp": self.par.tensor_model_parallel_size, "cp": self.par.context_parallel_size,
                            "pp": self.par.pipeline_model_parallel_size, "dp": self.dp_size},
                 "data_position": {"iteration": self.iteration, "global_batch": self.global_batch,
                                   "seed": self.train.seed,
                                   "loader": self.loader.state_dict() if self.loader is not None else None}}
 
-    def sharded_state_dict(self, with_rng: bool = True) -> dict:
+    def _optimizer_sharded(self, model, opt, dp, prefix: str, is_loading: bool):
+        if dp is not None:
+            return dp.sharded_state_dict(ss.model_sharded_state_dict(model, prefix), is_loading=is_loading)
+        return ss.optimizer_sharded_state_dict(opt, model, f"opt_{prefix}")
+
+    def sharded_state_dict(self, with_rng: bool = True, is_loading: bool = False) -> dict:
         sd = {"meta": self._meta(),
               "student": ss.model_sharded_state_dict(self.student, "student"),
               "ema": ss.tensors_sharded_state_dict(self.ema.shadow, self.student, "ema"),
               "ema_meta": {"sigma_rel": self.ema.sigma_rel, "num_updates": self.ema.num_updates},
-              "opt_student": ss.optimizer_sharded_state_dict(self.opt_student, self.student, "opt_student")}
+              "opt_student": self._optimizer_sharded(self.student, self.opt_student, self.student_dp, "student",
+                                                     is_loading)}
         if self.fake is not None:
             sd["fake_score"] = ss.model_sharded_state_dict(self.fake, "fake_score")
-            sd["opt_fake_score"] = ss.optimizer_sharded_state_dict(self.opt_fake, self.fake, "opt_fake_score")
+            sd["opt_fake_score"] = self._optimizer_sharded(self.fake, self.opt_fake, self.fake_dp, "fake_score",
+                                                           is_loading)
         if with_rng:
             sd["rng"] = ss.rng_sharded_object("rng", {
                 "torch": torch.get_rng_state(),
@@ -190,16 +225,26 @@ class Trainer:
     def _load(self, path: str) -> None:
         meta = self.resume_meta
         same_world = meta.get("world_size") == world_size()
-        loaded = load_sharded(path, self.sharded_state_dict(with_rng=same_world))
+        fmt = "megatron-distributed" if self.student_dp else "torch-adamw"
+        if meta.get("optimizer_format", "torch-adamw") != fmt:
+            raise ArgumentError(f"--load {path}: optimizer state was saved as {meta.get('optimizer_format')}, this "
+                                f"run uses {fmt} (--use-distributed-optimizer must match the saving run)")
+        loaded = load_sharded(path, self.sharded_state_dict(with_rng=same_world, is_loading=True))
         ss.copy_loaded_into_model(self.student, loaded["student"])
         for name, t in loaded["ema"].items():
             if t.data_ptr() != self.ema.shadow[name].data_ptr():
                 self.ema.shadow[name].copy_(t)
         self.ema.num_updates = int(loaded["ema_meta"]["num_updates"])
-        ss.load_optimizer_state(self.opt_student, self.student, loaded["opt_student"])
+        if self.student_dp is not None:
+            self.student_dp.load_state_dict(loaded["opt_student"])
+        else:
+            ss.load_optimizer_state(self.opt_student, self.student, loaded["opt_student"])
         if self.fake is not None:
             ss.copy_loaded_into_model(self.fake, loaded["fake_score"])
-            ss.load_optimizer_state(self.opt_fake, self.fake, loaded["opt_fake_score"])
+            if self.fake_dp is not None:
+                self.fake_dp.load_state_dict(loaded["opt_fake_score"])
+            else:
+                ss.load_optimizer_state(self.opt_fake, self.fake, loaded["opt_fake_score"])
         if same_world and loaded.get("rng") is not None:
             torch.set_rng_state(loaded["rng"]["torch"])
         self.iteration, self.student_steps = int(meta["iteration"]), int(meta["student_steps"])
@@ -261,24 +306,29 @@ class Trainer:
         ph = phase(self.rcm, it) if distill else None
         trained = self.student if (not distill or ph.is_student) else self.fake
         opt = self.opt_student if trained is self.student else self.opt_fake
-        opt.zero_grad(set_to_none=True)
+        dp = self.student_dp if trained is self.student else self.fake_dp
+        if dp is not None:
+            dp.zero_grad()
+        else:
+            opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         t0 = time.perf_counter()
         first = None
         for batch in self._micro_batches(it):
             first = batch if first is None else first
-            with self._autocast():
+            with self._autocast(), (dp.accumulate() if dp is not None else contextlib.nullcontext()):
                 if not distill:
-                    loss, _ = flow_matching_loss(self.student, batch.x0, batch.context, batch.uncond_context,
+                    loss, _ = flow_matching_loss(self.student_net, batch.x0, batch.context, batch.uncond_context,
                                                  batch.indices, self.train.seed, it)
                     loss = loss / self.global_batch
                     loss.backward()
                     out = {"loss_flow_matching": loss.detach()}
                 elif ph.is_student:
-                    out = student_step(self.rcm, self.teacher, self.student, self.fake, batch, it,
+                    out = student_step(self.rcm, self.teacher, self.student_net, self.fake_net, batch, it,
                                        loss_normalizer=self.global_batch, phase=ph)
                 else:
-                    out = critic_step(self.rcm, self.student, self.fake, batch, it, loss_normalizer=self.global_batch)
+                    out = critic_step(self.rcm, self.student_net, self.fake_net, batch, it,
+                                      loss_normalizer=self.global_batch)
             for k, v in out.items():
                 w = 1.0 if k.startswith("loss") else 1.0 / (self.num_micro * self.dp_size)
                 totals[k] = totals.get(k, 0.0) + float(v) * w
@@ -287,12 +337,18 @@ class Trainer:
             buf = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self._comm_device())
             dist.all_reduce(buf, group=self.dp_group)
             totals = dict(zip(keys, buf.cpu().tolist()))
-        grad_norm = self._reduce_and_norm(trained)
         record = {"iteration": it + 1, "phase": "teacher" if not distill else ph.model}
-        if torch.isfinite(grad_norm):
-            if distill:
-                clip_gradients(trained.parameters(), self.rcm)
-            opt.step()
+        if dp is not None:
+            stepped, grad_norm = dp.step()
+            grad_norm = torch.tensor(grad_norm)
+        else:
+            grad_norm = self._reduce_and_norm(trained)
+            stepped = bool(torch.isfinite(grad_norm))
+            if stepped:
+                if distill:
+                    clip_gradients(trained.parameters(), self.rcm)
+                opt.step()
+        if stepped:
             self.consecutive_skips = 0
             if trained is self.student:
                 record["ema_beta"] = self.ema.update(self.student)
@@ -300,7 +356,10 @@ class Trainer:
         else:
             self.skipped_steps += 1
             self.consecutive_skips += 1
-            opt.zero_grad(set_to_none=True)
+            if dp is not None:
+                dp.zero_grad()
+            else:
+                opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
         losses = {k: v for k, v in totals.items() if k.startswith("loss")}
         record.update(losses)
@@ -309,7 +368,7 @@ class Trainer:
         flops = phase_flops(self.model_cfg, self.tokens, self.dataset.text_len,
                             "teacher" if not distill else ph, self.rcm.rollout_max_steps,
                             self.rcm.rollout_random_steps)["total"] * self.global_batch
-        record.update({"grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+        record.update({"grad_norm": float(grad_norm), "lr": dp.lr if dp is not None else opt.param_groups[0]["lr"],
                        "samples_per_sec": self.global_batch / max(elapsed, 1e-9),
                        "skipped_steps": self.skipped_steps, "student_steps": self.student_steps})
         record.update(throughput_metrics(flops, elapsed, world_size(), tokens=self.tokens * self.global_batch))
