@@ -109,7 +109,25 @@ class MegatronDP:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def _ensure_state(self) -> None:
+        """Materialize AdamW state (zeros, step 0) so a fresh optimizer has tensors to load into.
+
+        megatron-core's DistributedOptimizer.state_dict() reads every parameter's ``step``
+        when neither Apex nor Transformer Engine is installed; before the first step there is
+        none, so loading a checkpoint into a fresh run needs this (found on 2 H100s).
+        """
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = opt.optimizer
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    st = inner.state[p]
+                    if not st:
+                        st["step"] = torch.zeros((), dtype=torch.float32)
+                        st["exp_avg"] = torch.zeros_like(p.data)
+                        st["exp_avg_sq"] = torch.zeros_like(p.data)
+
     def sharded_state_dict(self, model_sharded: dict, is_loading: bool = False) -> dict:
+        self._ensure_state()
         return self.optimizer.sharded_state_dict(model_sharded, is_loading=is_loading,
                                                  metadata={"distrib_optim_sharding_type": "fully_reshardable"})
 
