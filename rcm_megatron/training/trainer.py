@@ -27,7 +27,8 @@ from ..parallel.config import ParallelConfig
 from ..parallel.initialize import initialize_distributed, rank as global_rank, world_size
 from ..parallel.sharding import load_full_state_dict
 from ..parallel.tensor_parallel import validate_tp
-from ..rcm import Batch, PowerEMA, RCMConfig, build_optimizer, clip_gradients, critic_step, phase, student_step
+from ..rcm import (Batch, PowerEMA, RCMConfig, build_optimizer, clip_gradients, critic_step, phase, sample,
+                   student_step)
 from . import sharded_state as ss
 from .arguments import ArgumentError, TrainingConfig, check_data_against_model
 from .checkpoint import CheckpointError, CheckpointManager, checkpoint_path, latest_iteration, load_sharded, read_common
@@ -377,8 +378,23 @@ class Trainer:
         if self.loader is not None:
             record["bad_samples"] = self.loader.bad_samples
         if self.train.log_images_interval and (it + 1) % self.train.log_images_interval == 0 and first is not None:
-            self.logger.add_image("latents/data", latent_grid(first.x0.float().cpu()), it + 1)
+            self._log_samples(first, it + 1)
         return record
+
+    @torch.no_grad()
+    def _log_samples(self, batch: Batch, iteration: int) -> None:
+        """TensorBoard grids: the data, and few-step samples of the student (EMA weights are
+        evaluated by tools/evaluate.py; here the live student shows training progress)."""
+        n = min(4, batch.x0.shape[0])
+        self.logger.add_image("samples/data", latent_grid(batch.x0[:n].float().cpu()), iteration)
+        if self.train.mode != "distill":
+            return
+        with self._autocast():
+            for steps in sorted({1, min(4, self.rcm.rollout_max_steps)}):
+                x = sample(self.student_net, batch.context[:n], batch.latent_shape, batch.indices[:n],
+                           seed=self.train.seed, num_steps=steps, mid_times=self.rcm.sample_mid_times,
+                           sigma_max=self.rcm.sample_sigma_max, stream="tensorboard")
+                self.logger.add_image(f"samples/student_{steps}step", latent_grid(x.float().cpu()), iteration)
 
     def _comm_device(self):
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
