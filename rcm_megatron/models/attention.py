@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..kernels import attention, attention_with_tangent
 from ..parallel import state
+from ..parallel.context_parallel import chunk_length, context_parallel_attention
 from ..parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, mark_tensor_parallel,
                                         replicated_input, tensor_parallel_input)
 from .layers import rms_norm_across_heads
@@ -61,11 +62,16 @@ class _Attention(nn.Module):
         return o.flatten(-2), None if to is None else to.flatten(-2)
 
 
+def _flat(o, to):
+    return o.flatten(-2), None if to is None else to.flatten(-2)
+
+
 class SelfAttention(_Attention):
     def forward(self, x, tx, rope, seq_len: int | None = None):
-        """x [B, S, D] (under sequence parallelism this rank's token shard; seq_len = S real tokens)."""
+        """x [B, S, D] (this rank's context-parallel chunk / sequence-parallel shard of the tokens;
+        seq_len = S real tokens of the whole sequence); rope: cos, sin of x's positions."""
         cos, sin = rope
-        x, tx = tensor_parallel_input(x, tx, seq_len)
+        x, tx = tensor_parallel_input(x, tx, chunk_length(seq_len))
         q, tq = self.norm_q(*self.to_q(x, tx))
         k, tk = self.norm_k(*self.to_k(x, tx))
         v, tv = self.to_v(x, tx)
@@ -73,7 +79,7 @@ class SelfAttention(_Attention):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if tq is not None:
             tq, tk = apply_rope(tq, cos, sin), apply_rope(tk, cos, sin)
-        o, to = self._attend(q, k, v, tq, tk, tv)
+        o, to = _flat(*context_parallel_attention(q, k, v, tq, tk, tv, seq_len=seq_len))
         return self.to_out(o, to)
 
 
@@ -81,7 +87,7 @@ class CrossAttention(_Attention):
     """Queries from the video tokens, keys/values from the text (which has no tangent)."""
 
     def forward(self, x, tx, context, seq_len: int | None = None):
-        x, tx = tensor_parallel_input(x, tx, seq_len)
+        x, tx = tensor_parallel_input(x, tx, chunk_length(seq_len))
         context = replicated_input(context)
         q, tq = self.norm_q(*self.to_q(x, tx))
         k, _ = self.norm_k(*self.to_k(context))

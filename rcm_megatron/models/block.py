@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..parallel.context_parallel import chunk_length
 from ..parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, grad_sum_over_sequence_shards,
                                         tensor_parallel_input)
 from .attention import CrossAttention, SelfAttention
@@ -23,7 +24,7 @@ class FeedForward(nn.Module):
         self.fc2 = RowParallelLinear(ffn_hidden_size, hidden_size)
 
     def forward(self, x, tx=None, seq_len: int | None = None):
-        x, tx = tensor_parallel_input(x, tx, seq_len)
+        x, tx = tensor_parallel_input(x, tx, chunk_length(seq_len))
         return self.fc2(*gelu_tanh(*self.fc1(x, tx)))
 
 
@@ -42,7 +43,8 @@ class WanBlock(nn.Module):
     def forward(self, x, tx, tproj, ttproj, context, rope, seq_len: int | None = None):
         """x [B,S,D]; tproj [B,6,D] (time projection, fp32) and its tangent; context [B,L,D].
 
-        Under sequence parallelism x is this rank's token shard and seq_len the real length.
+        Under context / sequence parallelism x is this rank's chunk / shard of the tokens and
+        seq_len the real length of the whole sequence.
         """
         mod = grad_sum_over_sequence_shards(self.scale_shift_table.to(tproj.dtype) + tproj)
         shift, scale, gate, c_shift, c_scale, c_gate = mod.unsqueeze(2).unbind(1)

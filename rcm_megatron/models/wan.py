@@ -9,10 +9,13 @@ own the embeddings, ``post_process`` stages own the head (megatron-core's GPTMod
 convention). Parallel communication lives in ``parallel/``; this file only says what the
 network computes.
 
-Under sequence parallelism the token stream is sharded along the sequence over the
-tensor-parallel group from the patch embedding to the head's projection (``StageState.x``
-holds this rank's ceil(S/tp) tokens, zero-padded at the end); the output is gathered and
-replicated on every rank.
+Under context parallelism the flattened token sequence is split over the CP group after the
+patch embedding (``StageState.x`` holds this rank's chunk of ceil(S/cp) tokens, zero-padded
+at the end; RoPE takes the chunk's positions) and gathered after the head's projection.
+Under sequence parallelism the chunk is sharded further over the tensor-parallel group
+(ceil(chunk/tp) tokens per rank). The output is replicated on every rank; parameter
+gradients are partial over CP (own tokens) and summed over DP x CP by the trainer (see
+``parallel/context_parallel.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..parallel import context_parallel as cp
 from ..parallel import state as parallel_state
 from ..parallel.tensor_parallel import (grad_sum_over_sequence_shards, linear_with_tangent, shard_sequence,
                                         unshard_sequence, validate_tp)
@@ -51,7 +55,7 @@ class StageState:
 
     @property
     def seq_len(self) -> int:
-        """Number of real tokens (x may hold a padded sequence-parallel shard of them)."""
+        """Number of real tokens (x may hold a padded context- / sequence-parallel shard of them)."""
         f, h, w = self.grid
         return f * h * w
 
@@ -61,6 +65,7 @@ class WanDiT(nn.Module):
                  layer_range: tuple[int, int] | None = None):
         super().__init__()
         validate_tp(config, parallel_state.tensor_parallel_world_size())
+        cp.validate_current_layout(config)
         self.config = config
         self.pre_process, self.post_process = pre_process, post_process
         first, last = layer_range if layer_range is not None else (0, config.num_layers)
@@ -129,7 +134,7 @@ class WanDiT(nn.Module):
         c = self.config
         pt, ph, pw = c.patch_size
         grid = (latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
-        x, tx = shard_sequence(*self.patch_embedding(latents, t_latents))
+        x, tx = shard_sequence(*cp.split_sequence(*self.patch_embedding(latents, t_latents)))
         temb, ttemb, tproj, ttproj = self.time_embedding(timestep, t_timestep)
         ctx = self.text_embedding(context.to(self.text_embedding.linear_1.weight.dtype))
         return StageState(x, tx, temb, ttemb, tproj, ttproj, ctx, grid)
@@ -142,7 +147,8 @@ class WanDiT(nn.Module):
     def run_blocks(self, state: StageState) -> StageState:
         c = self.config
         rope = rope_cos_sin(state.grid, c.head_dim, c.rope_max_seq_len, c.rope_theta, device=state.x.device,
-                            dtype=torch.float64 if state.x.dtype == torch.float64 else torch.float32)
+                            dtype=torch.float64 if state.x.dtype == torch.float64 else torch.float32,
+                            token_range=cp.token_range(state.seq_len))
         for block in self.blocks.values():
             state.x, state.tx = block(state.x, state.tx, state.tproj, state.ttproj, state.context, rope,
                                       state.seq_len)
@@ -161,7 +167,8 @@ class WanDiT(nn.Module):
         th = None if th is None else th.to(state.x.dtype)
         y, ty = linear_with_tangent(h, th, grad_sum_over_sequence_shards(self.proj_out.weight),
                                     grad_sum_over_sequence_shards(self.proj_out.bias))
-        y, ty = unshard_sequence(y, ty, state.seq_len)
+        y, ty = unshard_sequence(y, ty, cp.chunk_length(state.seq_len))
+        y, ty = cp.gather_sequence(y, ty, state.seq_len)
         return self._unpatchify(y, state.grid, out_shape), None if ty is None else self._unpatchify(ty, state.grid, out_shape)
 
     def _unpatchify(self, y, grid, out_shape):

@@ -29,8 +29,28 @@ class ParallelConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.cp_comm_type not in CP_COMM_TYPES:
             raise ValueError(f"--cp-comm-type must be one of {CP_COMM_TYPES}, got {self.cp_comm_type!r}")
+        self._check_hierarchical_cp()
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             self.sequence_parallel = False  # Megatron-LM does the same: SP is meaningless at TP = 1
+
+    def _check_hierarchical_cp(self):
+        sizes = self.hierarchical_context_parallel_sizes
+        if sizes is not None:
+            sizes = [int(s) for s in sizes]
+            if len(sizes) != 2 or min(sizes) < 1:
+                raise ValueError(f"--hierarchical-context-parallel-sizes takes two positive integers A B "
+                                 f"(all-to-all inside groups of A ranks, ring across B), got {sizes}")
+            if self.cp_comm_type != "a2a+p2p":
+                raise ValueError(f"--hierarchical-context-parallel-sizes is used only with --cp-comm-type "
+                                 f"a2a+p2p, not {self.cp_comm_type}")
+            if sizes[0] * sizes[1] != self.context_parallel_size:
+                raise ValueError(f"--hierarchical-context-parallel-sizes {sizes[0]} {sizes[1]} must multiply to "
+                                 f"--context-parallel-size {self.context_parallel_size}")
+            self.hierarchical_context_parallel_sizes = sizes
+        elif self.cp_comm_type == "a2a+p2p" and self.context_parallel_size > 1:
+            raise ValueError(f"--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes A B with "
+                             f"A x B = --context-parallel-size {self.context_parallel_size} (all-to-all inside "
+                             "groups of A ranks, ring across B)")
 
     @property
     def model_parallel_size(self) -> int:

@@ -58,6 +58,7 @@ def initialize_distributed(cfg: ParallelConfig, timeout_minutes: int = 30) -> No
             order="tp-cp-ep-dp-pp",  # expert parallel size 1: the tp-cp-dp-pp order of DESIGN.md
         )
     state.set_sequence_parallel(cfg.sequence_parallel)
+    state.set_context_parallel_comm_type(cfg.cp_comm_type)
 
 
 def destroy_distributed() -> None:
@@ -67,3 +68,4 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
     state.set_sequence_parallel(False)
+    state.set_context_parallel_comm_type("p2p")
