@@ -299,13 +299,23 @@ def _q_blocks(q, nk):
     return range(0, q.shape[1], rows), rows
 
 
+_flash_failed: list[str] = []
+
+
 def _chunk_forward(q, k, v, scale):
-    """Attention of q to one key chunk: (out [B,Sq,H,D] in accumulation precision, lse [B,H,Sq],
-    what the backward needs)."""
-    if _use_flash(q):
-        r = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, False, scale=scale)
-        return r[0].transpose(1, 2), r[1][..., :q.shape[1]], tuple(r[2:8])
+    """Attention of q to one key chunk: (out [B,Sq,H,D], lse [B,H,Sq], what the backward needs:
+    FlashAttention's auxiliary outputs, or None for the plain-math path)."""
+    if _use_flash(q) and not _flash_failed:
+        try:
+            r = torch.ops.aten._scaled_dot_product_flash_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, False, scale=scale)
+            return r[0].transpose(1, 2), r[1][..., :q.shape[1]], tuple(r[2:8])
+        except RuntimeError as e:  # an unsupported build or shape: plain math from now on, said once
+            import warnings
+
+            _flash_failed.append(str(e))
+            warnings.warn(f"ring attention: FlashAttention per chunk failed ({e}); using plain math in query blocks",
+                          stacklevel=2)
     ad = _acc(q)
     starts, rows = _q_blocks(q, k.shape[1])
     outs, lses = [], []
