@@ -1,5 +1,11 @@
-"""Name and layout maps between our checkpoints and diffusers / original Wan formats."""
+"""Name and layout maps between our checkpoints and diffusers / original Wan formats.
 
-from .diffusers_wan import config_from_diffusers, diffusers_to_ours, load_diffusers_wan, ours_to_diffusers
+- ``diffusers_wan``: diffusers ``WanTransformer3DModel`` <-> ours (``NAME_MAP``, ``load_diffusers_wan``)
+- ``wan_original``: original Wan2.1 ``WanModel`` names -> diffusers (``ORIGINAL_TO_DIFFUSERS``)
+- ``readers`` / ``checkpoints`` / ``loading``: streaming sources, our dist checkpoints, building a model
+- ``export``: any source -> a diffusers folder
+"""
 
-__all__ = ["config_from_diffusers", "diffusers_to_ours", "load_diffusers_wan", "ours_to_diffusers"]
+from .diffusers_wan import config_from_diffusers, diffusers_config, diffusers_to_ours, load_diffusers_wan, ours_to_diffusers
+
+__all__ = ["config_from_diffusers", "diffusers_config", "diffusers_to_ours", "load_diffusers_wan", "ours_to_diffusers"]

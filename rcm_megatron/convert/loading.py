@@ -1,0 +1,117 @@
+"""Open any model source by path and build a ``WanDiT`` from it at the current parallel layout.
+
+``open_source(path)`` recognizes our checkpoints (a ``--save`` root or an ``iter_NNNNNNN``
+folder), diffusers folders (transformer or pipeline), original Wan2.1 checkpoints and our
+single-file model files. ``load_model(source)`` builds the model on the meta device, allocates
+it and fills it: from our checkpoints through megatron-core (each rank reads its TP shards),
+from the others tensor by tensor (each rank slices its shard), never holding a full copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..models.config import WanConfig
+from ..models.wan import WanDiT
+from ..parallel import state as pstate
+from ..parallel.sharding import shard_tensor
+from .checkpoints import CheckpointSource, is_checkpoint_dir, load_into_model
+from .readers import ConversionError, DiffusersSource, StateDictSource, TensorSource, WanOriginalSource
+
+MODEL_FILE_FORMAT = "rcm-megatron-model"  # training/checkpoint.py save_model_file
+
+
+def _is_original_wan_dir(path: str) -> bool:
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    try:
+        with open(cfg) as f:
+            return json.load(f).get("_class_name") == "WanModel"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def open_source(path: str, kind: str | None = None, weights: str | None = None, iteration: int | None = None,
+                config: WanConfig | dict | None = None, num_heads: int | None = None) -> TensorSource:
+    """A TensorSource for ``path``; ``kind`` in (None: detect, 'checkpoint', 'diffusers', 'wan')."""
+    if kind is None:
+        if os.path.isdir(path):
+            kind = ("checkpoint" if is_checkpoint_dir(path) else "wan" if _is_original_wan_dir(path) else "diffusers")
+        elif os.path.isfile(path):
+            kind = "file"
+        else:
+            raise ConversionError(f"{path}: no such file or directory")
+    if kind == "checkpoint":
+        return CheckpointSource(path, weights, iteration)
+    if kind == "diffusers":
+        return DiffusersSource(path)
+    if kind == "wan":
+        return WanOriginalSource(path, config=config, num_heads=num_heads)
+    if kind == "file":
+        if path.endswith(".safetensors"):
+            return WanOriginalSource(path, config=config, num_heads=num_heads)
+        blob = None
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:  # noqa: BLE001 - maybe not a zip file; WanOriginalSource says what is wrong
+            pass
+        if isinstance(blob, dict) and blob.get("format") == MODEL_FILE_FORMAT:
+            return StateDictSource(WanConfig.from_dict(blob["config"]), blob["model"],
+                                   {"source": os.path.abspath(path), "format": MODEL_FILE_FORMAT, **blob.get("meta", {})},
+                                   what=f"model file {path}")
+        del blob
+        return WanOriginalSource(path, config=config, num_heads=num_heads)
+    raise ValueError(f"kind {kind!r}: expected checkpoint, diffusers, wan or file")
+
+
+def build_empty_model(cfg: WanConfig, device="cpu", **kwargs) -> WanDiT:
+    """A WanDiT at the current TP layout with uninitialized storage (no random init of 14B parameters)."""
+    with torch.device("meta"):
+        model = WanDiT(cfg, **kwargs)
+    attrs = {n: dict(p.__dict__) for n, p in model.named_parameters()}  # tp_split_dim etc.
+    model.to_empty(device=device)
+    for n, p in model.named_parameters():
+        p.__dict__.update(attrs[n])
+    return model
+
+
+@torch.no_grad()
+def load_model(source: TensorSource, device="cpu", dtype: torch.dtype | None = None, **kwargs) -> WanDiT:
+    """Eval-mode WanDiT (no grad) holding ``source``'s weights, sharded for this rank."""
+    model = build_empty_model(source.config, device, **kwargs)
+    if isinstance(source, CheckpointSource):
+        load_into_model(model, source)
+    else:
+        source.check()
+        rank, size = pstate.tensor_parallel_rank(), pstate.tensor_parallel_world_size()
+        for name, p in model.named_parameters():
+            full = source.read(name)
+            p.copy_(shard_tensor(full, getattr(p, "tp_split_dim", None), rank, size))
+            del full
+    model.requires_grad_(False).eval()
+    if dtype is not None and dtype != torch.float32:
+        model = model.to(dtype) if dtype == torch.float64 else model.to_dtype(dtype)
+    return model
+
+
+def read_full_state_dict(source: TensorSource) -> dict:
+    """Every tensor of ``source`` in memory (the trainer's teacher path); checked first."""
+    source.check()
+    if isinstance(source, CheckpointSource):
+        return source.read_many(list(source.tensors))
+    return {n: source.read(n) for n in source.tensors}
+
+
+def describe(source: TensorSource) -> str:
+    c = source.config
+    n = sum(i.nbytes // i.dtype.itemsize for i in source.tensors.values())
+    return (f"{source.what}: {n / 1e9:.3f}B parameters, {c.num_layers} layers, width {c.hidden_size}, "
+            f"{c.num_attention_heads} heads, ffn {c.ffn_hidden_size}, in/out channels {c.in_channels}/{c.out_channels}, "
+            f"text dim {c.text_dim}")
+
+
+__all__ = ["ConversionError", "build_empty_model", "describe", "load_model", "open_source", "read_full_state_dict"]

@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Convert Wan2.1 DiT weights between Hugging Face diffusers, original Wan2.1 and rcm-megatron checkpoints.
+
+    # a teacher into our distributed checkpoint (loads at any TP/CP/PP layout)
+    python tools/convert_checkpoint.py import --hf-dir Wan2.1-T2V-14B-Diffusers/transformer --save ckpt/wan14b
+    python tools/convert_checkpoint.py import --wan-pth Wan2.1-T2V-1.3B/ --save ckpt/wan1.3b     # original layout
+    torchrun ... pretrain_rcm.py --teacher-checkpoint ckpt/wan14b ...                            # no --model needed
+
+    # a distilled student back to diffusers (WanTransformer3DModel.from_pretrained(OUT) loads it)
+    python tools/convert_checkpoint.py export --load runs/x/checkpoints --out student-diffusers --ema --dtype bf16
+
+    python tools/convert_checkpoint.py info PATH       # architecture and weights of any source
+
+Everything is streamed tensor by tensor (import) or output shard by output shard (export);
+the last line reports the process's peak RSS. Exit code 2 on bad input (a wrong folder, an
+architecture mismatch, missing or unexpected keys: the message lists them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROG = "convert_checkpoint.py"
+
+
+class UsageError(Exception):
+    pass
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+def _progress(label: str, every: float = 10.0):
+    start, last = time.time(), [0.0]
+
+    def report(done: int, total: int, what: str):
+        now = time.time()
+        if done == total or now - last[0] >= every:
+            last[0] = now
+            print(f"{label}: {done}/{total} ({what}), {now - start:.0f} s, peak RSS {peak_rss_gb():.2f} GB", flush=True)
+
+    return report
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    imp = sub.add_parser("import", help="diffusers folder or original Wan2.1 checkpoint -> our distributed checkpoint")
+    src = imp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf-dir", help="diffusers WanTransformer3DModel folder (or a pipeline folder with transformer/)")
+    src.add_argument("--wan-pth", help="original Wan2.1 checkpoint: .pth/.pt, single .safetensors, or the release "
+                                       "folder (config.json with _class_name WanModel + safetensors shards)")
+    imp.add_argument("--save", required=True, help="checkpoint directory to write (iter_0000000/ + marker)")
+    imp.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "keep"),
+                     help="stored dtype (default fp32, the training master dtype; keep: as in the source)")
+    imp.add_argument("--config", help="architecture for a bare .pth: a config.json (original, diffusers or ours)")
+    imp.add_argument("--num-heads", type=int, help="attention heads for a bare .pth (default: width / 128)")
+    imp.add_argument("--overwrite", action="store_true", help="replace a converted model already in --save")
+
+    exp = sub.add_parser("export", help="our checkpoint (any layout) -> diffusers WanTransformer3DModel folder")
+    exp.add_argument("--load", required=True, help="our checkpoint directory (training --save or import output), "
+                                                   "or any source open_source reads")
+    exp.add_argument("--out", required=True, help="diffusers folder to write")
+    w = exp.add_mutually_exclusive_group()
+    w.add_argument("--ema", action="store_true", help="export the power-EMA weights (default: the raw student)")
+    w.add_argument("--weights", choices=("student", "ema", "fake_score", "model"),
+                   help="which model of the checkpoint (default: student, or the model of an imported checkpoint)")
+    exp.add_argument("--iteration", type=int, help="checkpoint iteration (default: the latest committed)")
+    exp.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "keep"),
+                     help="weights dtype (default fp32: exact; bf16 keeps diffusers' fp32 modules in fp32)")
+    exp.add_argument("--max-shard-size", default="5GB", help="split the safetensors above this size (default 5GB)")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    info = sub.add_parser("info", help="print the architecture and weights of a source")
+    info.add_argument("path")
+    return p
+
+
+def cmd_import(args) -> int:
+    from rcm_megatron.convert.checkpoints import write_model_checkpoint
+    from rcm_megatron.convert.loading import describe, open_source
+    from rcm_megatron.convert.readers import parse_dtype, read_config_file
+
+    if args.hf_dir is not None and (args.config is not None or args.num_heads is not None):
+        raise UsageError("--config / --num-heads apply to --wan-pth only (a diffusers folder has its config.json)")
+    config = read_config_file(args.config) if args.config else None
+    if args.hf_dir is not None:
+        src = open_source(args.hf_dir, kind="diffusers")
+    else:
+        src = open_source(args.wan_pth, kind="wan" if os.path.isdir(args.wan_pth) else "file", config=config,
+                          num_heads=args.num_heads)
+    with src:
+        print(describe(src), flush=True)
+        path = write_model_checkpoint(args.save, src, parse_dtype(args.dtype), overwrite=args.overwrite,
+                                      progress=_progress("import"))
+    print(f"wrote {path} (model checkpoint, {args.dtype}); use it as --teacher-checkpoint {args.save}; "
+          f"peak RSS {peak_rss_gb():.2f} GB", flush=True)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from rcm_megatron.convert.checkpoints import CheckpointSource, choose_weights, inspect_checkpoint, is_checkpoint_dir
+    from rcm_megatron.convert.export import export_diffusers
+    from rcm_megatron.convert.loading import describe, open_source
+    from rcm_megatron.convert.readers import parse_dtype, parse_size
+
+    weights = "ema" if args.ema else args.weights
+    if is_checkpoint_dir(args.load):
+        info = inspect_checkpoint(args.load, args.iteration)
+        weights = choose_weights(info, weights, order=("student", "model"))
+        src = CheckpointSource(args.load, weights, args.iteration)
+    else:
+        if weights is not None or args.iteration is not None:
+            raise UsageError(f"--load {args.load} is not an rcm-megatron checkpoint directory; --ema/--weights/"
+                             "--iteration select from one")
+        src = open_source(args.load)
+    with src:
+        print(describe(src), flush=True)
+        summary = export_diffusers(src, args.out, parse_dtype(args.dtype), parse_size(args.max_shard_size),
+                                   overwrite=args.overwrite, progress=_progress("export", every=0.0))
+    print(f"wrote {args.out}: {len(summary['files'])} safetensors file(s), {summary['tensors']} tensors, "
+          f"{summary['bytes'] / 1e9:.3f} GB ({args.dtype}); peak RSS {peak_rss_gb():.2f} GB", flush=True)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from rcm_megatron.convert.checkpoints import inspect_checkpoint, is_checkpoint_dir
+    from rcm_megatron.convert.loading import describe, open_source
+
+    if is_checkpoint_dir(args.path):
+        info = inspect_checkpoint(args.path)
+        print(f"{info.path}: {info.kind} checkpoint, iteration {info.iteration}, weights {info.weights}")
+    with open_source(args.path) as src:
+        print(describe(src))
+        src.check()
+        print(f"config: {src.config.to_dict()}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from rcm_megatron.convert.readers import ConversionError
+    from rcm_megatron.training.checkpoint import CheckpointError
+
+    try:
+        return {"import": cmd_import, "export": cmd_export, "info": cmd_info}[args.command](args)
+    except (UsageError, ConversionError, CheckpointError, FileNotFoundError, FileExistsError, KeyError,
+            ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
