@@ -76,6 +76,9 @@ PRESETS: dict[str, WanConfig] = {
     # CPU-friendly: 2 blocks, head dim 32, small text dim; same structure as the real models.
     "tiny": WanConfig(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4,
                       in_channels=16, out_channels=16, text_dim=64),
+    # The tiny model with 4 blocks: pipeline-parallel tests split it into 2 or 4 stages.
+    "tiny-4l": WanConfig(num_layers=4, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4,
+                         in_channels=16, out_channels=16, text_dim=64),
     # The built-in toy video task (--data toy, rcm_megatron/data/toy.py): 4-channel 4x8x8 latents,
     # 32-wide class embeddings; 4 blocks of width 128, ~1M parameters (assets/toy_teacher.pt).
     "toy": WanConfig(num_layers=4, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4,
