@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from distributed_utils import run_distributed
+from test_tensor_parallel import _inputs, _loss, _oracle_state, rel
 from rcm_megatron.models import WanDiT, preset
 from rcm_megatron.parallel.config import ParallelConfig
 
@@ -22,32 +23,6 @@ D = torch.float64
 # (latent shape, text length): 18 tokens (3 frames, batch 2), 15 tokens (1 frame), 5 tokens (1 frame).
 CASES = [((2, 16, 3, 4, 6), 7), ((1, 16, 1, 6, 10), 5), ((1, 16, 1, 2, 10), 3)]
 TOL = {"fp64": 1e-10, "fp32": 2e-5}
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def _inputs(shape, text_len, seed):
-    g = torch.Generator().manual_seed(seed)
-    b = shape[0]
-    return dict(x=torch.randn(shape, generator=g, dtype=D), t=torch.rand(b, generator=g, dtype=D) * 1000,
-                ctx=torch.randn(b, text_len, 64, generator=g, dtype=D), tx=torch.randn(shape, generator=g, dtype=D),
-                tt=torch.randn(b, generator=g, dtype=D), target=torch.randn(shape, generator=g, dtype=D))
-
-
-def _loss(y, target):
-    return ((y - target) ** 2).sum()
-
-
-def _state():
-    """The tiny model with every parameter perturbed off its init (norm weights, biases, tables)."""
-    model = WanDiT(preset("tiny")).double()
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=D))
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def _passes(model, c):
@@ -62,7 +37,7 @@ def _passes(model, c):
 
 @pytest.fixture(scope="module")
 def oracle():
-    state = _state()
+    state = _oracle_state()  # the tiny model with every parameter perturbed off its init
     refs = {}
     for dtype, name in ((D, "fp64"), (torch.float32, "fp32")):
         model = WanDiT(preset("tiny")).to(dtype)

@@ -208,34 +208,25 @@ def _heads_to_seq(buf: torch.Tensor, group) -> torch.Tensor:
     return recv.permute(1, 2, 3, 0, 4, 5).reshape(n, b, s, p * h, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """Sequence chunks -> head groups (``to_heads``) or back; backward: the other direction."""
+
     @staticmethod
-    def forward(ctx, buf, group):
-        ctx.group = group
-        return _seq_to_heads(buf, group)
+    def forward(ctx, buf, group, to_heads: bool):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(buf, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _heads_to_seq(g.contiguous(), ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, buf, group):
-        ctx.group = group
-        return _heads_to_seq(buf, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_to_heads(g.contiguous(), ctx.group), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(g.contiguous(), ctx.group), None, None
 
 
 def _to_heads(tensors, group):
-    return _SeqToHeads.apply(torch.stack(tensors), group).unbind(0)
+    return _AllToAll.apply(torch.stack(tensors), group, True).unbind(0)
 
 
 def _to_sequence(tensors, group):
-    return _HeadsToSeq.apply(torch.stack(tensors), group).unbind(0)
+    return _AllToAll.apply(torch.stack(tensors), group, False).unbind(0)
 
 
 # ------------------------------------------------------------------ ring communication

@@ -122,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--context-parallel-size", type=int, default=1)
-    g.add_argument("--cp-comm-type", choices=CP_COMM_TYPES, default="p2p")
+    g.add_argument("--cp-comm-type", choices=CP_COMM_TYPES, default="p2p",
+                   help="context-parallel attention: a2a (Ulysses; heads/TP divisible by CP), p2p (ring; any "
+                        "CP size) or a2a+p2p (a2a inside groups of A ranks, ring across B)")
+    g.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs=2, metavar=("A", "B"), default=None,
+                   help="with --cp-comm-type a2a+p2p: all-to-all size A x ring size B = --context-parallel-size")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="GPU: megatron-core DDP + distributed optimizer (fp32 main params sharded over DP)")
@@ -192,6 +196,7 @@ def parse_args(argv=None):
         par = ParallelConfig(
             tensor_model_parallel_size=args.tensor_model_parallel_size, sequence_parallel=args.sequence_parallel,
             context_parallel_size=args.context_parallel_size, cp_comm_type=args.cp_comm_type,
+            hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
             micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size)
         world = int(os.environ.get("WORLD_SIZE", "1"))
