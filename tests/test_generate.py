@@ -103,20 +103,23 @@ def _generate_rank(argv):
     return gen.main(argv)
 
 
-def test_generate_tp2_from_checkpoint_matches_tp1(assets, tmp_path):
+def test_generate_tp2_cp2_from_checkpoint_matches_tp1(assets, tmp_path):
+    """4 ranks: TP 2 (+ sequence parallel) x CP 2 (ring attention), the student read from an imported checkpoint."""
     cc = load_tool("convert_checkpoint")
     ck = str(tmp_path / "ck")
     assert cc.main(["import", "--hf-dir", str(assets / "student"), "--save", ck]) == 0
-    one, two = tmp_path / "tp1", tmp_path / "tp2"
+    one, four = tmp_path / "tp1", tmp_path / "tp2cp2"
     gen = load_tool("generate")
     assert gen.main(["--hf-dir", str(assets / "student"), "--latents-only", *common(assets, one)]) == 0
-    codes = run_distributed(_generate_rank, 2, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
-                            ["--load", ck, "--latents-only", "--tensor-model-parallel-size", "2",
-                             "--sequence-parallel", *common(assets, two)])
-    assert codes == [0, 0]
-    a, b = torch.load(one / "latents.pt"), torch.load(two / "latents.pt")
+    layout = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--context-parallel-size", "2",
+              "--cp-comm-type", "p2p"]
+    codes = run_distributed(_generate_rank, 4, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True,
+                                                              context_parallel_size=2, cp_comm_type="p2p"),
+                            ["--load", ck, "--latents-only", *layout, *common(assets, four)])
+    assert codes == [0, 0, 0, 0]
+    a, b = torch.load(one / "latents.pt"), torch.load(four / "latents.pt")
     torch.testing.assert_close(b["student"], a["student"], rtol=1e-5, atol=1e-5)
-    assert (two / "contact_sheet.png").exists() and not (two / "student_0.mp4").exists()
+    assert (four / "contact_sheet.png").exists() and not (four / "student_0.mp4").exists()
 
 
 def test_generate_bad_input(assets, tmp_path, capsys):
@@ -131,8 +134,8 @@ def test_generate_bad_input(assets, tmp_path, capsys):
     assert "--vae PATH is needed" in err(*base, *common(assets, tmp_path / "o"))
     assert "--teacher-steps needs a teacher" in err(*base, "--latents-only", "--teacher-steps", "2",
                                                     *common(assets, tmp_path / "o"))
-    assert "no context-parallel attention path" in err(*base, "--latents-only", "--context-parallel-size", "2",
-                                                       *common(assets, tmp_path / "o"))
+    assert "--pipeline-model-parallel-size > 1 is not supported" in err(
+        *base, "--latents-only", "--pipeline-model-parallel-size", "2", *common(assets, tmp_path / "o"))
     assert "multiples of the VAE's spatial factor 8" in err(*base, "--vae", str(assets / "pipe"),
                                                             *common(assets, tmp_path / "o"), "--height", "36")
     wide = tmp_path / "wide"

@@ -18,7 +18,8 @@ encoder (transformers ``UMT5EncoderModel``) and latents decoded with diffusers'
 Writes to ``--out``: ``latents.pt``, per prompt ``student_K.mp4`` (and ``teacher_K.mp4``)
 when PyAV is installed, and ``contact_sheet.png`` (one row per prompt and model, frames
 left to right; with --latents-only the first three latent channels). Under torchrun every
-rank holds its tensor-parallel shard; rank 0 encodes the prompts, decodes and writes.
+rank holds its tensor-parallel shard and its context-parallel chunk of the token sequence
+(the model's output is replicated); rank 0 encodes the prompts, decodes and writes.
 Exit code 2 on bad input.
 """
 
@@ -92,6 +93,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--cp-comm-type", choices=("a2a", "p2p", "a2a+p2p"), default="p2p",
+                   help="a2a: Ulysses (heads/TP divisible by CP), p2p: ring (any CP), a2a+p2p: hierarchical")
+    g.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs=2, metavar=("A", "B"))
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     return p
 
@@ -147,10 +151,6 @@ def check_args(args) -> list[str]:
             raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
     if args.pipeline_model_parallel_size != 1:
         raise UsageError("--pipeline-model-parallel-size > 1 is not supported for sampling (use tensor parallelism)")
-    if args.context_parallel_size != 1:
-        raise UsageError("--context-parallel-size > 1: the DiT has no context-parallel attention path yet "
-                         "(rcm_megatron/models); use --tensor-model-parallel-size (with --sequence-parallel) "
-                         "for long sequences")
     return prompts
 
 
@@ -332,18 +332,25 @@ def run(args) -> int:
     from rcm_megatron.rcm.unipc import unipc_sample, wan_unipc_scheduler
 
     prompts = check_args(args)
-    par = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                         sequence_parallel=args.sequence_parallel,
-                         context_parallel_size=args.context_parallel_size)
-    initialize_distributed(par)
+    try:
+        par = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                             sequence_parallel=args.sequence_parallel, context_parallel_size=args.context_parallel_size,
+                             cp_comm_type=args.cp_comm_type,
+                             hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes)
+        initialize_distributed(par)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     student_src = open_student(args)
     cfg = student_src.config
+    from rcm_megatron.parallel.context_parallel import validate_cp
     from rcm_megatron.parallel.tensor_parallel import validate_tp
 
     validate_tp(cfg, args.tensor_model_parallel_size)
+    validate_cp(cfg, args.tensor_model_parallel_size, args.context_parallel_size, args.cp_comm_type,
+                args.hierarchical_context_parallel_sizes)
     shape = latent_shape(args, cfg)
     context, negative = encode_prompts(args, prompts, device)
     if args.context_file is not None:
@@ -355,7 +362,8 @@ def run(args) -> int:
                          "(a text encoder of another model?)")
     n = context.shape[0]
     log(f"{n} prompt(s), latents {list(shape)}, student {student_src.what}, {args.steps} step(s), "
-        f"sigma_max {args.sigma_max}, seed {args.seed}, TP {args.tensor_model_parallel_size}")
+        f"sigma_max {args.sigma_max}, seed {args.seed}, TP {args.tensor_model_parallel_size}"
+        f"{' +SP' if args.sequence_parallel else ''}, CP {args.context_parallel_size} ({args.cp_comm_type})")
     t0 = time.time()
     student = load(student_src, args, device)
     student_src.close()
