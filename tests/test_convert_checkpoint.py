@@ -198,6 +198,24 @@ def test_import_tp2_train_export_roundtrip(ref, tmp_path):
             assert not torch.equal(ours["blocks.0.attn1.to_q.weight"],
                                    m.state_dict()["blocks.0.attn1.to_q.weight"])  # it trained one step
 
+    # generate.py on the training checkpoint: the EMA by default, the teacher found in the checkpoint's meta.
+    from rcm_megatron.convert import config_from_diffusers
+    from rcm_megatron.models import WanDiT
+    from rcm_megatron.rcm.sampling import sample
+
+    torch.save({"context": ctx, "negative": torch.zeros(3, TINY["text_dim"])}, tmp_path / "ctx.pt")
+    gen = load_tool("generate")
+    assert gen.main(["--load", train_ck, "--context-file", str(tmp_path / "ctx.pt"), "--latents-only", "--latent-shape",
+                     "4", "2", "4", "4", "--steps", "2", "--teacher-steps", "2", "--sampler", "euler",
+                     "--out", str(tmp_path / "gen")]) == 0
+    got = torch.load(tmp_path / "gen" / "latents.pt")
+    assert got["teacher_sampler"]["source"] == os.path.abspath(ck_hf) and got["teacher"].shape == (2, 4, 2, 4, 4)
+    ema_dit = WanDiT(config_from_diffusers(dict(m.config)))
+    ema_dit.load_state_dict(res[0]["ema"])
+    want = sample(ema_dit.eval(), torch.nn.functional.pad(ctx, (0, 0, 0, 512 - ctx.shape[1])), (4, 2, 4, 4), [0, 1],
+                  seed=0, num_steps=2)
+    torch.testing.assert_close(got["student"], want, rtol=1e-5, atol=1e-5)
+
     # bf16 export: diffusers' fp32 modules stay fp32, the rest is bf16, and it loads in bf16.
     out = tmp_path / "export_bf16"
     assert cc.main(["export", "--load", train_ck, "--out", str(out), "--ema", "--dtype", "bf16"]) == 0

@@ -1,7 +1,8 @@
-"""tools/generate.py on tiny random models built here (a diffusers student and teacher, an
-AutoencoderKLWan, a UMT5 encoder with an offline word-level tokenizer): the tool's latents are the
-library samplers' latents, TP=2 (+SP) reproduces TP=1, videos and the contact sheet are written,
-bad input exits 2. And the UniPC teacher sampler against an exactly solvable flow."""
+"""tools/generate.py on tiny random models (a diffusers student and teacher built here; the
+AutoencoderKLWan and the UMT5 encoder with its offline word-level tokenizer from test_prepare_data):
+the tool's latents are the library samplers' latents, TP=2 (+SP) x CP=2 reproduces TP=1, videos
+and the contact sheet are written, bad input exits 2. And the UniPC teacher sampler against an
+exactly solvable flow; the exported student inside diffusers' WanPipeline with RCMFlowMatchScheduler."""
 
 import os
 
@@ -12,33 +13,20 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from distributed_utils import run_distributed  # noqa: E402
 from test_convert_checkpoint import load_tool, tiny_diffusers_model  # noqa: E402
+from test_prepare_data import TEXT_DIM as ENCODER_DIM, models  # noqa: E402,F401 - the tiny VAE / umT5 fixture
 
 from rcm_megatron.parallel.config import ParallelConfig  # noqa: E402
 
-WORDS = "<pad> </s> <unk> a red green ball cat dog runs jumps in the park bad quality".split()
 TEXT_DIM = 16  # = the tiny DiT's text_dim (test_convert_checkpoint.TINY)
+assert ENCODER_DIM == TEXT_DIM
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A Wan-pipeline-shaped folder (vae/, text_encoder/, tokenizer/) plus a student and a teacher DiT."""
-    from diffusers import AutoencoderKLWan
-    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
+def assets(models, tmp_path_factory):
+    """test_prepare_data's tiny Wan-pipeline folder (vae/ with z_dim 4, text_encoder/ and tokenizer/ with
+    width 16) as pipe/, plus a student and a teacher DiT."""
     root = tmp_path_factory.mktemp("gen")
-    torch.manual_seed(0)
-    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
-                     temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
-                     latents_std=[2.0, 1.5, 1.0, 0.5]).save_pretrained(root / "pipe" / "vae")
-    tok = Tokenizer(tmodels.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(root / "pipe" / "tokenizer")
-    UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=TEXT_DIM, d_kv=4, num_heads=2, d_ff=32, num_layers=2,
-                                relative_attention_num_buckets=8, relative_attention_max_distance=16)
-                     ).save_pretrained(root / "pipe" / "text_encoder")
+    os.symlink(models, root / "pipe")
     tiny_diffusers_model(seed=1).save_pretrained(root / "student")
     tiny_diffusers_model(seed=2).save_pretrained(root / "teacher")
     return root
@@ -174,3 +162,33 @@ def test_unipc_solves_a_gaussian_flow_better_than_euler():
                      for f in (euler_sample, unipc_sample)]
     assert errors[10][1] < 0.2 * errors[10][0] and errors[20][1] < 0.2 * errors[20][0], errors
     assert errors[20][1] < errors[10][1] < 0.1, errors
+
+
+def test_exported_student_runs_in_wan_pipeline(assets):
+    """diffusers' WanPipeline with the exported student and RCMFlowMatchScheduler samples rCM's schedule:
+    one step from rCM's starting state equals our sampler; four steps decode to a video."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from rcm_megatron.convert import load_diffusers_wan
+    from rcm_megatron.convert.diffusers_scheduler import RCMFlowMatchScheduler, initial_latents
+    from rcm_megatron.rcm.rng import KeyedRNG
+    from rcm_megatron.rcm.sampling import sample
+    from test_convert_checkpoint import from_pretrained
+
+    student = from_pretrained(str(assets / "student"))
+    pipe = WanPipeline(tokenizer=AutoTokenizer.from_pretrained(assets / "pipe" / "tokenizer"),
+                       text_encoder=UMT5EncoderModel.from_pretrained(assets / "pipe" / "text_encoder"),
+                       vae=AutoencoderKLWan.from_pretrained(assets / "pipe" / "vae"), transformer=student,
+                       scheduler=RCMFlowMatchScheduler())
+    pipe.scheduler.set_timesteps(3)
+    assert [round(s, 4) for s in pipe.scheduler.sigmas.tolist()] == [0.9877, 0.9338, 0.8529, 0.0]
+    ctx, _ = contexts(assets, ["a red ball runs"])
+    noise = KeyedRNG(7, 0).normal("sample.noise", [0], (4, 2, 4, 4))
+    size = dict(height=32, width=32, num_frames=5, guidance_scale=1.0)
+    got = pipe(prompt_embeds=ctx, num_inference_steps=1, latents=initial_latents(noise).float(), output_type="latent",
+               **size).frames
+    want = sample(load_diffusers_wan(student).eval(), ctx, (4, 2, 4, 4), [0], seed=7, num_steps=1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    video = pipe(prompt_embeds=ctx, num_inference_steps=4, output_type="np", **size).frames
+    assert video.shape == (1, 5, 32, 32, 3)
