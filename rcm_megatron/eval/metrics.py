@@ -15,6 +15,9 @@ the same classes, in the feature space of ``toy_features`` (any [N, D] features 
   averaged over classes; 1 = all modes equally often, 1/M = a single mode.
 - ``diversity``: within-class spread, sqrt(trace Cov(features of the class)) relative to the
   held-out data's, averaged over classes; 1 = as diverse as the data, < 1 = collapsed.
+- ``criteria``: pass rate of each validity criterion alone (coarse / detail amplitude, motion,
+  detail coherence, residual, purity); ``detail_amplitude`` / ``detail_coherence``: mean
+  amp_3 and coh_re (fine detail; data: 1.0 and 1.0); ``speed``: mean |v| (data: 2 or 2.83).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..data.toy import NUM_CLASSES, NUM_MODES
-from .toy_features import FEATURE_NAMES, assign_modes, valid_mask
+from .toy_features import FEATURE_NAMES, assign_modes, criteria, valid_mask
 
 
 def _mean_cov(f: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,4 +85,7 @@ def evaluate_features(gen: Tensor, gen_labels: Tensor, ref: Tensor, ref_labels: 
         "precision": float(valid.float().mean()), "mode_entropy": mean("mode_entropy"),
         "diversity": mean("diversity"), "nonfinite": int((~finite).sum()),
         "num_samples": int(gen.shape[0]), "per_class": per_class, "feature_names": list(FEATURE_NAMES),
+        "criteria": {k: float((v & finite).float().mean()) for k, v in criteria(gen, gen_labels).items()},
+        "detail_amplitude": float(gen[:, 2].mean()), "detail_coherence": float(gen[:, 9].mean()),
+        "speed": float(gen[:, 3:5].norm(dim=1).mean()),
     }

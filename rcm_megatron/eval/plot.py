@@ -30,6 +30,15 @@ def video_to_rgb(x: torch.Tensor, scale: int = 3) -> torch.Tensor:
     return (torch.cat(frames, dim=1) * 255).round().to(torch.uint8)
 
 
+def _short(v: float) -> str:
+    """At most 4 characters: '.93', '1.25', '12.3', '140'."""
+    if abs(v) < 1:
+        return f"{v:.2f}".replace("0.", ".", 1)
+    if abs(v) < 10:
+        return f"{v:.2f}"
+    return f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"
+
+
 def _fmt(v: float) -> str:
     if v == 0:
         return "0"
@@ -79,9 +88,7 @@ def _bar_panel(cv: Canvas, x0: int, y0: int, w: int, h: int, title: str, results
             bx = int(gx + mi * bar_w)
             y = int(ypos(r[key]))
             cv.rect(bx + 1, y, bx + bar_w - 1, y0 + h, METHOD_COLORS.get(m, (100, 100, 100)))
-            label = _fmt(r[key])
-            cv.text(bx + bar_w // 2, y - 9, label, anchor="center", color=(40, 40, 40)) if len(label) * 6 <= bar_w + 8 \
-                else cv.text(bx + bar_w // 2, y - 9, label[:4], anchor="center", color=(40, 40, 40))
+            cv.text(bx + bar_w // 2, y - 9, _short(r[key]), anchor="center", color=(40, 40, 40))
         cv.text(int(x0 + (gi + 0.5) * group_w), y0 + h + 6, f"{s} STEP" + ("S" if s > 1 else ""), anchor="center")
     for ref, color in (("teacher", TEACHER_COLOR), ("data", DATA_COLOR)):
         if ref in results and (not log or results[ref][key] > 0):
@@ -97,7 +104,7 @@ def plot_benchmark(results: dict, samples: dict, path: str, title: str) -> None:
     half = (len(rows) + 1) // 2
     thumb = video_to_rgb(next(iter(samples.values()))[0])
     row_h = thumb.shape[0] + 10
-    height = 120 + panel_h + 70 + 30 + half * row_h + 30
+    height = 100 + panel_h + 60 + half * row_h + 20
     cv = Canvas(width, height)
     cv.text(width // 2, 12, title, scale=2, anchor="center")
     # legend

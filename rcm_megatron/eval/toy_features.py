@@ -88,11 +88,21 @@ def assign_modes(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return mode, dist
 
 
-def valid_mask(features: Tensor, labels: Tensor, thresholds: dict | None = None) -> Tensor:
-    """[N] bool: on the data manifold of its class in every feature (see ``VALID``)."""
+def criteria(features: Tensor, labels: Tensor, thresholds: dict | None = None) -> dict[str, Tensor]:
+    """[N] bool per validity criterion: coarse amplitudes, fine-detail amplitude, motion (a mode's
+    velocity), fine-detail phase coherence, off-model residual, colour purity."""
     th = {**VALID, **(thresholds or {})}
     amp = features[:, 0:3]
+    ok = (amp >= th["amp_min"]) & (amp <= th["amp_max"])
     _, dist = assign_modes(features, labels)
-    return ((amp >= th["amp_min"]).all(1) & (amp <= th["amp_max"]).all(1) & (dist <= th["velocity_tol"])
-            & (features[:, 9] >= th["coh_re_min"]) & (features[:, 11] <= th["residual_max"])
-            & (features[:, 12] >= th["purity_min"]))
+    return {"coarse": ok[:, :2].all(1), "detail": ok[:, 2], "motion": dist <= th["velocity_tol"],
+            "coherence": features[:, 9] >= th["coh_re_min"], "residual": features[:, 11] <= th["residual_max"],
+            "purity": features[:, 12] >= th["purity_min"]}
+
+
+def valid_mask(features: Tensor, labels: Tensor, thresholds: dict | None = None) -> Tensor:
+    """[N] bool: on the data manifold of its class in every feature (all ``criteria``, see ``VALID``)."""
+    out = None
+    for ok in criteria(features, labels, thresholds).values():
+        out = ok if out is None else out & ok
+    return out
