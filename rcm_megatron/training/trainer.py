@@ -64,6 +64,11 @@ class Trainer:
         try:
             self.dataset = self._open_dataset()
             validate_tp(model_cfg, par.tensor_model_parallel_size)
+            if par.context_parallel_size > 1:
+                from ..parallel.context_parallel import validate_cp
+
+                validate_cp(model_cfg, par.tensor_model_parallel_size, par.context_parallel_size, par.cp_comm_type,
+                            par.hierarchical_context_parallel_sizes)
         except (OSError, ValueError) as e:
             raise ArgumentError(str(e)) from e
         check_data_against_model(self.dataset, model_cfg, f"--data {train.data or 'synthetic'}")
