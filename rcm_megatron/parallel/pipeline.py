@@ -314,6 +314,7 @@ def wait_all(pending: Sequence[_Pending]) -> None:
 
 # ------------------------------------------------------------------ schedules
 
+_MAX_PENDING_SENDS = 4  # header + payload of two items
 StepFn = Callable[[int, "list[torch.Tensor | None] | None"], object]
 
 
@@ -333,9 +334,9 @@ def forward_sweep(num_items: int, step: StepFn, link: StageLink) -> list:
         else:
             pending.extend(link.send_forward(out))
             out = None
-        # Bound the number of activations in flight (each holds a packed copy): the receiver
-        # is at most a few items behind in a balanced pipeline.
-        while len(pending) > 8:
+        # Bound the sends in flight (each holds a packed copy of an activation): two items
+        # ahead of the next stage is all a balanced pipeline needs.
+        while len(pending) > _MAX_PENDING_SENDS:
             pending.pop(0).wait()
     wait_all(pending)
     return results

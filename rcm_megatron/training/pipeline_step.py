@@ -146,7 +146,7 @@ class _StageCall:
 def run_regressions(model: WanDiT, items, link: StageLink) -> dict[str, Tensor]:
     """1F1B over ``items`` = [(key, fn)], fn(net) -> scalar loss; returns per-key loss sums
     (float64; zeros except on the last stage). Gradients accumulate in ``model``."""
-    totals = {key: torch.zeros((), dtype=torch.float64) for key, _ in items}
+    totals = {key: 0.0 for key, _ in items}
 
     def step(k, inputs):
         key, fn = items[k]
@@ -157,11 +157,11 @@ def run_regressions(model: WanDiT, items, link: StageLink) -> dict[str, Tensor]:
             return out.tensors
         if not call.called:
             raise RuntimeError(f"regression item {key} did not call its network")
-        totals[key] += loss.detach().to(torch.float64).cpu()
+        totals[key] = totals[key] + loss.detach().to(torch.float64)  # stays on the device: no sync per item
         return loss
 
     one_f_one_b(len(items), step, link)
-    return totals
+    return {key: torch.as_tensor(v, dtype=torch.float64).cpu() for key, v in totals.items()}
 
 
 def is_pipeline_replicated(name: str) -> bool:

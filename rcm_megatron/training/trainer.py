@@ -5,7 +5,15 @@ Per iteration: the schedule names the trained model; every DP rank takes its sli
 layout-independent global batch, accumulates gradients over micro-batches (losses are sums
 over samples divided by the *global* batch size, so data-parallel gradients simply add),
 reduces gradients over DP x CP, skips the step if they are non-finite, steps the optimizer
-and, on student steps, the power EMA. SIGTERM / SIGUSR1 (SLURM pre-emption) and
+and, on student steps, the power EMA.
+
+With ``--pipeline-model-parallel-size`` > 1 each rank builds its stage of every model
+(equal numbers of blocks; embeddings on the first stage, the head on the last) and an
+iteration runs the pipelined step plan of ``pipeline_step.py`` over all its micro-batches:
+forward-only sweeps make the targets, one 1F1B pass regresses the trained model. The time
+embedding, held by every stage, has its gradient summed over the stages; the gradient norm
+sums squares over TP, PP and counts every parameter once; the losses, computed on the last
+stage, are broadcast over the pipeline so global rank 0 logs them. SIGTERM / SIGUSR1 (SLURM pre-emption) and
 ``--exit-duration-in-mins`` end the run after a save at an iteration boundary.
 """
 
@@ -25,10 +33,11 @@ from ..models import WanConfig, WanDiT
 from ..parallel import state as pstate
 from ..parallel.config import ParallelConfig
 from ..parallel.initialize import initialize_distributed, rank as global_rank, world_size
+from ..parallel.pipeline import PipelineLayout, StageLink, stage_layer_range
 from ..parallel.sharding import load_full_state_dict
 from ..parallel.tensor_parallel import validate_tp
-from ..rcm import (Batch, PowerEMA, RCMConfig, build_optimizer, clip_gradients, critic_step, phase, sample,
-                   student_step)
+from ..rcm import Batch, PowerEMA, RCMConfig, build_optimizer, critic_step, phase, sample, student_step
+from . import pipeline_step
 from . import sharded_state as ss
 from .arguments import ArgumentError, TrainingConfig, check_data_against_model
 from .checkpoint import CheckpointError, CheckpointManager, checkpoint_path, latest_iteration, load_sharded, read_common
@@ -72,11 +81,28 @@ class Trainer:
         except (OSError, ValueError) as e:
             raise ArgumentError(str(e)) from e
         check_data_against_model(self.dataset, model_cfg, f"--data {train.data or 'synthetic'}")
+        self._check_pipeline_layout()
         self.load_path = self._resolve_load()
         if self.load_path is not None:
             self._check_resume_compatible(read_common(self.load_path))
 
     # ------------------------------------------------------------------ setup
+    def _check_pipeline_layout(self) -> None:
+        pp = self.par.pipeline_model_parallel_size
+        if pp == 1:
+            return
+        try:
+            stage_layer_range(self.model_cfg.num_layers, pp, 0)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from e
+        if self.train.use_distributed_optimizer:
+            raise ArgumentError("--use-distributed-optimizer is not supported with --pipeline-model-parallel-size > 1 "
+                                "yet (the pipeline-replicated time embedding needs its gradient summed over stages "
+                                "inside megatron-core's buffers); pipeline runs use the plain AdamW path")
+        if self.par.context_parallel_size > 1:
+            raise ArgumentError("--context-parallel-size > 1 with --pipeline-model-parallel-size > 1 is not "
+                                "supported yet")
+
     def _open_dataset(self):
         from ..data.shards import ShardDataset, is_shard_spec
 
@@ -114,7 +140,10 @@ class Trainer:
         self.resume_meta = meta
 
     def _new_model(self, trainable: bool) -> WanDiT:
-        m = WanDiT(self.model_cfg)
+        """This rank's pipeline stage of a model (the whole model at PP = 1)."""
+        pipe = self.pipe
+        m = WanDiT(self.model_cfg, pre_process=pipe.is_first, post_process=pipe.is_last,
+                   layer_range=stage_layer_range(self.model_cfg.num_layers, pipe.size, pipe.rank))
         m.reset_parameters(seed=self.train.seed)
         if self.teacher_weights is not None:
             load_full_state_dict(m, self.teacher_weights)
@@ -132,6 +161,8 @@ class Trainer:
         self.global_batch, self.num_micro = self.par.resolve_batch(world_size())
         distill = self.train.mode == "distill"
         dev = self.device
+        self.pipe = PipelineLayout.current()
+        self.link = StageLink(self.pipe, dev)
         self.teacher = None
         if distill:
             self.teacher = self._new_model(trainable=False).to(dev).eval()
@@ -209,7 +240,14 @@ class Trainer:
     def _optimizer_sharded(self, model, opt, dp, prefix: str, is_loading: bool):
         if dp is not None:
             return dp.sharded_state_dict(ss.model_sharded_state_dict(model, prefix), is_loading=is_loading)
-        return ss.optimizer_sharded_state_dict(opt, model, f"opt_{prefix}")
+        sd = ss.optimizer_sharded_state_dict(opt, model, f"opt_{prefix}")
+        if self.pipe.size > 1:
+            # Step counts are common state, which every rank must hold alike (rank 0 writes it):
+            # every stage contributes its parameters' counts.
+            parts = [None] * self.pipe.size
+            dist.all_gather_object(parts, sd["steps"], group=self.pipe.group)
+            sd["steps"] = {name: step for part in parts for name, step in part.items()}
+        return sd
 
     def sharded_state_dict(self, with_rng: bool = True, is_loading: bool = False) -> dict:
         sd = {"meta": self._meta(),
@@ -290,13 +328,38 @@ class Trainer:
             yield Batch(x0=raw["latents"].to(self.device), context=raw["context"].to(self.device),
                         uncond_context=self.uncond, indices=raw["index"])
 
+    def _pipelined_step(self, ph, batches, it: int) -> dict:
+        kw = dict(loss_normalizer=self.global_batch)
+        if self.train.mode != "distill":
+            return pipeline_step.flow_matching_step(self.student, batches, self.train.seed, it, self.link, **kw)
+        if ph.is_student:
+            return pipeline_step.student_step(self.rcm, self.teacher, self.student, self.fake, batches, it, self.link,
+                                              phase=ph, **kw)
+        return pipeline_step.critic_step(self.rcm, self.student, self.fake, batches, it, self.link, **kw)
+
+    def _reduce_totals(self, totals: dict) -> dict:
+        """Sum over DP ranks; under PP every stage takes the last stage's values (only it has the losses)."""
+        if self.dp_size == 1 and self.pipe.size == 1:
+            return totals
+        keys = sorted(totals)
+        buf = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self._comm_device())
+        if self.dp_size > 1:
+            dist.all_reduce(buf, group=self.dp_group)
+        self.pipe.broadcast_from_last(buf)
+        return dict(zip(keys, buf.cpu().tolist()))
+
     def _reduce_and_norm(self, model) -> torch.Tensor:
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:
+        """Reduce gradients over DP x CP (and the time embedding's over PP); the global norm,
+        every parameter counted once: TP shards summed over TP, pipeline-replicated parameters
+        on the first stage only, squares summed over the stages."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        for _, p in named:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if self.grad_group is not None:
                 dist.all_reduce(p.grad, group=self.grad_group)
+        pipeline_step.all_reduce_replicated_grads(model, self.pipe)
+        params = [p for n, p in named if self.pipe.is_first or not pipeline_step.is_pipeline_replicated(n)]
         sharded = sum((p.grad.detach().float().pow(2).sum() for p in params
                        if getattr(p, "tp_split_dim", None) is not None), torch.zeros(()))
         rest = sum((p.grad.detach().float().pow(2).sum() for p in params
@@ -305,7 +368,21 @@ class Trainer:
         if tp_group is not None and dist.get_world_size(tp_group) > 1:  # other shards' squares; replicated once
             sharded = sharded.to(self.device)
             dist.all_reduce(sharded, group=tp_group)
-        return (sharded.cpu() + rest.cpu()).sqrt()
+        total = sharded.cpu() + rest.cpu()
+        if self.pipe.size > 1:
+            total = self.pipe.all_reduce(total.to(self._comm_device())).cpu()
+        return total.sqrt()
+
+    def _clip_gradients(self, model, grad_norm: torch.Tensor) -> None:
+        """Clip to --clip-grad by the *global* norm (over TP, PP and DP, as computed above), so
+        every rank scales its shards alike; torch's clip_grad_norm_ formula."""
+        max_norm = self.rcm.grad_clip_norm
+        if max_norm is None:
+            return
+        coef = min(1.0, max_norm / (float(grad_norm) + 1e-6))
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
 
     def _one_iteration(self, it: int) -> dict:
         distill = self.train.mode == "distill"
@@ -320,29 +397,33 @@ class Trainer:
         totals: dict[str, float] = {}
         t0 = time.perf_counter()
         first = None
-        for batch in self._micro_batches(it):
-            first = batch if first is None else first
-            with self._autocast(), (dp.accumulate() if dp is not None else contextlib.nullcontext()):
-                if not distill:
-                    loss, _ = flow_matching_loss(self.student_net, batch.x0, batch.context, batch.uncond_context,
-                                                 batch.indices, self.train.seed, it)
-                    loss = loss / self.global_batch
-                    loss.backward()
-                    out = {"loss_flow_matching": loss.detach()}
-                elif ph.is_student:
-                    out = student_step(self.rcm, self.teacher, self.student_net, self.fake_net, batch, it,
-                                       loss_normalizer=self.global_batch, phase=ph)
-                else:
-                    out = critic_step(self.rcm, self.student_net, self.fake_net, batch, it,
-                                      loss_normalizer=self.global_batch)
-            for k, v in out.items():
-                w = 1.0 if k.startswith("loss") else 1.0 / (self.num_micro * self.dp_size)
-                totals[k] = totals.get(k, 0.0) + float(v) * w
-        if self.dp_size > 1:
-            keys = sorted(totals)
-            buf = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self._comm_device())
-            dist.all_reduce(buf, group=self.dp_group)
-            totals = dict(zip(keys, buf.cpu().tolist()))
+        if self.pipe.size > 1:
+            batches = list(self._micro_batches(it))
+            first = batches[0]
+            with self._autocast():
+                out = self._pipelined_step(ph, batches, it)
+            for k, v in out.items():  # diagnostics are means over this DP rank's batch already
+                totals[k] = float(v) * (1.0 if k.startswith("loss") else 1.0 / self.dp_size)
+        else:
+            for batch in self._micro_batches(it):
+                first = batch if first is None else first
+                with self._autocast(), (dp.accumulate() if dp is not None else contextlib.nullcontext()):
+                    if not distill:
+                        loss, _ = flow_matching_loss(self.student_net, batch.x0, batch.context, batch.uncond_context,
+                                                     batch.indices, self.train.seed, it)
+                        loss = loss / self.global_batch
+                        loss.backward()
+                        out = {"loss_flow_matching": loss.detach()}
+                    elif ph.is_student:
+                        out = student_step(self.rcm, self.teacher, self.student_net, self.fake_net, batch, it,
+                                           loss_normalizer=self.global_batch, phase=ph)
+                    else:
+                        out = critic_step(self.rcm, self.student_net, self.fake_net, batch, it,
+                                          loss_normalizer=self.global_batch)
+                for k, v in out.items():
+                    w = 1.0 if k.startswith("loss") else 1.0 / (self.num_micro * self.dp_size)
+                    totals[k] = totals.get(k, 0.0) + float(v) * w
+        totals = self._reduce_totals(totals)
         record = {"iteration": it + 1, "phase": "teacher" if not distill else ph.model}
         if dp is not None:
             stepped, grad_norm = dp.step()
@@ -352,7 +433,7 @@ class Trainer:
             stepped = bool(torch.isfinite(grad_norm))
             if stepped:
                 if distill:
-                    clip_gradients(trained.parameters(), self.rcm)
+                    self._clip_gradients(trained, grad_norm)
                 opt.step()
         if stepped:
             self.consecutive_skips = 0
@@ -396,10 +477,15 @@ class Trainer:
             return
         with self._autocast():
             for steps in sorted({1, min(4, self.rcm.rollout_max_steps)}):
-                x = sample(self.student_net, batch.context[:n], batch.latent_shape, batch.indices[:n],
+                x = sample(self._sampling_net(), batch.context[:n], batch.latent_shape, batch.indices[:n],
                            seed=self.train.seed, num_steps=steps, mid_times=self.rcm.sample_mid_times,
                            sigma_max=self.rcm.sample_sigma_max, stream="tensorboard")
                 self.logger.add_image(f"samples/student_{steps}step", latent_grid(x.float().cpu()), iteration)
+
+    def _sampling_net(self):
+        if self.pipe.size > 1:  # every stage takes part in each step's forward sweep
+            return pipeline_step.PipelinedNet(self.student, self.par.micro_batch_size, self.link)
+        return self.student_net
 
     def _comm_device(self):
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
