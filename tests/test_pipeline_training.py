@@ -3,34 +3,25 @@ PP = 2 x DP = 2 log the single-process losses for the same seed, data and global
 micro-batches of gradient accumulation at DP = 1), and checkpoints reshard PP2 -> PP1 and
 PP1 -> PP2 (each stage saves its own blocks under global names, the time embedding once)."""
 
+import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from test_parallel_training import assert_same_losses, losses
+from test_parallel_training import assert_same_losses, losses, torchrun
+from test_pretrain import run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMON = ["--model", "tiny-4l", "--log-interval", "1", "--student-update-freq", "2", "--rollout-steps", "2",
-          "--micro-batch-size", "1", "--global-batch-size", "4", "--clip-grad", "1e4"]
+# After test_parallel_training's common flags (the last occurrence of a flag wins): 4 blocks,
+# 4 micro-batches per DP rank at DP = 1, clipping by the global gradient norm active.
+PP_FLAGS = ["--model", "tiny-4l", "--global-batch-size", "4", "--clip-grad", "1e4"]
 
 
-def pretrain(nproc, *args, env_extra=None, check=True):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env_extra or {}))
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    p = subprocess.run([*launcher, os.path.join(ROOT, "pretrain_rcm.py"), *COMMON, *args], capture_output=True,
-                       text=True, env=env, cwd=ROOT, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    return p
+def pretrain(nproc, *args):
+    return torchrun(nproc, *PP_FLAGS, *args)
 
 
 def grad_norms(log_dir):
-    import json
-
     with open(os.path.join(log_dir, "metrics.jsonl")) as f:
         return [json.loads(line)["grad_norm"] for line in f]
 
@@ -90,7 +81,8 @@ def test_reshard_pp1_checkpoint_to_pp2(baseline, tmp_path):
     (["--pipeline-model-parallel-size", "2", "--context-parallel-size", "2"],
      "--context-parallel-size > 1 with --pipeline-model-parallel-size > 1 is not supported yet"),
 ])
-def test_bad_pipeline_layouts_exit_2(args, message, tmp_path):
-    p = pretrain(1, *args, "--train-iters", "1", "--global-batch-size", "1", "--log-dir", str(tmp_path),
-                 env_extra={"WORLD_SIZE": "4"}, check=False)
+def test_bad_pipeline_layouts_exit_2(args, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")  # what torchrun would set; checked before any process group exists
+    p = run(*PP_FLAGS, *args, "--train-iters", "1", "--micro-batch-size", "1", "--global-batch-size", "1",
+            "--log-dir", str(tmp_path), check=False)
     assert p.returncode == 2 and message in p.stderr, p.stderr
