@@ -210,7 +210,7 @@ def teacher_path(args, student_src) -> str:
         return args.teacher
     teacher = (student_src.provenance or {}).get("teacher") or {}
     path = teacher.get("source") if isinstance(teacher, dict) else None
-    if not path or path == "random-init" or not os.path.exists(path):
+    if not isinstance(path, str) or path == "random-init" or not os.path.exists(path):
         raise UsageError(f"--teacher-steps needs a teacher: pass --teacher PATH (the student's recorded teacher is "
                          f"{path or 'unknown'!r})")
     return path

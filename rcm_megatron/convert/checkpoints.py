@@ -141,9 +141,11 @@ class CheckpointSource(TensorSource):
         m = self.info.meta
         self.provenance = {"source": os.path.abspath(path), "format": f"{m.get('format')}",
                            "weights": self.prefix, "iteration": self.info.iteration}
-        for k in ("mode", "method", "teacher", "source"):
+        for k in ("mode", "method", "teacher"):
             if m.get(k) is not None:
                 self.provenance[k] = m[k]
+        if m.get("source") is not None:  # what an imported model was converted from
+            self.provenance["converted_from"] = m["source"]
 
     def read_many(self, names) -> dict[str, torch.Tensor]:
         from megatron.core.dist_checkpointing import ShardedTensor

@@ -176,11 +176,11 @@ class TensorSource:
 
 
 class _SafetensorsFiles:
-    """Open safetensors files lazily; drop a file's mapping after READ_BUDGET_BYTES of reads."""
+    """Reads tensors from safetensors files through one open mapping at a time, dropped when another
+    file is read or after READ_BUDGET_BYTES (the pages read through a mapping count as resident)."""
 
     def __init__(self):
-        self._open: dict[str, object] = {}
-        self._read: dict[str, int] = {}
+        self._file, self._handle, self._read = None, None, 0
 
     @staticmethod
     def header(path: str) -> dict[str, TensorInfo]:
@@ -204,18 +204,15 @@ class _SafetensorsFiles:
     def read(self, info: TensorInfo) -> torch.Tensor:
         from safetensors import safe_open
 
-        f = self._open.get(info.file)
-        if f is None:
-            f = self._open[info.file] = safe_open(info.file, framework="pt")
-            self._read[info.file] = 0
-        t = f.get_tensor(info.key)
-        self._read[info.file] += info.nbytes
-        if self._read[info.file] >= READ_BUDGET_BYTES:
-            del self._open[info.file]
+        if self._file != info.file or self._read >= READ_BUDGET_BYTES:
+            self.close()
+            self._file, self._handle, self._read = info.file, safe_open(info.file, framework="pt"), 0
+        t = self._handle.get_tensor(info.key)
+        self._read += info.nbytes
         return t
 
     def close(self):
-        self._open.clear()
+        self._file, self._handle, self._read = None, None, 0
 
 
 class DiffusersSource(TensorSource):
@@ -257,6 +254,10 @@ def diffusers_folder(path: str) -> str:
     if not os.path.isfile(os.path.join(path, "config.json")):
         if os.path.isfile(os.path.join(path, "transformer", "config.json")):
             return diffusers_folder(os.path.join(path, "transformer"))
+        if os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")) or os.path.isfile(
+                os.path.join(path, "metadata.json")):
+            raise ConversionError(f"{path} is an rcm-megatron checkpoint, not a diffusers folder (export it with "
+                                  "tools/convert_checkpoint.py export, or use it directly)")
         raise ConversionError(f"{path} is not a diffusers model folder: no config.json (nor transformer/config.json)")
     with open(os.path.join(path, "config.json")) as f:
         try:
