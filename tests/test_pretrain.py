@@ -1,5 +1,9 @@
 """pretrain_rcm.py end to end on CPU: bad input exits 2 before any model is built,
-metrics.jsonl is complete, resume reproduces a straight run bit for bit."""
+metrics.jsonl is complete, resume reproduces a straight run bit for bit; the flag-less
+default resolves to the shipped toy teacher on the toy task.
+
+The end-to-end runs pass ``--model tiny`` (random tiny teacher, synthetic data) so they stay
+fast and independent of the shipped teacher; the defaults are checked in-process."""
 
 import json
 import os
@@ -38,7 +42,8 @@ def records(log_dir):
     (["--load", "/no/such/ckpt"], "--load /no/such/ckpt: no such checkpoint directory"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
-    p = run(*args, "--train-iters", "1", "--log-dir", str(tmp_path / "log"), check=False)
+    tiny = [] if "--model" in args or "--teacher-checkpoint" in args else ["--model", "tiny"]
+    p = run(*tiny, *args, "--train-iters", "1", "--log-dir", str(tmp_path / "log"), check=False)
     assert p.returncode == 2, p.stderr
     assert message in p.stderr, p.stderr
     assert not os.path.exists(tmp_path / "log" / "metrics.jsonl")  # nothing ran
@@ -48,7 +53,8 @@ def test_text_dim_mismatch_in_data_file(tmp_path):
     path = tmp_path / "data.pt"
     torch.save({"latents": torch.randn(4, 16, 1, 4, 4), "context": torch.randn(4, 5, 32),
                 "negative_context": torch.randn(5, 32)}, path)
-    p = run("--data", str(path), "--train-iters", "1", "--log-dir", str(tmp_path / "log"), check=False)
+    p = run("--model", "tiny", "--data", str(path), "--train-iters", "1", "--log-dir", str(tmp_path / "log"),
+            check=False)
     assert p.returncode == 2 and "text embeddings have width 32, the model expects text_dim=64" in p.stderr
 
 
@@ -60,7 +66,7 @@ def test_corrupt_teacher_file(tmp_path):
 
 
 def test_metrics_and_exact_resume(tmp_path):
-    common = ["--train-iters", "8", "--student-update-freq", "2", "--tangent-warmup", "2", "--log-interval", "1",
+    common = ["--model", "tiny", "--train-iters", "8", "--student-update-freq", "2", "--tangent-warmup", "2", "--log-interval", "1",
               "--micro-batch-size", "1", "--global-batch-size", "2", "--rollout-steps", "2"]
     straight = tmp_path / "straight"
     run(*common, "--log-dir", str(straight))
@@ -79,13 +85,15 @@ def test_metrics_and_exact_resume(tmp_path):
     run(*half, "--log-dir", str(resumed), "--save", str(ckpt))
     run(*common, "--log-dir", str(resumed), "--save", str(ckpt), "--load", str(ckpt))
     b = records(resumed)
-    drop = ("samples_per_sec",)
-    strip = [{k: v for k, v in r.items() if k not in drop} for r in a]
-    assert strip == [{k: v for k, v in r.items() if k not in drop} for r in b]
+    def timing(k):  # wall-clock throughput (samples/tokens per second, model TFLOP/s) differs run to run
+        return k.endswith("per_sec") or "tflops" in k or k.endswith("_seconds") or k.startswith("time")
+
+    strip = [{k: v for k, v in r.items() if not timing(k)} for r in a]
+    assert strip == [{k: v for k, v in r.items() if not timing(k)} for r in b]
 
 
 def test_teacher_mode_learns(tmp_path):
-    run("--mode", "teacher", "--train-iters", "30", "--log-dir", str(tmp_path), "--global-batch-size", "4",
+    run("--model", "tiny", "--mode", "teacher", "--train-iters", "30", "--log-dir", str(tmp_path), "--global-batch-size", "4",
         "--teacher-lr", "2e-3")
     r = records(tmp_path)
     first = sum(x["loss_flow_matching"] for x in r[:5]) / 5
@@ -94,7 +102,53 @@ def test_teacher_mode_learns(tmp_path):
 
 
 def test_resume_rejects_other_method(tmp_path):
-    run("--train-iters", "1", "--log-dir", str(tmp_path / "a"), "--save", str(tmp_path / "c"))
-    p = run("--train-iters", "2", "--log-dir", str(tmp_path / "a"), "--load", str(tmp_path / "c"), "--method", "scm",
+    run("--model", "tiny", "--train-iters", "1", "--log-dir", str(tmp_path / "a"), "--save", str(tmp_path / "c"))
+    p = run("--model", "tiny", "--train-iters", "2", "--log-dir", str(tmp_path / "a"), "--load", str(tmp_path / "c"),
+            "--method", "scm",
             check=False)
     assert p.returncode == 2 and "--method rcm" in p.stderr
+
+
+# ---------------------------------------------------------------- defaults (issue 10)
+
+
+def test_default_distills_the_shipped_toy_teacher():
+    from rcm_megatron.training import arguments as A
+
+    train, model_cfg, rcm_cfg, _ = A.parse_args([])
+    assert os.path.isfile(A.DEFAULT_TEACHER), "assets/toy_teacher.pt must ship with the repository"
+    assert train.teacher_checkpoint == A.DEFAULT_TEACHER and model_cfg is None  # config comes from the file
+    assert train.data == "toy" and train.mode == "distill"
+    assert train.save == os.path.join("runs/default", "checkpoints")
+    assert train.train_iters == A.TOY_TRAIN_DEFAULTS["train_iters"]
+    for key, value in A.TOY_DEFAULTS.items():
+        assert getattr(rcm_cfg, key) == value, key
+    # explicit flags still win over the toy defaults
+    _, _, rcm_cfg, _ = A.parse_args(["--cfg-scale", "3.5", "--lr", "1e-5"])
+    assert rcm_cfg.cfg_scale == 3.5 and rcm_cfg.lr_student == 1e-5
+
+
+def test_model_tiny_keeps_the_random_teacher_on_synthetic_data():
+    from rcm_megatron.training import arguments as A
+
+    train, model_cfg, rcm_cfg, par = A.parse_args(["--model", "tiny"])
+    assert train.teacher_checkpoint is None and model_cfg == A.preset("tiny")
+    assert train.data is None and train.save is None
+    assert train.train_iters == 100 and par.micro_batch_size == 2
+    assert rcm_cfg.lr_student == 1e-4 and rcm_cfg.cfg_scale == 5.0
+
+
+def test_teacher_mode_defaults_to_the_toy_preset():
+    from rcm_megatron.training import arguments as A
+
+    train, model_cfg, _, _ = A.parse_args(["--mode", "teacher"])
+    assert model_cfg == A.preset("toy") and train.data == "toy" and train.teacher_checkpoint is None
+
+
+def test_missing_shipped_teacher_fails_with_a_clear_message(monkeypatch, tmp_path):
+    from rcm_megatron.training import arguments as A
+
+    monkeypatch.setattr(A, "DEFAULT_TEACHER", str(tmp_path / "toy_teacher.pt"))
+    with pytest.raises(A.ArgumentError, match="default teacher .*toy_teacher.pt is missing"):
+        A.parse_args([])
+    A.parse_args(["--model", "tiny"])  # the random-teacher path does not need the file
