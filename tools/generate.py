@@ -222,8 +222,7 @@ def load(source, args, device):
     return load_model(source, device=device, dtype=torch.bfloat16 if args.bf16 else None)
 
 
-def free(model, device) -> None:
-    del model
+def release_memory(device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -345,6 +344,15 @@ def run(args) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     student_src = open_student(args)
     cfg = student_src.config
+    tpath = tsrc = None
+    if args.teacher_steps:
+        from rcm_megatron.convert.loading import open_source
+
+        tpath = teacher_path(args, student_src)
+        tsrc = open_source(tpath)  # headers only: checked now, loaded after the student is done
+        if tsrc.config.in_channels != cfg.in_channels or tsrc.config.text_dim != cfg.text_dim:
+            raise UsageError(f"--teacher {tpath}: in_channels/text_dim {tsrc.config.in_channels}/"
+                             f"{tsrc.config.text_dim} differ from the student's {cfg.in_channels}/{cfg.text_dim}")
     from rcm_megatron.parallel.context_parallel import validate_cp
     from rcm_megatron.parallel.tensor_parallel import validate_tp
 
@@ -376,15 +384,10 @@ def run(args) -> int:
         sample(student, context[idx].to(device), shape, idx, seed=args.seed, num_steps=args.steps,
                mid_times=args.mid_times, sigma_max=args.sigma_max).cpu() for idx in batches])
     log(f"student: {n} sample(s) in {time.time() - t0:.1f} s")
-    free(student, device)
-    if args.teacher_steps:
-        from rcm_megatron.convert.loading import open_source
-
-        tpath = teacher_path(args, student_src)
-        with open_source(tpath) as tsrc:
-            if tsrc.config.in_channels != cfg.in_channels or tsrc.config.text_dim != cfg.text_dim:
-                raise UsageError(f"--teacher {tpath}: in_channels/text_dim {tsrc.config.in_channels}/"
-                                 f"{tsrc.config.text_dim} differ from the student's {cfg.in_channels}/{cfg.text_dim}")
+    del student
+    release_memory(device)
+    if tsrc is not None:
+        with tsrc:
             teacher = load(tsrc, args, device)
         neg = negative.to(device) if negative is not None else None
         t0 = time.time()
@@ -403,7 +406,8 @@ def run(args) -> int:
         out["teacher_sampler"] = {"sampler": args.sampler, "steps": args.teacher_steps, "source": tpath,
                                   "guidance_scale": args.guidance_scale, "shift": args.shift}
         log(f"teacher ({args.sampler}, {args.teacher_steps} steps, CFG {args.guidance_scale}): {time.time() - t0:.1f} s")
-        free(teacher, device)
+        del teacher
+        release_memory(device)
     if _rank() == 0:
         vae = None
         if not args.latents_only:

@@ -11,9 +11,9 @@ Two kinds share the commit layout of ``training/checkpoint.py`` (``iter_NNNNNNN/
   ``ema.*``, ``fake_score.*`` (plus optimizer state we never read here), written at any layout.
 
 Writing is streamed: the sharded state dict handed to megatron-core holds meta-device
-placeholders, and ``_StreamingSaveStrategy`` (megatron-core's torch_dist strategy, written
-in-process like ``training/checkpoint.py``'s CPU strategy) materializes each tensor from the
-source only when its bytes are written, then drops it. Reading for export goes group by group
+placeholders, and ``_StreamingSaveStrategy`` (``training/checkpoint.py``'s in-process CPU
+strategy for megatron-core's torch_dist format) materializes each tensor from the source only
+when its bytes are written, then drops it. Reading for export goes group by group
 (one ``dist_checkpointing.load`` per group of tensors).
 """
 
@@ -162,51 +162,38 @@ class CheckpointSource(TensorSource):
 
 
 # ----------------------------------------------------------------------------- writing
+class _MaterializedTensors:
+    """A bucket's (write item, placeholder) list that yields each item with its real tensor, loaded
+    only when the writer reaches it (and dropped by the writer right after)."""
+
+    def __init__(self, items, loader):
+        self.items, self.loader = items, loader
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        for item, placeholder in self.items:
+            tensor = self.loader(item.index.fqn)
+            if tuple(tensor.shape) != tuple(placeholder.shape):
+                raise ConversionError(f"{item.index.fqn}: source tensor has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(placeholder.shape)}")
+            yield item, tensor.to("cpu", placeholder.dtype).contiguous()
+
+
 def _streaming_strategy(loader):
-    """megatron-core's torch_dist save strategy, in-process, materializing each tensor from
-    ``loader(key)`` right before its bytes are written (the state dict holds meta tensors)."""
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-    from torch.distributed.checkpoint.filesystem import _write_item
+    """The trainer's in-process CPU save strategy (megatron-core torch_dist), with every bucket's
+    tensors materialized from ``loader(key)`` as they are written: the state dict holds meta tensors."""
+    from ..training.checkpoint import _CPUSaveStrategy
 
-    try:
-        from torch.distributed.checkpoint.filesystem import SerializationFormat
-        fmt = {"serialization_format": SerializationFormat.TORCH_SAVE}
-    except ImportError:  # older torch
-        fmt = {}
-
-    class _StreamingSaveStrategy(TorchDistSaveShardedStrategy):
-        def save(self, sharded_state_dict, checkpoint_dir):
-            request = self.async_save(sharded_state_dict, checkpoint_dir)
+    class _StreamingSaveStrategy(type(_CPUSaveStrategy())):
+        def async_save(self, sharded_state_dict, checkpoint_dir):
+            request = super().async_save(sharded_state_dict, checkpoint_dir)
             if request.async_fn is not None:
-                transforms = request.async_fn.args[0]
-                _rank, buckets, global_results = request.async_fn_args
-                results = {}
+                buckets = request.async_fn_args[1]
                 for i, (file_name, storage_key, (bytes_data, tensor_data)) in enumerate(buckets):
-                    out = []
-                    with open(file_name, "wb") as stream:
-                        for item, data in bytes_data:
-                            out.append(_write_item(*transforms, stream, data, item, storage_key, **fmt))
-                        for item, placeholder in tensor_data:
-                            tensor = loader(item.index.fqn)
-                            if tuple(tensor.shape) != tuple(placeholder.shape):
-                                raise ConversionError(f"{item.index.fqn}: source tensor has shape "
-                                                      f"{tuple(tensor.shape)}, expected {tuple(placeholder.shape)}")
-                            tensor = tensor.to(placeholder.dtype).contiguous()
-                            out.append(_write_item(*transforms, stream, tensor, item, storage_key, **fmt))
-                            del tensor
-                        stream.flush()
-                        os.fsync(stream.fileno())
-                    results[i] = out
-                global_results.put(results)
-            dist.barrier()
-            # megatron-core's finalization broadcasts a flag on torch.cuda.current_device(); our group is gloo.
-            real = torch.cuda.current_device
-            torch.cuda.current_device = lambda: "cpu"
-            try:
-                for fn in request.finalize_fns:
-                    fn()
-            finally:
-                torch.cuda.current_device = real
+                    buckets[i] = (file_name, storage_key, (bytes_data, _MaterializedTensors(tensor_data, loader)))
+            return request
 
     return _StreamingSaveStrategy("torch_dist", 1, thread_count=1)
 
