@@ -18,8 +18,9 @@ m * t_stage, and three bubble fractions are reported:
   - analytic: (p - 1) / (m + p - 1), a balanced pipeline with free communication;
   - stage model: 1 - m * t_stage / (sum_s t_s + (m - 1) * t_stage), what the measured,
     unequal stage times predict (stage 0 also embeds, the last stage applies the head).
-Median of ``--reps`` synchronized repetitions after a warm-up; micro-batch size 1; bf16
-parameters (the teacher's precision; the trained models are fp32 under autocast in training).
+Median of ``--reps`` synchronized repetitions after a warm-up (peak GPU memory: max over ranks);
+micro-batch size 1; bf16 parameters (the teacher's precision; the trained models are fp32
+under autocast in training).
 """
 
 from __future__ import annotations
@@ -28,46 +29,19 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from tp_dit import log, timed, versions  # noqa: E402  (the benchmarks' shared helpers)
 from rcm_megatron.models import WanDiT, preset  # noqa: E402
 from rcm_megatron.parallel.config import ParallelConfig  # noqa: E402
 from rcm_megatron.parallel.initialize import initialize_distributed  # noqa: E402
 from rcm_megatron.parallel.pipeline import PipelineLayout, StageLink, forward_sweep, stage_layer_range  # noqa: E402
 from rcm_megatron.training.pipeline_step import PipelinedNet, run_regressions, stage_forward  # noqa: E402
-
-
-def log(*a):
-    if dist.get_rank() == 0:
-        print(*a, flush=True)
-
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def timed(fn, dev, reps):
-    """Median seconds of fn() over reps synchronized repetitions after one warm-up."""
-    fn()
-    sync(dev)
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        sync(dev)
-        t0 = time.perf_counter()
-        fn()
-        sync(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
 
 
 def max_over_ranks(x: float, dev) -> float:
@@ -94,27 +68,6 @@ def captured_inputs(model, link, lat, t, ctx, tl=None, tt=None):
 
     forward_sweep(1, step, link)
     return box["received"]
-
-
-def versions():
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import megatron.core
-
-        out["megatron.core"] = megatron.core.__version__
-    except Exception:  # noqa: BLE001
-        out["megatron.core"] = None
-    if torch.cuda.is_available():
-        out["cuda"] = torch.version.cuda
-        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        out["gpu"] = torch.cuda.get_device_name()
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__)).stdout.strip()
-        out["git_commit"] = sha if len(sha) == 40 else None
-    except Exception:  # noqa: BLE001
-        out["git_commit"] = None
-    return out
 
 
 def main():
@@ -195,7 +148,7 @@ def main():
 
     alone = {}
     for name, fn in (("forward", alone_forward), ("tangent", alone_tangent), ("1f1b", alone_grad)):
-        med, _ = timed(fn, dev, args.reps)
+        med, _, _ = timed(fn, dev, args.reps)
         stages = per_stage(med, dev)
         alone[name] = {"stage_s": stages, "t_stage_s": max(stages)}
         log(f"{name}: slowest stage alone {alone[name]['t_stage_s'] * 1e3:.1f} ms per micro-batch")
@@ -218,12 +171,12 @@ def main():
     for name in ("forward", "tangent", "1f1b"):
         rows = []
         for m in ms:
-            med, times = timed(pipelined(name, m), dev, args.reps)
+            med, times, peak = timed(pipelined(name, m), dev, args.reps)
             med = max_over_ranks(med, dev)
             ideal = m * alone[name]["t_stage_s"]
             # Fill and drain with the measured, unequal stage times: sum_s t_s + (m - 1) max_s t_s.
             modeled = sum(alone[name]["stage_s"]) + (m - 1) * alone[name]["t_stage_s"]
-            row = {"m": m, "median_s": med, "times_s": times, "ideal_s": ideal,
+            row = {"m": m, "median_s": med, "times_s": times, "peak_gib": peak, "ideal_s": ideal,
                    "bubble_measured": 1.0 - ideal / med, "bubble_analytic": (p - 1) / (m + p - 1),
                    "bubble_stage_model": 1.0 - ideal / modeled}
             rows.append(row)
