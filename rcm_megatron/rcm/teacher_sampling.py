@@ -47,6 +47,19 @@ def guided_velocity(net: VelocityNet, x: Tensor, s: float, context: Tensor, unco
     return vu + guidance_scale * (v - vu)
 
 
+def initial_noise(context: Tensor, latent_shape, indices: Indices, *, seed: int, stream: str,
+                  noise: Tensor | None = None) -> Tensor:
+    """Starting noise [B, *latent_shape] (float64) keyed by sample index (stream f'{stream}.noise',
+    iteration 0), or ``noise`` when given; shared by every teacher sampler so they start alike."""
+    b = context.shape[0]
+    idx = index_list(indices)
+    if len(idx) != b:
+        raise ValueError(f"indices: expected {b} sample indices, got {len(idx)}")
+    if noise is None:
+        return KeyedRNG(seed, 0).normal(f"{stream}.noise", idx, tuple(latent_shape), device=context.device)
+    return noise.to(device=context.device, dtype=torch.float64)
+
+
 @torch.no_grad()
 def euler_sample(net: VelocityNet, context: Tensor, uncond_context: Tensor | None, latent_shape, indices: Indices,
                  *, seed: int, num_steps: int = 50, guidance_scale: float = 5.0, shift: float = 5.0,
@@ -56,14 +69,7 @@ def euler_sample(net: VelocityNet, context: Tensor, uncond_context: Tensor | Non
     ``uncond_context`` [1 or B, L, D] is the negative prompt; ``noise`` overrides the keyed
     starting noise (stream f'{stream}.noise', iteration 0); ``callback(k, num_steps)`` after each step.
     """
-    b = context.shape[0]
-    idx = index_list(indices)
-    if len(idx) != b:
-        raise ValueError(f"indices: expected {b} sample indices, got {len(idx)}")
-    if noise is None:
-        x = KeyedRNG(seed, 0).normal(f"{stream}.noise", idx, tuple(latent_shape), device=context.device)
-    else:
-        x = noise.to(device=context.device, dtype=torch.float64)
+    x = initial_noise(context, latent_shape, indices, seed=seed, stream=stream, noise=noise)
     sig = shifted_sigmas(num_steps, shift).tolist()
     for k in range(num_steps):
         v = guided_velocity(net, x, sig[k], context, uncond_context, guidance_scale)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .rng import Indices, KeyedRNG, index_list
-from .teacher_sampling import RF_TIME_SCALE, guided_velocity
+from .rng import Indices
+from .teacher_sampling import RF_TIME_SCALE, guided_velocity, initial_noise
 
 # Wan2.1's diffusers pipelines: scheduler/scheduler_config.json (flow_shift varies: 3.0 for 480p, 5.0 for 720p).
 WAN_UNIPC_CONFIG = dict(num_train_timesteps=1000, solver_order=2, solver_type="bh2", prediction_type="flow_prediction",
@@ -44,14 +44,7 @@ def unipc_sample(net, context: Tensor, uncond_context: Tensor | None, latent_sha
     """Latents x0 [B, *latent_shape] (float64) by UniPC on the rectified flow with CFG."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    b = context.shape[0]
-    idx = index_list(indices)
-    if len(idx) != b:
-        raise ValueError(f"indices: expected {b} sample indices, got {len(idx)}")
-    if noise is None:
-        x = KeyedRNG(seed, 0).normal(f"{stream}.noise", idx, tuple(latent_shape), device=context.device)
-    else:
-        x = noise.to(device=context.device, dtype=torch.float64)
+    x = initial_noise(context, latent_shape, indices, seed=seed, stream=stream, noise=noise)
     sched = scheduler if scheduler is not None else wan_unipc_scheduler(shift)
     sched.set_timesteps(num_steps, device=context.device)
     for k, t in enumerate(sched.timesteps):
