@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="architecture preset with a random-init teacher (default: the shipped toy teacher "
                         "assets/toy_teacher.pt; taken from --teacher-checkpoint when given)")
     g.add_argument("--teacher-checkpoint", default=None,
-                   help="diffusers WanTransformer3DModel folder or an rcm-megatron model file (.pt); "
+                   help="diffusers WanTransformer3DModel folder, original Wan2.1 .pth/.safetensors, an rcm-megatron "
+                        "checkpoint directory (tools/convert_checkpoint.py import, or a --save dir: its EMA) or model file; "
                         "default assets/toy_teacher.pt when --model is not given")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters/activations (fp32 norms, time embedding)")
     g.add_argument("--mode", choices=("distill", "teacher"), default="distill",
