@@ -60,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-reference", type=int, default=4096, help="held-out data videos")
     p.add_argument("--seed", type=int, default=SAMPLE_SEED, help="sampling noise seed")
     p.add_argument("--skip-teacher", action="store_true", help="do not sample the teacher (quick student checks)")
+    p.add_argument("--teacher-from", default=None, metavar="JSON",
+                   help="reuse the teacher's metrics from an earlier OUT.json with the same teacher settings")
     p.add_argument("--skip-untrained", action="store_true", help="do not evaluate the untrained student")
     p.add_argument("--out", default="runs/evaluate/toy_quality", help="output prefix: OUT.json and OUT.png")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="only redraw OUT.png from an earlier OUT.json (samples regenerated from its models)")
     return p
 
 
@@ -89,8 +93,42 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _sample_rows(teacher, students: dict, steps: list, settings: dict) -> dict:
+    """4 videos (one per class) from the teacher and each student at its fewest and most steps."""
+    rows = {}
+    skw = {"sigma_max": settings["sigma_max"], "mid_times": settings["mid_times"], "seed": settings["seed"]}
+    if teacher is not None:
+        rows[f"TEACHER {settings['teacher_steps']}"] = generate(
+            teacher, "teacher", 4, steps=settings["teacher_steps"], cfg_scale=settings["cfg_scale"],
+            shift=settings["teacher_shift"], seed=settings["seed"])[0]
+    for name, model in students.items():
+        for s in (min(steps), max(steps)):
+            rows[f"{name.upper()} {s} STEP" + ("S" if s > 1 else "")] = generate(model, "student", 4, steps=s, **skw)[0]
+    return rows
+
+
+def replot(path: str, out: str) -> int:
+    from rcm_megatron.eval.plot import plot_benchmark
+
+    with open(path) as f:
+        results = json.load(f)
+    settings = results["settings"]
+    teacher, _ = load_model(settings["teacher"])
+    students = {name: load_model(results["students"][name]["path"], which=settings["weights"])[0]
+                for name in results["methods"]}
+    rows = _sample_rows(teacher, students, settings["steps"], settings)
+    plot_benchmark(results, rows, out + ".png", TITLE)
+    print(f"wrote {out}.png")
+    return 0
+
+
+TITLE = "TOY VIDEO TASK: FEW-STEP STUDENTS VS THE TEACHER"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.replot:
+        return replot(args.replot, args.out)
     if args.cfg_scale is None:
         from rcm_megatron.training.arguments import TOY_DEFAULTS
 
@@ -112,7 +150,22 @@ def main(argv=None) -> int:
     elif not args.skip_teacher or not args.skip_untrained:
         print(f"evaluate.py: error: --teacher {args.teacher}: no such file", file=sys.stderr)
         return 2
-    if not args.skip_teacher:
+    if args.teacher_from:
+        with open(args.teacher_from) as f:
+            old = json.load(f)
+        keys = ("teacher", "teacher_steps", "cfg_scale", "teacher_shift", "num_samples", "num_reference", "seed")
+        def same(k):
+            a, b = old["settings"].get(k), getattr(args, k)
+            return os.path.realpath(a) == os.path.realpath(b) if k == "teacher" and a and b else a == b
+        if "teacher" not in old or not all(same(k) for k in keys):
+            print(f"evaluate.py: error: --teacher-from {args.teacher_from}: no teacher results with these settings "
+                  f"({', '.join(keys)})", file=sys.stderr)
+            return 2
+        results["teacher"] = old["teacher"]
+        samples[f"TEACHER {args.teacher_steps}"] = generate(teacher, "teacher", 4, steps=args.teacher_steps,
+                                                            cfg_scale=args.cfg_scale, shift=args.teacher_shift,
+                                                            seed=args.seed)[0]
+    elif not args.skip_teacher:
         r = evaluate_model(teacher, "teacher", ref, args.num_samples, steps=args.teacher_steps,
                            cfg_scale=args.cfg_scale, shift=args.teacher_shift, seed=args.seed)
         results["teacher"] = r
@@ -149,8 +202,7 @@ def main(argv=None) -> int:
     if not args.no_plot and results["methods"] and "teacher" in results:
         from rcm_megatron.eval.plot import plot_benchmark
 
-        plot_benchmark(results, samples, args.out + ".png",
-                       "TOY VIDEO TASK: FEW-STEP STUDENTS VS THE TEACHER")
+        plot_benchmark(results, samples, args.out + ".png", TITLE)
         print(f"wrote {args.out}.json and {args.out}.png")
     else:
         print(f"wrote {args.out}.json")

@@ -8,10 +8,11 @@ the same classes, in the feature space of ``toy_features`` (any [N, D] features 
   computed per class and averaged over classes (a class-conditional FD; a sample of the
   wrong class is far away in the class-relative features). ``fd_pooled`` ignores classes.
 - ``coverage``: fraction of the (class, mode) pairs that receive at least a quarter of
-  their fair share (1 / (4 M)) of the class's *valid* samples.
+  their fair share (1 / (4 M)) of the class's *moving* samples: those of the right colour
+  whose velocity is within tolerance of one of the class's modes (whatever their detail).
 - ``precision``: fraction of generated samples that are valid (near the data manifold of
   the intended class in every feature, ``toy_features.VALID``).
-- ``mode_entropy``: exp(entropy of the class's mode histogram over valid samples) / M,
+- ``mode_entropy``: exp(entropy of the class's mode histogram over moving samples) / M,
   averaged over classes; 1 = all modes equally often, 1/M = a single mode.
 - ``diversity``: within-class spread, sqrt(trace Cov(features of the class)) relative to the
   held-out data's, averaged over classes; 1 = as diverse as the data, < 1 = collapsed.
@@ -58,13 +59,15 @@ def evaluate_features(gen: Tensor, gen_labels: Tensor, ref: Tensor, ref_labels: 
     ref_labels = torch.as_tensor(ref_labels, dtype=torch.long)
     finite = torch.isfinite(gen).all(1)
     gen = torch.where(finite[:, None], gen, torch.zeros_like(gen))
+    crit = {k: v & finite for k, v in criteria(gen, gen_labels).items()}
     valid = valid_mask(gen, gen_labels) & finite
+    moving = crit["motion"] & crit["purity"]
     modes, _ = assign_modes(gen, gen_labels)
     per_class = []
     for c in range(NUM_CLASSES):
         g, r = gen_labels == c, ref_labels == c
         fg, fr = gen[g], ref[r]
-        counts = torch.bincount(modes[g & valid], minlength=NUM_MODES).to(torch.float64)
+        counts = torch.bincount(modes[g & moving], minlength=NUM_MODES).to(torch.float64)
         n_valid = counts.sum().item()
         share = counts / max(n_valid, 1)
         covered = (share >= 1.0 / (4 * NUM_MODES)) & (counts > 0)
@@ -85,7 +88,7 @@ def evaluate_features(gen: Tensor, gen_labels: Tensor, ref: Tensor, ref_labels: 
         "precision": float(valid.float().mean()), "mode_entropy": mean("mode_entropy"),
         "diversity": mean("diversity"), "nonfinite": int((~finite).sum()),
         "num_samples": int(gen.shape[0]), "per_class": per_class, "feature_names": list(FEATURE_NAMES),
-        "criteria": {k: float((v & finite).float().mean()) for k, v in criteria(gen, gen_labels).items()},
+        "criteria": {k: float(v.float().mean()) for k, v in crit.items()},
         "detail_amplitude": float(gen[:, 2].mean()), "detail_coherence": float(gen[:, 9].mean()),
         "speed": float(gen[:, 3:5].norm(dim=1).mean()),
     }

@@ -14,8 +14,10 @@ METHOD_COLORS = {"scm": (230, 140, 30), "dmd": (60, 120, 220), "rcm": (200, 40, 
 TEACHER_COLOR = (20, 150, 60)
 DATA_COLOR = (120, 120, 120)
 PALETTE = torch.tensor([[255, 80, 60], [60, 200, 90], [70, 120, 255], [250, 200, 40]], dtype=torch.float64) / 255
-PANELS = (("fd", "FRECHET DIST. (LOG, LOWER=BETTER)", True), ("coverage", "MODE COVERAGE", False),
-          ("precision", "PRECISION", False), ("diversity", "DIVERSITY (DATA = 1)", False))
+# (metric, title, y range: "log" or (lo, hi))
+PANELS = (("fd", "FRECHET DISTANCE (LOG)", "log"), ("precision", "PRECISION", (0.0, 1.0)),
+          ("detail_amplitude", "FINE DETAIL (DATA = 1)", (0.0, 1.5)), ("coverage", "MODE COVERAGE", (0.0, 1.0)),
+          ("diversity", "DIVERSITY (DATA = 1)", (0.0, 1.5)))
 
 
 def video_to_rgb(x: torch.Tensor, scale: int = 3) -> torch.Tensor:
@@ -35,7 +37,7 @@ def _short(v: float) -> str:
     if abs(v) < 1:
         return f"{v:.2f}".replace("0.", ".", 1)
     if abs(v) < 10:
-        return f"{v:.2f}"
+        return f"{v:.1f}"
     return f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"
 
 
@@ -49,7 +51,8 @@ def _fmt(v: float) -> str:
     return f"{v:.3f}"
 
 
-def _bar_panel(cv: Canvas, x0: int, y0: int, w: int, h: int, title: str, results: dict, key: str, log: bool) -> None:
+def _bar_panel(cv: Canvas, x0: int, y0: int, w: int, h: int, title: str, results: dict, key: str, yrange) -> None:
+    log = yrange == "log"
     methods = list(results["methods"])
     steps = sorted({int(s) for m in methods for s in results["methods"][m]})
     vals = [results["methods"][m][str(s)][key] for m in methods for s in steps if str(s) in results["methods"][m]]
@@ -63,7 +66,7 @@ def _bar_panel(cv: Canvas, x0: int, y0: int, w: int, h: int, title: str, results
             v = min(max(v, lo), hi)
             return y0 + h - (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * h
     else:
-        lo, hi = 0.0, max(1.0, top * 1.1) if key != "fd" else top * 1.1
+        lo, hi = yrange
 
         def ypos(v):
             return y0 + h - (min(max(v, lo), hi) - lo) / (hi - lo) * h
@@ -71,14 +74,14 @@ def _bar_panel(cv: Canvas, x0: int, y0: int, w: int, h: int, title: str, results
     cv.vline(x0, y0, y0 + h + 1, (0, 0, 0))
     cv.hline(x0, x0 + w, y0 + h, (0, 0, 0))
     ticks = [10 ** e for e in range(int(round(math.log10(lo))), int(round(math.log10(hi))) + 1)] if log else \
-        [lo + (hi - lo) * i / 4 for i in range(5)]
+        [lo + (hi - lo) * i / (3 if hi == 1.5 else 4) for i in range(4 if hi == 1.5 else 5)]
     for tv in ticks:
         y = int(ypos(tv))
         cv.hline(x0 - 3, x0, y, (0, 0, 0))
         cv.text(x0 - 5, y - 3, _fmt(tv) if not log else f"1E{int(round(math.log10(tv)))}", anchor="right",
                 color=(80, 80, 80))
     group_w = w / len(steps)
-    bar_w = max(4, int(group_w * 0.8 / len(methods)))
+    bar_w = max(4, int(group_w * 0.94 / len(methods)))
     for gi, s in enumerate(steps):
         gx = x0 + gi * group_w + (group_w - bar_w * len(methods)) / 2
         for mi, m in enumerate(methods):
@@ -99,7 +102,7 @@ def _bar_panel(cv: Canvas, x0: int, y0: int, w: int, h: int, title: str, results
 def plot_benchmark(results: dict, samples: dict, path: str, title: str) -> None:
     """results: {"teacher", "data", "methods": {method: {steps: metrics}}}; samples: {row label: [n, C, T, H, W]}."""
     width = 1180
-    panel_w, panel_h = 240, 190
+    panel_w, panel_h = 180, 190
     rows = list(samples.items())
     half = (len(rows) + 1) // 2
     thumb = video_to_rgb(next(iter(samples.values()))[0])
@@ -117,8 +120,8 @@ def plot_benchmark(results: dict, samples: dict, path: str, title: str) -> None:
     lx += 20
     cv.dashed_hline(lx, lx + 30, 47, DATA_COLOR)
     cv.text(lx + 36, 44, "HELD-OUT DATA (NOISE FLOOR)")
-    for i, (key, label, log) in enumerate(PANELS):
-        _bar_panel(cv, 70 + i * (panel_w + 48), 100, panel_w, panel_h, label, results, key, log)
+    for i, (key, label, yrange) in enumerate(PANELS):
+        _bar_panel(cv, 60 + i * (panel_w + 44), 100, panel_w, panel_h, label, results, key, yrange)
     y = 100 + panel_h + 40
     cv.text(20, y, "SAMPLES: ONE PER CLASS, FRAMES 0-3 LEFT TO RIGHT (COLOUR = CHANNEL PROJECTION ON THE CLASS COLOURS)")
     y += 20
