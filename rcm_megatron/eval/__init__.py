@@ -1,0 +1,10 @@
+"""Evaluation of teachers and few-step students (docs/quality.md).
+
+- ``toy_features``: the fixed analytic feature space of the toy video task (data/toy.py)
+- ``metrics``: Frechet distance, mode coverage, precision, mode entropy, diversity
+- ``sampling``: the multi-step teacher sampler (Euler on the rectified flow with CFG) and a
+  batched few-step student sampler
+- ``toy_benchmark``: held-out data, generation and metrics in one call
+- ``loading``: models from model files or training checkpoints (EMA, student, fake score)
+- ``png`` / ``plot``: a dependency-free PNG canvas and the benchmark figure
+"""
