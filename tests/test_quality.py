@@ -138,3 +138,7 @@ def test_short_distillation_improves_one_step_fd(method, tmp_path, reference_and
                f"(bound x{ratio}: {ratio * untrained['fd']:.3f})")
     print(summary)
     assert student["fd"] <= ratio * untrained["fd"], summary
+    if method == "scm":  # the exported EMA (tools/export_teacher.py) is the same model as the checkpoint's
+        out = tmp_path / "student.pt"
+        _run(str(tmp_path / "ckpt"), str(out), script=(os.path.join("tools", "export_teacher.py"),))
+        assert one_step(str(out), ref)["fd"] == student["fd"]
