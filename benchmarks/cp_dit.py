@@ -13,7 +13,8 @@ median wall time of synchronized repetitions after a warm-up (the last repetitio
 are the ones compared), peak allocated memory (max over
 ranks), agreement with CP = 1 (outputs, tangents, loss and a few parameter gradients after the
 DP x CP sum), speedup and scaling efficiency t(CP=1) / (CP x t(CP)).
-Then the 720p shape (75600 tokens) at the largest CP: the same two passes.
+Then the 720p shape (75600 tokens) at the largest CP: the same two passes; last, the 720p shape
+at CP = 1 (does it fit one GPU at all; an out-of-memory error is recorded, not fatal).
 Weights are drawn on the GPU from one seed (same on every rank; ``reset_parameters``' CPU
 init of 1.3B parameters is skipped to save time). ``--deadline`` seconds after start no new
 measurement begins (the result JSON is written after every layout).
@@ -153,6 +154,7 @@ def main():
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--reps-720p", type=int, default=1)
+    ap.add_argument("--skip-720p-cp1", action="store_true", help="do not try the 720p shape without CP")
     ap.add_argument("--comm-types", default="a2a,p2p")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after start: begin no new measurement")
     ap.add_argument("--dry", action="store_true", help="tiny model on CPU/gloo")
@@ -271,6 +273,17 @@ def main():
             rec.update(cp=cp_sizes[-1], comm=comm)
             results["720p"]["runs"][f"cp{cp_sizes[-1]}_{comm}"] = rec
             summarize(f"720p cp{cp_sizes[-1]} {comm}", rec, None)
+            write()
+        # The same shape without CP (every rank alone): does it fit one GPU, and how slow is it?
+        if not args.skip_720p_cp1 and not late():
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+            torch.cuda.empty_cache() if dev.type == "cuda" else None
+            rec, _ = measure(model, big, dev, args.reps_720p)
+            rec["cp"] = 1
+            results["720p"]["runs"]["cp1"] = rec
+            summarize("720p cp1", rec, None)
             write()
     from rcm_megatron.parallel import context_parallel
 

@@ -1,8 +1,11 @@
-"""Per-GPU memory of optimizer state with megatron-core's distributed optimizer (DP = 1, 2).
+"""Per-GPU memory of optimizer state with megatron-core's distributed optimizer (DP = 1, 2),
+and of the student's power EMA, which the trainer shards over DP the same way.
 
 Run under torchrun on N GPUs. Builds the Wan student (bf16 params, fp32 main params), takes
 one real training step on a small input so the optimizer state exists, then reports the
-optimizer-state bytes this rank holds and torch's allocated memory. Writes JSON to --out.
+optimizer-state bytes this rank holds (on the GPU and, with --cpu-offload, on the host),
+the fp32 EMA shadow this rank keeps (``partition_names`` over DP, as in training) and
+torch's allocated memory. Writes JSON to --out.
 
     torchrun --nproc-per-node 2 benchmarks/dp_optimizer_memory.py --model wan-1.3b --out results.json
 """
@@ -20,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rcm_megatron.models import WanDiT, preset  # noqa: E402
 from rcm_megatron.parallel.config import ParallelConfig  # noqa: E402
+from rcm_megatron.rcm.ema import PowerEMA, partition_names  # noqa: E402
 from rcm_megatron.parallel.initialize import destroy_distributed, initialize_distributed  # noqa: E402
 from rcm_megatron.training.megatron_dp import MegatronDP, optimizer_state_bytes  # noqa: E402
 
@@ -49,10 +53,18 @@ def main():
         dp.net(x.bfloat16(), torch.tensor([500.0], device="cuda"), ctx).float().square().mean().backward()
     stepped, gnorm = dp.step()
     torch.cuda.synchronize()
+    before_ema = torch.cuda.memory_allocated()
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    ema = PowerEMA(model, 0.1, names=partition_names(sizes, dist.get_world_size())[dist.get_rank()])
+    ema.update(model)
+    ema_gib = sum(t.numel() * t.element_size() for t in ema.shadow.values()) / 2**30
+    ema_alloc_gib = (torch.cuda.memory_allocated() - before_ema) / 2**30
+    on_gpu = optimizer_state_bytes(dp, device_type="cuda") / 2**30
     rec = {
         "rank": dist.get_rank(), "world": dist.get_world_size(), "model": a.model, "num_layers": cfg.num_layers,
         "params": params, "stepped": stepped, "grad_norm": gnorm, "cpu_offload": a.cpu_offload,
-        "optimizer_state_gib": optimizer_state_bytes(dp) / 2**30,
+        "optimizer_state_gib": optimizer_state_bytes(dp) / 2**30, "optimizer_state_on_gpu_gib": on_gpu,
+        "ema_shadow_gib": ema_gib, "ema_allocated_gib": ema_alloc_gib, "ema_tensors": len(ema.shadow),
         "allocated_after_wrap_minus_model_gib": (torch.cuda.memory_allocated() - base) / 2**30,
         "allocated_gib": torch.cuda.memory_allocated() / 2**30,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -65,7 +77,8 @@ def main():
         with open(a.out, "w") as f:
             json.dump(meta, f, indent=1)
         for r in out:
-            print(f"DP={r['world']} rank {r['rank']}: optimizer state {r['optimizer_state_gib']:.2f} GiB, "
+            print(f"DP={r['world']} rank {r['rank']}: optimizer state {r['optimizer_state_gib']:.2f} GiB "
+                  f"({r['optimizer_state_on_gpu_gib']:.2f} on GPU), EMA {r['ema_shadow_gib']:.2f} GiB, "
                   f"allocated {r['allocated_gib']:.2f} GiB, peak {r['peak_gib']:.2f} GiB, stepped={r['stepped']}")
     destroy_distributed()
 

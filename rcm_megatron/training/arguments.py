@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..models.config import PRESETS, WanConfig, preset
 from ..parallel.config import CP_COMM_TYPES, ParallelConfig
 from ..rcm.config import MODES, RCMConfig
+from .lr_schedule import DECAY_STYLES, WSD_DECAY_STYLES, LRScheduleConfig
 
 
 class ArgumentError(ValueError):
@@ -56,6 +57,7 @@ class TrainingConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     optimizer_cpu_offload: bool = False
+    lr_schedule: LRScheduleConfig = LRScheduleConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fake-score-lr", type=float, default=None, help="fake score lr (default: method preset)")
     g.add_argument("--teacher-lr", type=float, default=1e-3, help="lr of --mode teacher")
     g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--lr-decay-style", choices=DECAY_STYLES, default="constant",
+                   help="learning-rate schedule of both trained models (the method's default: constant)")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warmup from --lr-warmup-init")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="student lr at the start of warmup")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="iterations to decay over (default --train-iters)")
+    g.add_argument("--min-lr", type=float, default=0.0,
+                   help="student lr at the end of the decay (the fake score's is scaled by its lr ratio)")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="annealing iterations of --lr-decay-style WSD")
+    g.add_argument("--lr-wsd-decay-style", choices=WSD_DECAY_STYLES, default="exponential")
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler", action="store_true",
+                   dest="override_opt_param_scheduler",
+                   help="on resume, use this run's schedule flags (from the checkpoint's step)")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   action="store_true", dest="use_checkpoint_opt_param_scheduler",
+                   help="on resume, use the checkpoint's schedule and ignore this run's schedule flags")
     g.add_argument("--clip-grad", type=float, default=0.0, help="gradient norm clip (0 = none, the method's default)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -216,6 +235,8 @@ def parse_args(argv=None):
     }.items() if v is not None}
     if args.clip_grad == 0:
         overrides["grad_clip_norm"] = None
+    if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
+        raise ArgumentError("--lr-warmup-fraction and --lr-warmup-iters exclude each other")
     if args.data == "toy" and args.mode == "distill":
         for key, value in TOY_DEFAULTS.items():
             overrides.setdefault(key, value)
@@ -228,6 +249,23 @@ def parse_args(argv=None):
     except ValueError as e:
         raise ArgumentError(str(e).replace("RCMConfig.", "method setting ")) from e
 
+    peak_lr = args.teacher_lr if args.mode == "teacher" else rcm_cfg.lr_student
+    decay_iters = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters
+    warmup = args.lr_warmup_iters
+    if args.lr_warmup_fraction is not None:
+        if not 0 <= args.lr_warmup_fraction < 1:
+            raise ArgumentError(f"--lr-warmup-fraction must be in [0, 1), got {args.lr_warmup_fraction}")
+        warmup = int(args.lr_warmup_fraction * decay_iters)
+    schedule = LRScheduleConfig(
+        decay_style=args.lr_decay_style, warmup_iters=warmup, warmup_init=args.lr_warmup_init,
+        decay_iters=args.lr_decay_iters, min_lr=args.min_lr, wsd_decay_iters=args.lr_wsd_decay_iters,
+        wsd_decay_style=args.lr_wsd_decay_style, override=args.override_opt_param_scheduler,
+        use_checkpoint=args.use_checkpoint_opt_param_scheduler)
+    try:
+        schedule.validate(peak_lr, args.train_iters)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from e
+
     train = TrainingConfig(
         mode=args.mode, train_iters=args.train_iters, seed=args.seed, data=args.data,
         latent_shape=tuple(args.latent_shape) if args.latent_shape else None, log_dir=args.log_dir,
@@ -236,7 +274,8 @@ def parse_args(argv=None):
         teacher_lr=args.teacher_lr, auto_resume=args.auto_resume, exit_duration_in_mins=args.exit_duration_in_mins,
         max_consecutive_skipped_steps=args.max_consecutive_skipped_steps, log_images_interval=args.log_images_interval,
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload)
+        overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
+        lr_schedule=schedule)
     return train, model_cfg, rcm_cfg, par
 
 

@@ -5,7 +5,13 @@ every loss is already divided by the global batch; AdamW with the method's betas
 is skipped when the gradient norm is not finite), with megatron-core doing the work:
 contiguous grad buffers, bucketed reduce-scatter (optionally overlapped with backward),
 fp32 main parameters sharded over DP, parameter all-gather after the step (optionally
-overlapped), optimizer CPU offload where megatron-core offers it.
+overlapped), optimizer CPU offload where megatron-core offers it. Weight decay applies to
+every parameter, as on the CPU path (megatron-core's default would skip biases and norms).
+
+Under pipeline parallelism every stage holds the time embedding; its gradient covers only
+the stage's own blocks, so after the DP x CP reduction it is summed over the stages with
+megatron-core's conditional-embedder reduction (the one its DiT models use), and it counts
+once in the gradient norm (``shared`` on all stages but the first).
 
 ``MegatronDP`` wraps one trained model (student or fake score); ``net`` is what the rCM
 step functions receive: calls go through the DDP wrapper (gradient hooks), tangent passes
@@ -62,22 +68,33 @@ def transformer_config(cfg: WanConfig, par: ParallelConfig, bf16: bool):
 class MegatronDP:
     def __init__(self, module, cfg: WanConfig, par: ParallelConfig, *, lr: float, betas, eps: float,
                  weight_decay: float, clip_grad: float | None, bf16: bool, overlap_grad_reduce: bool,
-                 overlap_param_gather: bool, cpu_offload: bool):
+                 overlap_param_gather: bool, cpu_offload: bool, min_lr: float | None = None,
+                 pipeline_first_stage: bool = True):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        from .sharded_state import PIPELINE_REPLICATED
+
         tcfg = transformer_config(cfg, par, bf16)
+        self.pipelined = par.pipeline_model_parallel_size > 1
+        if self.pipelined:
+            tcfg.has_cond_embedder = True
+            for name, p in module.named_parameters():
+                if name.startswith(PIPELINE_REPLICATED):
+                    p.pipeline_parallel = True  # summed over the stages after the DP reduction
+                    p.shared = not pipeline_first_stage  # counted once in the gradient norm
+        self.tcfg = tcfg
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
             overlap_param_gather=overlap_param_gather, use_distributed_optimizer=True)
         self.ddp = DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=module)
         self.ddp.broadcast_params()
         ocfg = OptimizerConfig(
-            optimizer="adam", lr=lr, min_lr=lr, weight_decay=weight_decay, adam_beta1=betas[0], adam_beta2=betas[1],
+            optimizer="adam", lr=lr, min_lr=lr if min_lr is None else min_lr, weight_decay=weight_decay, adam_beta1=betas[0], adam_beta2=betas[1],
             adam_eps=eps, bf16=bf16, params_dtype=tcfg.params_dtype, use_distributed_optimizer=True,
             overlap_param_gather=overlap_param_gather, clip_grad=clip_grad or 0.0,
             optimizer_cpu_offload=cpu_offload, optimizer_offload_fraction=1.0 if cpu_offload else 0.0)
-        self.optimizer = get_megatron_optimizer(ocfg, [self.ddp])
+        self.optimizer = get_megatron_optimizer(ocfg, [self.ddp], config_overrides={})
         self.net = _Net(self.ddp)
         self.module = module
 
@@ -96,6 +113,10 @@ class MegatronDP:
         if self.ddp.ddp_config.overlap_grad_reduce:
             self.ddp.start_grad_sync()
         self.ddp.finish_grad_sync()
+        if self.pipelined:
+            from megatron.core.distributed.finalize_model_grads import _allreduce_conditional_embedding_grads
+
+            _allreduce_conditional_embedding_grads([self.ddp], self.tcfg)
         found_inf = self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm())
         if found_inf or not math.isfinite(grad_norm):
@@ -135,16 +156,16 @@ class MegatronDP:
         self.optimizer.load_state_dict(loaded)
 
 
-def optimizer_state_bytes(dp: MegatronDP) -> int:
-    """Bytes of optimizer state (fp32 main params + moments) held by this rank."""
+def optimizer_state_bytes(dp: MegatronDP, device_type: str | None = None) -> int:
+    """Bytes of optimizer state (fp32 main params + moments) held by this rank (on
+    ``device_type`` only, when given: 'cuda' vs 'cpu' under optimizer CPU offload)."""
     total = 0
     opts = getattr(dp.optimizer, "chained_optimizers", [dp.optimizer])
     for opt in opts:
         inner = opt.optimizer
         for group in inner.param_groups:
             for p in group["params"]:
-                total += p.numel() * p.element_size()
-                for v in inner.state.get(p, {}).values():
-                    if torch.is_tensor(v):
+                for v in (p, *inner.state.get(p, {}).values()):
+                    if torch.is_tensor(v) and (device_type is None or v.device.type == device_type):
                         total += v.numel() * v.element_size()
     return total

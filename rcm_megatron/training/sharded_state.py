@@ -7,7 +7,8 @@ is zero only on the first TP rank of replicated tensors, the first CP and DP ran
 first pipeline stage for tensors every stage holds (the time embedding). Loading builds the
 same structure for the *current* layout, so a checkpoint reshards across TP/PP/CP/DP.
 
-The AdamW moments (and the power-EMA shadow) are sharded exactly like their parameters;
+The AdamW moments are sharded exactly like their parameters; the power-EMA shadow too, and
+each of its tensors is written by the one DP x CP rank that keeps it (``rcm.ema``);
 the step counts, configs and iteration are common state; each rank's RNG state is a
 ``ShardedObject``.
 """
@@ -34,10 +35,13 @@ def _ranks():
             mpu.get_context_parallel_rank(), mpu.get_data_parallel_rank())
 
 
-def _sharded(key: str, name: str, tensor: torch.Tensor, split: int | None):
+def _sharded(key: str, name: str, tensor: torch.Tensor, split: int | None, dp_sharded: bool = False):
+    """``dp_sharded``: the tensor lives on one DP x CP rank only (the EMA shadow), which writes it."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
     pp, tp_rank, cp, dp = _ranks()
+    if dp_sharded:
+        cp = dp = 0
     tp = pstate.tensor_parallel_world_size()
     pp_replica = pp if name.startswith(PIPELINE_REPLICATED) else 0
     if split is not None and tp > 1:
@@ -56,10 +60,11 @@ def model_sharded_state_dict(model: nn.Module, prefix: str) -> dict:
     return {n: _sharded(f"{prefix}.{n}", n, p, dims[n]) for n, p in model.named_parameters()}
 
 
-def tensors_sharded_state_dict(tensors: dict, model: nn.Module, prefix: str) -> dict:
-    """Name-keyed tensors laid out like ``model``'s parameters (e.g. the EMA shadow)."""
+def tensors_sharded_state_dict(tensors: dict, model: nn.Module, prefix: str, dp_sharded: bool = False) -> dict:
+    """Name-keyed tensors laid out like ``model``'s parameters (e.g. the EMA shadow); with
+    ``dp_sharded`` each DP x CP rank holds a different subset of the names."""
     dims = _split_dims(model)
-    return {n: _sharded(f"{prefix}.{n}", n, t, dims[n]) for n, t in tensors.items()}
+    return {n: _sharded(f"{prefix}.{n}", n, t, dims[n], dp_sharded) for n, t in tensors.items()}
 
 
 def ensure_adam_state(opt: torch.optim.Optimizer) -> None:

@@ -37,9 +37,11 @@ from ..parallel.pipeline import PipelineLayout, StageLink, stage_layer_range
 from ..parallel.sharding import load_full_state_dict
 from ..parallel.tensor_parallel import validate_tp
 from ..rcm import Batch, PowerEMA, RCMConfig, build_optimizer, critic_step, phase, sample, student_step
+from ..rcm.ema import partition_names
 from . import pipeline_step
 from . import sharded_state as ss
 from .arguments import ArgumentError, TrainingConfig, check_data_against_model
+from . import lr_schedule
 from .checkpoint import CheckpointError, CheckpointManager, checkpoint_path, latest_iteration, load_sharded, read_common
 from .flow_matching import flow_matching_loss
 from .metrics import MetricsLogger
@@ -95,13 +97,6 @@ class Trainer:
             stage_layer_range(self.model_cfg.num_layers, pp, 0)
         except ValueError as e:
             raise ArgumentError(str(e)) from e
-        if self.train.use_distributed_optimizer:
-            raise ArgumentError("--use-distributed-optimizer is not supported with --pipeline-model-parallel-size > 1 "
-                                "yet (the pipeline-replicated time embedding needs its gradient summed over stages "
-                                "inside megatron-core's buffers); pipeline runs use the plain AdamW path")
-        if self.par.context_parallel_size > 1:
-            raise ArgumentError("--context-parallel-size > 1 with --pipeline-model-parallel-size > 1 is not "
-                                "supported yet")
 
     def _open_dataset(self):
         from ..data.shards import ShardDataset, is_shard_spec
@@ -137,6 +132,17 @@ class Trainer:
         if meta.get("mode") != self.train.mode or meta.get("method") != method:
             raise ArgumentError(f"--load {where}: checkpoint was written by --mode {meta.get('mode')} "
                                 f"--method {meta.get('method')}, this run is --mode {self.train.mode} --method {method}")
+        lr_student, lr_fake = self._peak_lrs(self.train.mode == "distill")
+        for name, peak in (("student", lr_student), ("fake_score", lr_fake)):
+            saved = (meta.get("lr_schedulers") or {}).get(name)
+            if peak is None or saved is None:
+                continue
+            current = lr_schedule.schedule_fields(self.train.lr_schedule, max_lr=peak, scale=peak / lr_student,
+                                                  train_iters=self.train.train_iters)
+            try:
+                lr_schedule.check_resume(saved, current, self.train.lr_schedule, f"--load {where} ({name})")
+            except ValueError as e:
+                raise ArgumentError(str(e)) from e
         self.resume_meta = meta
 
     def _new_model(self, trainable: bool) -> WanDiT:
@@ -181,7 +187,8 @@ class Trainer:
             self._wrap_megatron_data_parallel(distill)
         self.student_net = self.student_dp.net if self.student_dp else self.student
         self.fake_net = self.fake_dp.net if self.fake_dp else self.fake
-        self.ema = PowerEMA(self.student, self.rcm.ema_sigma_rel)
+        self._build_schedulers(distill)
+        self.ema = PowerEMA(self.student, self.rcm.ema_sigma_rel, names=self._ema_names(grad_group))
         self.uncond = self.dataset.negative_context.unsqueeze(0).to(dev)
         self.loader = None
         from ..data.shards import ShardDataset, ShardLoader
@@ -200,6 +207,32 @@ class Trainer:
         c, t, h, w = self.dataset.latent_shape
         self.tokens = num_tokens(self.model_cfg, (c, t, h, w))
 
+    def _ema_names(self, group) -> list[str]:
+        """The student parameters whose EMA this rank keeps: a size-balanced share over DP x CP."""
+        sizes = {n: p.numel() for n, p in self.student.named_parameters()}
+        return partition_names(sizes, dist.get_world_size(group))[dist.get_rank(group)]
+
+    def _peak_lrs(self, distill: bool) -> tuple[float, float | None]:
+        if not distill:
+            return self.train.teacher_lr, None
+        return self.rcm.lr_student, (self.rcm.lr_fake_score if self.rcm.uses_fake_score else None)
+
+    def _build_schedulers(self, distill: bool) -> None:
+        """One megatron-core lr scheduler per optimizer (lr_schedule.py); sets the step-0 lr."""
+        lr_student, lr_fake = self._peak_lrs(distill)
+        kw = dict(weight_decay=self.rcm.weight_decay, train_iters=self.train.train_iters)
+        opt = self.student_dp.optimizer if self.student_dp else self.opt_student
+        self.sched_student = lr_schedule.build_scheduler(opt, self.train.lr_schedule, max_lr=lr_student, scale=1.0,
+                                                         **kw)
+        self.sched_fake = None
+        if lr_fake is not None:
+            opt = self.fake_dp.optimizer if self.fake_dp else self.opt_fake
+            self.sched_fake = lr_schedule.build_scheduler(opt, self.train.lr_schedule, max_lr=lr_fake,
+                                                          scale=lr_fake / lr_student, **kw)
+
+    def _schedulers(self) -> dict:
+        return {k: v for k, v in (("student", self.sched_student), ("fake_score", self.sched_fake)) if v is not None}
+
     def _wrap_megatron_data_parallel(self, distill: bool) -> None:
         """GPU: megatron-core DDP + distributed optimizer replace the plain AdamW path."""
         from .megatron_dp import MegatronDP
@@ -208,18 +241,20 @@ class Trainer:
             self.student.to_dtype(torch.bfloat16)
             if self.fake is not None:
                 self.fake.to_dtype(torch.bfloat16)
+        sched = self.train.lr_schedule
         kw = dict(eps=self.rcm.adam_eps, weight_decay=self.rcm.weight_decay, clip_grad=self.rcm.grad_clip_norm,
-                  bf16=self.train.bf16, overlap_grad_reduce=self.train.overlap_grad_reduce,
+                  pipeline_first_stage=self.pipe.is_first, bf16=self.train.bf16, overlap_grad_reduce=self.train.overlap_grad_reduce,
                   overlap_param_gather=self.train.overlap_param_gather, cpu_offload=self.train.optimizer_cpu_offload)
         if distill:
             self.student_dp = MegatronDP(self.student, self.model_cfg, self.par, lr=self.rcm.lr_student,
-                                         betas=self.rcm.adam_betas, **kw)
+                                         min_lr=sched.min_lr, betas=self.rcm.adam_betas, **kw)
         else:
             self.student_dp = MegatronDP(self.student, self.model_cfg, self.par, lr=self.train.teacher_lr,
-                                         betas=(0.9, 0.99), **kw)
+                                         min_lr=sched.min_lr, betas=(0.9, 0.99), **kw)
         if self.fake is not None:
+            scale = self.rcm.lr_fake_score / self.rcm.lr_student
             self.fake_dp = MegatronDP(self.fake, self.model_cfg, self.par, lr=self.rcm.lr_fake_score,
-                                      betas=self.rcm.adam_betas, **kw)
+                                      min_lr=sched.min_lr * scale, betas=self.rcm.adam_betas, **kw)
         self.opt_student = self.opt_fake = None
 
     # ------------------------------------------------------------------ checkpoint state
@@ -231,6 +266,7 @@ class Trainer:
                 "model_config": self.model_cfg.to_dict(), "rcm_config": self.rcm.to_dict(),
                 "teacher": self.teacher_meta, "world_size": world_size(),
                 "optimizer_format": "megatron-distributed" if self.student_dp else "torch-adamw",
+                "lr_schedulers": {k: v.state_dict() for k, v in self._schedulers().items()},
                 "layout": {"tp": self.par.tensor_model_parallel_size, "cp": self.par.context_parallel_size,
                            "pp": self.par.pipeline_model_parallel_size, "dp": self.dp_size},
                 "data_position": {"iteration": self.iteration, "global_batch": self.global_batch,
@@ -252,7 +288,7 @@ class Trainer:
     def sharded_state_dict(self, with_rng: bool = True, is_loading: bool = False) -> dict:
         sd = {"meta": self._meta(),
               "student": ss.model_sharded_state_dict(self.student, "student"),
-              "ema": ss.tensors_sharded_state_dict(self.ema.shadow, self.student, "ema"),
+              "ema": ss.tensors_sharded_state_dict(self.ema.shadow, self.student, "ema", dp_sharded=True),
               "ema_meta": {"sigma_rel": self.ema.sigma_rel, "num_updates": self.ema.num_updates},
               "opt_student": self._optimizer_sharded(self.student, self.opt_student, self.student_dp, "student",
                                                      is_loading)}
@@ -289,6 +325,13 @@ class Trainer:
                 self.fake_dp.load_state_dict(loaded["opt_fake_score"])
             else:
                 ss.load_optimizer_state(self.opt_fake, self.fake, loaded["opt_fake_score"])
+        # After the optimizers (their saved param groups carry an lr): the schedulers set it last.
+        for name, sched in self._schedulers().items():  # compatibility checked in _check_resume_compatible
+            saved = meta.get("lr_schedulers", {}).get(name)
+            if saved is None:  # written before schedulers were saved: constant lr, the old behaviour
+                sched.step(int(meta["iteration"]))
+            else:
+                sched.load_state_dict(saved)
         if same_world and loaded.get("rng") is not None:
             torch.set_rng_state(loaded["rng"]["torch"])
         self.iteration, self.student_steps = int(meta["iteration"]), int(meta["student_steps"])
@@ -400,7 +443,7 @@ class Trainer:
         if self.pipe.size > 1:
             batches = list(self._micro_batches(it))
             first = batches[0]
-            with self._autocast():
+            with self._autocast(), (dp.accumulate() if dp is not None else contextlib.nullcontext()):
                 out = self._pipelined_step(ph, batches, it)
             for k, v in out.items():  # diagnostics are means over this DP rank's batch already
                 totals[k] = float(v) * (1.0 if k.startswith("loss") else 1.0 / self.dp_size)
@@ -447,6 +490,9 @@ class Trainer:
                 dp.zero_grad()
             else:
                 opt.zero_grad(set_to_none=True)
+        lr_used = dp.lr if dp is not None else opt.param_groups[0]["lr"]
+        for sched in self._schedulers().values():  # set the lr of the next iteration
+            sched.step(1)
         elapsed = time.perf_counter() - t0
         losses = {k: v for k, v in totals.items() if k.startswith("loss")}
         record.update(losses)
@@ -455,7 +501,7 @@ class Trainer:
         flops = phase_flops(self.model_cfg, self.tokens, self.dataset.text_len,
                             "teacher" if not distill else ph, self.rcm.rollout_max_steps,
                             self.rcm.rollout_random_steps)["total"] * self.global_batch
-        record.update({"grad_norm": float(grad_norm), "lr": dp.lr if dp is not None else opt.param_groups[0]["lr"],
+        record.update({"grad_norm": float(grad_norm), "lr": lr_used,
                        "samples_per_sec": self.global_batch / max(elapsed, 1e-9),
                        "skipped_steps": self.skipped_steps, "student_steps": self.student_steps})
         record.update(throughput_metrics(flops, elapsed, world_size(), tokens=self.tokens * self.global_batch))
