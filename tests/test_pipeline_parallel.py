@@ -7,10 +7,15 @@ subsets), a critic step and a flow-matching step, with one micro-batch of 4 samp
 micro-batches of 1. Every loss term, every diagnostic and the gradient of every parameter
 (after the time embedding's sum over stages) must equal the PP = 1 step (``rcm.step`` per
 micro-batch, as the trainer runs it) for the same data and seeds.
+
+PP = 2 x CP = 2 (ring and all-to-all attention) runs student and critic steps on latents of
+3 x 1 x 3 = 9 tokens, so the stages exchange zero-padded CP chunks of 5 tokens; gradients are
+summed over CP (the trainer's DP x CP reduction) before the comparison.
 """
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from distributed_utils import run_distributed
 from rcm_megatron.models import WanDiT, preset
@@ -29,6 +34,9 @@ RCM = RCMConfig(student_update_freq=2, rollout_max_steps=3)
 N = 4  # samples of the (DP rank's) batch
 STUDENT_IT, CRITIC_IT = 9, 0  # rollout lengths [3, 1, 3, 2] and [3, 1, 1, 2] for samples 10..13
 CASES = [("student", 1), ("student", 4), ("critic", 4), ("flow", 2)]
+LATENT = (16, 2, 4, 4)  # 8 tokens
+CP_CASES = [("student", 1), ("student", 4), ("critic", 1), ("critic", 4)]
+CP_LATENT = (16, 3, 2, 6)  # 9 tokens: CP = 2 pads the second chunk; 3 frames on 2 ranks
 RTOL = 1e-9
 
 
@@ -45,9 +53,9 @@ def _states():
     return out
 
 
-def _batches(num_micro):
+def _batches(num_micro, latent=LATENT):
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(N, 16, 2, 4, 4, generator=g, dtype=D)
+    x0 = torch.randn(N, *latent, generator=g, dtype=D)
     ctx = torch.randn(N, 5, 64, generator=g, dtype=D)
     unc = torch.randn(1, 5, 64, generator=g, dtype=D)
     idx = torch.arange(10, 10 + N)
@@ -58,16 +66,23 @@ def _batches(num_micro):
 def _take_grads(model):
     from rcm_megatron.parallel.sharding import gather_state_dict
 
-    grads = gather_state_dict(model, {n: p.grad for n, p in model.named_parameters()})
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    if dist.is_initialized():  # partial over CP: the trainer's reduction over DP x CP sums them
+        from megatron.core import parallel_state as mpu
+
+        group = mpu.get_data_parallel_group(with_context_parallel=True)
+        for g in grads.values():
+            dist.all_reduce(g, group=group)
+    grads = gather_state_dict(model, grads)
     model.zero_grad(set_to_none=True)
     return grads
 
 
-def _reference_case(models, kind, num_micro):
+def _reference_case(models, kind, num_micro, latent=LATENT):
     """PP = 1, the trainer's path: rcm.step / flow matching per micro-batch, loss / global batch."""
     teacher, student, fake = models
     totals = {}
-    batches = _batches(num_micro)
+    batches = _batches(num_micro, latent)
     for b in batches:
         if kind == "student":
             out = student_step(RCM, teacher, student, fake, b, STUDENT_IT, loss_normalizer=N,
@@ -83,9 +98,9 @@ def _reference_case(models, kind, num_micro):
     return totals, _take_grads(fake if kind == "critic" else student)
 
 
-def _pipelined_case(models, kind, num_micro, link):
+def _pipelined_case(models, kind, num_micro, link, latent=LATENT):
     teacher, student, fake = models
-    batches = _batches(num_micro)
+    batches = _batches(num_micro, latent)
     if kind == "student":
         out = pipeline_step.student_step(RCM, teacher, student, fake, batches, STUDENT_IT, link, loss_normalizer=N,
                                          phase=phase(RCM, STUDENT_IT))
@@ -111,35 +126,44 @@ def _stage_models(states):
     return layout, models
 
 
-def _rank_run(states):
+def _rank_run(states, cases=CASES, latent=LATENT):
     from rcm_megatron.parallel import state
 
     layout, models = _stage_models(states)
     link = StageLink(layout, "cpu")
-    cases = [_pipelined_case(models, kind, m, link) for kind, m in CASES]
+    cases = [_pipelined_case(models, kind, m, link, latent) for kind, m in cases]
     return {"pp_rank": layout.rank, "is_last": layout.is_last, "tp_rank": state.tensor_parallel_rank(),
-            "cases": cases}
+            "cp_rank": state.context_parallel_rank(), "cases": cases}
 
 
-@pytest.fixture(scope="module")
-def reference():
+def _reference(cases, latent):
     states = _states()
     models = []
     for sd, trainable in zip(states, (False, True, True)):
         m = WanDiT(CFG).double()
         m.load_state_dict(sd)
         models.append(m.requires_grad_(trainable))
-    return states, [_reference_case(models, kind, m) for kind, m in CASES]
+    return states, [_reference_case(models, kind, m, latent) for kind, m in cases]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _reference(CASES, LATENT)
+
+
+@pytest.fixture(scope="module")
+def cp_reference():
+    return _reference(CP_CASES, CP_LATENT)
 
 
 def _close(a, b):
     return abs(a - b) <= RTOL * max(abs(b), 1e-12)
 
 
-def _check(results, reference, pp):
+def _check(results, reference, pp, cases=CASES):
     _, ref_cases = reference
     assert sorted({r["pp_rank"] for r in results}) == list(range(pp))
-    for c, (kind, num_micro) in enumerate(CASES):
+    for c, (kind, num_micro) in enumerate(cases):
         ref_vals, ref_grads = ref_cases[c]
         seen = set()
         for r in results:
@@ -162,6 +186,16 @@ def test_pipelined_steps_match_single_process(reference, pp, tp):
     par = ParallelConfig(pipeline_model_parallel_size=pp, tensor_model_parallel_size=tp, sequence_parallel=tp > 1)
     results = run_distributed(_rank_run, pp * tp, par, states, timeout=900)
     _check(results, reference, pp)
+
+
+@pytest.mark.parametrize("comm_type", ["p2p", "a2a"])
+def test_pipelined_steps_with_context_parallel_match_single_process(cp_reference, comm_type):
+    """PP = 2 x CP = 2: stage boundaries carry each CP rank's padded chunk."""
+    states, _ = cp_reference
+    par = ParallelConfig(pipeline_model_parallel_size=2, context_parallel_size=2, cp_comm_type=comm_type)
+    results = run_distributed(_rank_run, 4, par, states, CP_CASES, CP_LATENT, timeout=900)
+    assert sorted((r["pp_rank"], r["cp_rank"]) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    _check(results, cp_reference, 2, CP_CASES)
 
 
 def test_single_stage_plan_matches_step_functions(reference):

@@ -7,6 +7,12 @@ text) packed byte-wise into one buffer, preceded by a small int64 header that sa
 unpack it (dtypes and shapes; a missing tangent is an empty slot). Gradients go back in the
 same layout without a header: the sender of the activations knows their shapes.
 
+Under TP (SP) and CP a rank's neighbours are the ranks of equal TP, CP and DP rank in the
+adjacent stages (megatron-core's pipeline group, order tp-cp-dp-pp; peers are global ranks),
+and the tokens it sends are its own shard: under CP the zero-padded chunk of ceil(S/cp)
+tokens. No length travels: every stage has the latents, so the receiver recomputes the real
+token count (``StageState.seq_len``) from their grid.
+
 Two schedules, both written only against ``torch.distributed`` send/recv (so they run on
 gloo and NCCL alike; megatron-core's schedules and p2p code call CUDA):
 

@@ -10,10 +10,14 @@ and, on student steps, the power EMA.
 With ``--pipeline-model-parallel-size`` > 1 each rank builds its stage of every model
 (equal numbers of blocks; embeddings on the first stage, the head on the last) and an
 iteration runs the pipelined step plan of ``pipeline_step.py`` over all its micro-batches:
-forward-only sweeps make the targets, one 1F1B pass regresses the trained model. The time
-embedding, held by every stage, has its gradient summed over the stages; the gradient norm
-sums squares over TP, PP and counts every parameter once; the losses, computed on the last
-stage, are broadcast over the pipeline so global rank 0 logs them. SIGTERM / SIGUSR1 (SLURM pre-emption) and
+forward-only sweeps make the targets, one 1F1B pass regresses the trained model. It composes
+with TP (and SP), CP and DP: megatron-core's pipeline groups join the ranks of equal TP, CP and
+DP rank, so each rank exchanges its own shard of the activations (under CP its zero-padded
+sequence chunk) with the same rank of the neighbouring stages, and gradients are reduced over
+DP x CP on every stage as without PP. The time embedding, held by every stage, has its
+gradient summed over the stages; the gradient norm sums squares over TP, PP and counts every
+parameter once; the losses, computed on the last stage (alike on its CP ranks), are broadcast
+over the pipeline so global rank 0 logs them. SIGTERM / SIGUSR1 (SLURM pre-emption) and
 ``--exit-duration-in-mins`` end the run after a save at an iteration boundary.
 """
 
