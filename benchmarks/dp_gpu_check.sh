@@ -9,27 +9,41 @@
 set -uo pipefail
 OUT=${OUT:-dp_results}; NGPU=${NGPU:-2}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=4 PYTHONPATH=$PWD:${PYTHONPATH:-}
-run() { torchrun --standalone --nproc-per-node "$1" pretrain_rcm.py "${@:2}"; }
+mkdir -p "$OUT/logs"
+run() {  # NAME NPROC FLAGS...: full log in $OUT/logs/NAME.log; on failure the first traceback is shown
+  local name=$1 n=$2; shift 2
+  torchrun --standalone --nproc-per-node "$n" pretrain_rcm.py "$@" > "$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  echo "[$name] exit $rc"; grep -E "^iter|resumed|saved" "$OUT/logs/$name.log" | tail -2
+  [ $rc = 0 ] || grep -m1 -B2 -A45 "Traceback" "$OUT/logs/$name.log" | grep -v "^\s*$" | tail -30
+}
+mem() {  # NAME NPROC FLAGS...
+  local name=$1 n=$2; shift 2
+  torchrun --standalone --nproc-per-node "$n" benchmarks/dp_optimizer_memory.py "$@" > "$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  echo "[$name] exit $rc"; grep "^DP=" "$OUT/logs/$name.log"
+  [ $rc = 0 ] || grep -m1 -B2 -A45 "Traceback" "$OUT/logs/$name.log" | grep -v "^\s*$" | tail -30
+}
 COMMON=(--model tiny --bf16 --use-distributed-optimizer --overlap-grad-reduce --log-interval 1
         --micro-batch-size 1 --global-batch-size 4 --student-update-freq 2 --rollout-steps 2
         --lr-decay-style cosine --lr-warmup-iters 1 --lr-decay-iters 6 --min-lr 1e-5)
-set -x
-run 1 "${COMMON[@]}" --train-iters 6 --log-dir "$OUT/dp1" 2>&1 | tail -3
-run 2 "${COMMON[@]}" --train-iters 6 --log-dir "$OUT/dp2" 2>&1 | tail -3
-run 2 "${COMMON[@]}" --train-iters 3 --log-dir "$OUT/dp2_resumed" --save "$OUT/ckpt" 2>&1 | tail -3
-run 2 "${COMMON[@]}" --train-iters 6 --log-dir "$OUT/dp2_resumed" --save "$OUT/ckpt" --load "$OUT/ckpt" 2>&1 | tail -3
-run 2 "${COMMON[@]}" --train-iters 6 --log-dir "$OUT/pp2" --pipeline-model-parallel-size 2 2>&1 | tail -3
+run dp2_save3 2 "${COMMON[@]}" --train-iters 3 --log-dir "$OUT/dp2_resumed" --save "$OUT/ckpt"
+run dp2_resume 2 "${COMMON[@]}" --train-iters 6 --log-dir "$OUT/dp2_resumed" --save "$OUT/ckpt" --load "$OUT/ckpt"
+run dp1 1 "${COMMON[@]}" --train-iters 6 --log-dir "$OUT/dp1"
+run dp2 2 "${COMMON[@]}" --train-iters 6 --log-dir "$OUT/dp2"
+run pp2 2 "${COMMON[@]}" --train-iters 6 --log-dir "$OUT/pp2" --pipeline-model-parallel-size 2
 if [ "$NGPU" -ge 4 ]; then
-  run 4 "${COMMON[@]}" --train-iters 6 --log-dir "$OUT/pp2dp2" --pipeline-model-parallel-size 2 2>&1 | tail -3
+  run pp2dp2 4 "${COMMON[@]}" --train-iters 6 --log-dir "$OUT/pp2dp2" --pipeline-model-parallel-size 2
   # the DP2 checkpoint (iteration 6) loaded at PP2 x DP2: resharded over stages and DP
-  run 4 "${COMMON[@]}" --train-iters 8 --log-dir "$OUT/pp2dp2_from_dp2" --pipeline-model-parallel-size 2 \
-      --load "$OUT/ckpt" --lr-decay-iters 6 2>&1 | tail -3
-  run 2 "${COMMON[@]}" --train-iters 8 --log-dir "$OUT/dp2_from_dp2" --load "$OUT/ckpt" 2>&1 | tail -3
+  run pp2dp2_from_dp2 4 "${COMMON[@]}" --train-iters 8 --log-dir "$OUT/pp2dp2_from_dp2" \
+      --pipeline-model-parallel-size 2 --load "$OUT/ckpt"
+  run dp2_from_dp2 2 "${COMMON[@]}" --train-iters 8 --log-dir "$OUT/dp2_from_dp2" --load "$OUT/ckpt"
 fi
-torchrun --standalone --nproc-per-node 1 benchmarks/dp_optimizer_memory.py --model wan-1.3b --out "$OUT/mem_dp1.json" 2>&1 | tail -2
-torchrun --standalone --nproc-per-node 2 benchmarks/dp_optimizer_memory.py --model wan-1.3b --out "$OUT/mem_dp2.json" 2>&1 | tail -3
-torchrun --standalone --nproc-per-node 2 benchmarks/dp_optimizer_memory.py --model wan-1.3b --cpu-offload --out "$OUT/mem_dp2_offload.json" 2>&1 | tail -3
-set +x
+[ "${SKIP_MEMORY:-0}" = 1 ] || {
+  mem mem_dp1 1 --model wan-1.3b --out "$OUT/mem_dp1.json"
+  mem mem_dp2 2 --model wan-1.3b --out "$OUT/mem_dp2.json"
+}
+mem mem_dp2_offload 2 --model wan-1.3b --cpu-offload --out "$OUT/mem_dp2_offload.json"
 python - "$OUT" <<'PY'
 import json, os, sys
 out = sys.argv[1]
