@@ -20,12 +20,19 @@ straight to the module (no graph, nothing to reduce).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 from ..models.config import WanConfig
 from ..parallel.config import ParallelConfig
+
+
+# How the optimizer state is laid out in checkpoints (megatron-core's names; both reshard over
+# TP, PP and DP): per-parameter tensors gathered over DP, or flat per-rank ranges in model space.
+SHARDING_TYPES = ("fully_reshardable", "fully_sharded_model_space")
+DEFAULT_SHARDING = "fully_reshardable"
 
 
 class _Net:
@@ -147,13 +154,53 @@ class MegatronDP:
                         st["exp_avg"] = torch.zeros_like(p.data)
                         st["exp_avg_sq"] = torch.zeros_like(p.data)
 
-    def sharded_state_dict(self, model_sharded: dict, is_loading: bool = False) -> dict:
+    def sharded_state_dict(self, model_sharded: dict, is_loading: bool = False,
+                           sharding_type: str = DEFAULT_SHARDING) -> dict:
+        """megatron-core's sharded optimizer state; ``sharding_type`` one of SHARDING_TYPES (both
+        reshard across TP, PP and DP; the loading run must use the saving run's type)."""
+        if sharding_type not in SHARDING_TYPES:
+            raise ValueError(f"optimizer sharding type {sharding_type!r}: expected one of {SHARDING_TYPES}")
         self._ensure_state()
         return self.optimizer.sharded_state_dict(model_sharded, is_loading=is_loading,
-                                                 metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+                                                 metadata={"distrib_optim_sharding_type": sharding_type})
 
     def load_state_dict(self, loaded: dict) -> None:
-        self.optimizer.load_state_dict(loaded)
+        with _tolerate_missing_adam_step(self.optimizer):
+            self.optimizer.load_state_dict(loaded)
+
+
+@contextlib.contextmanager
+def _tolerate_missing_adam_step(optimizer):
+    """Work around megatron-core 0.16.1 without Apex / Transformer Engine (torch's Adam): its
+    DistributedOptimizer.load_state_dict first gives every parameter's state a ``step``, then
+    copies the saved per-parameter tensors over *all* state keys, and the saved ones have no
+    ``step`` (KeyError: 'step', found on 2 H100s). Here the copy skips ``step`` (already set from
+    the saved param groups) when the saved tensors lack it."""
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        orig = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if orig is None:
+            continue
+
+        def copy_states(model_param, tensors, _opt=opt, _orig=orig):
+            if "step" in tensors or _opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+                return _orig(model_param, tensors)
+            group, order = _opt.model_param_group_index_map[model_param]
+            state = _opt.optimizer.state[_opt.optimizer.param_groups[group]["params"][order]]
+            step = state.pop("step", None)
+            try:
+                return _orig(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        opt._set_main_param_and_optimizer_states = copy_states
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
 
 
 def optimizer_state_bytes(dp: MegatronDP, device_type: str | None = None) -> int:

@@ -270,6 +270,7 @@ class Trainer:
                 "model_config": self.model_cfg.to_dict(), "rcm_config": self.rcm.to_dict(),
                 "teacher": self.teacher_meta, "world_size": world_size(),
                 "optimizer_format": "megatron-distributed" if self.student_dp else "torch-adamw",
+                "optimizer_sharding": self.train.dist_ckpt_optim_sharding if self.student_dp else None,
                 "lr_schedulers": {k: v.state_dict() for k, v in self._schedulers().items()},
                 "layout": {"tp": self.par.tensor_model_parallel_size, "cp": self.par.context_parallel_size,
                            "pp": self.par.pipeline_model_parallel_size, "dp": self.dp_size},
@@ -279,7 +280,11 @@ class Trainer:
 
     def _optimizer_sharded(self, model, opt, dp, prefix: str, is_loading: bool):
         if dp is not None:
-            return dp.sharded_state_dict(ss.model_sharded_state_dict(model, prefix), is_loading=is_loading)
+            sharding = self.train.dist_ckpt_optim_sharding
+            if is_loading:  # the layout the checkpoint was written in
+                sharding = self.resume_meta.get("optimizer_sharding") or "fully_reshardable"
+            return dp.sharded_state_dict(ss.model_sharded_state_dict(model, prefix), is_loading=is_loading,
+                                         sharding_type=sharding)
         sd = ss.optimizer_sharded_state_dict(opt, model, f"opt_{prefix}")
         if self.pipe.size > 1:
             # Step counts are common state, which every rank must hold alike (rank 0 writes it):
