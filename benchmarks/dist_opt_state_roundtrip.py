@@ -6,7 +6,8 @@ Trains the tiny model 3 iterations with ``--use-distributed-optimizer`` (bf16, r
 schedule), saves, then builds a second trainer in the same processes that loads the
 checkpoint, and compares, per rank, every optimizer-state tensor (fp32 main parameters,
 Adam moments, step) and the learning rate of both optimizers, and the model parameters.
-Prints the largest differences and writes DIR/roundtrip_<sharding>.json.
+Then runs the resumed trainer to iteration 6 and a straight one to 6 (same processes) and
+compares their losses. Prints the largest differences and writes DIR/roundtrip_<sharding>.json.
 """
 
 import argparse
@@ -83,12 +84,33 @@ def main():
     report = {k: compare(saved[k], loaded[k]) for k in saved}
     steps = {k: sorted({float(v) for n, v in loaded[k].items() if n.endswith(".step")}) for k in ("student_opt", "fake_opt")}
     steps_saved = {k: sorted({float(v) for n, v in saved[k].items() if n.endswith(".step")}) for k in ("student_opt", "fake_opt")}
-    rec = {"rank": dist.get_rank(), "report": report, "steps_loaded": steps, "steps_saved": steps_saved}
+    shared = {k: len({v.data_ptr() for o in (getattr(getattr(second, d).optimizer, "chained_optimizers",
+                                                          [getattr(second, d).optimizer]) if getattr(second, d)
+                                             else [])
+                      for v in [st["step"] for st in o.optimizer.state.values()]})
+              for k, d in (("student_steps_tensors", "student_dp"), ("fake_steps_tensors", "fake_dp"))}
+    # then: the resumed run to iteration 6 against a straight run to 6, same processes
+    second.run()
+    third = Trainer(*parse_args([*common, "--train-iters", "6", "--log-dir", os.path.join(a.out, "straight")]))
+    third.run()
+    worst = 0.0
+    if dist.get_rank() == 0:
+        rows = {d: [json.loads(x) for x in open(os.path.join(a.out, d, "metrics.jsonl"))] for d in ("second", "straight")}
+        by_it = {r["iteration"]: r for r in rows["straight"]}
+        for r in rows["second"]:
+            s_ = by_it[r["iteration"]]
+            for k in r:
+                if k.startswith("loss"):
+                    worst = max(worst, abs(r[k] - s_[k]) / abs(s_[k]))
+        print(f"resumed vs straight, iterations {[r['iteration'] for r in rows['second']]}: max rel loss diff {worst:.3g}")
+    rec = {"rank": dist.get_rank(), "report": report, "steps_loaded": steps, "steps_saved": steps_saved,
+           "distinct_step_tensors": shared, "resumed_vs_straight_max_rel_loss_diff": worst}
     allrec = [None] * dist.get_world_size()
     dist.all_gather_object(allrec, rec)
     if dist.get_rank() == 0:
         for r in allrec:
-            print(f"rank {r['rank']}: steps saved {r['steps_saved']} loaded {r['steps_loaded']}")
+            print(f"rank {r['rank']}: steps saved {r['steps_saved']} loaded {r['steps_loaded']}, distinct step "
+                  f"tensors {r['distinct_step_tensors']}")
             for k, v in r["report"].items():
                 print(f"  {k}: missing {v['missing']} worst {v['worst']}")
         with open(os.path.join(a.out, f"roundtrip_{a.sharding}.json"), "w") as f:

@@ -167,6 +167,17 @@ class MegatronDP:
     def load_state_dict(self, loaded: dict) -> None:
         with _tolerate_missing_adam_step(self.optimizer):
             self.optimizer.load_state_dict(loaded)
+        self._unshare_steps()
+
+    def _unshare_steps(self) -> None:
+        """megatron-core 0.16.1 (no Apex/TE) gives every parameter's state the *same* ``step``
+        tensor on load; torch's Adam increments each parameter's step in place, so the shared
+        one would count once per parameter and wreck the bias correction after a resume (seen
+        on 2 H100s: resumed losses drifted from the first step on). One tensor per parameter."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for st in opt.optimizer.state.values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].clone()
 
 
 @contextlib.contextmanager
