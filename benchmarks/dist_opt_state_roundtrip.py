@@ -1,6 +1,6 @@
 """GPU check: the distributed optimizer's state survives a checkpoint round trip exactly.
 
-    torchrun --nproc-per-node 2 benchmarks/dist_opt_state_roundtrip.py --out DIR [--sharding fully_reshardable]
+    torchrun --nproc-per-node 2 benchmarks/dist_opt_state_roundtrip.py --out DIR
 
 Trains the tiny model 3 iterations with ``--use-distributed-optimizer`` (bf16, rCM, a cosine
 schedule), saves, then builds a second trainer in the same processes that loads the
@@ -62,11 +62,10 @@ def compare(a: dict, b: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--sharding", default="fully_reshardable")
     ap.add_argument("--cpu", action="store_true", help="the CPU path (plain AdamW): checks this script")
     a = ap.parse_args()
-    ck = os.path.join(a.out, f"ckpt_{a.sharding}")
-    common = [*COMMON, "--dist-ckpt-optim-sharding", a.sharding]
+    ck = os.path.join(a.out, "ckpt")
+    common = list(COMMON)
     if a.cpu:
         common = [x for x in common if x not in ("--bf16", "--use-distributed-optimizer")]
     first = Trainer(*parse_args([*common, "--train-iters", "3", "--log-dir", os.path.join(a.out, "first"),
@@ -113,7 +112,7 @@ def main():
                   f"tensors {r['distinct_step_tensors']}")
             for k, v in r["report"].items():
                 print(f"  {k}: missing {v['missing']} worst {v['worst']}")
-        with open(os.path.join(a.out, f"roundtrip_{a.sharding}.json"), "w") as f:
+        with open(os.path.join(a.out, "roundtrip.json"), "w") as f:
             json.dump(allrec, f, indent=1)
 
 

@@ -6,7 +6,7 @@
 # with optimizer CPU offload). Results go to $OUT (default ./dp_results); a summary JSON
 # (dp_gpu_check.json) compares every run's losses with the DP = 1 run's (layouts) or the straight
 # DP = 2 run's (resume, reshard).
-#   NGPU=4 OUT=... [SHARDINGS="fully_reshardable fully_sharded_model_space"] [SKIP_LAYOUTS=1]
+#   NGPU=4 OUT=... [SKIP_LAYOUTS=1]
 #   [SKIP_MEMORY=1] bash benchmarks/dp_gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-dp_results}; NGPU=${NGPU:-2}; mkdir -p "$OUT"
@@ -36,17 +36,16 @@ if [ "${SKIP_LAYOUTS:-0}" != 1 ]; then  # the same losses at every layout
   [ "$NGPU" -ge 4 ] && run pp2dp2 4 "${COMMON[@]}" --train-iters 6 --log-dir "$OUT/pp2dp2" --pipeline-model-parallel-size 2
 fi
 # checkpoints, per optimizer-state layout: DP2 save at 3, resume to 6 (== straight), then the
-# iteration-6 checkpoint loaded at DP1 and (4 GPUs) PP2 x DP2, both run to 8 (== DP2 straight to 8)
+# iteration-6 checkpoint loaded at DP1, run to 8 (== DP2 straight to 8). (Loading it at PP2 x DP2
+# hung on 4 H100s on 2026-11-27; the trainer now refuses a PP change of distributed-optimizer state.)
 run dp2_straight8 2 "${COMMON[@]}" --train-iters 8 --log-dir "$OUT/dp2_straight8"
-for S in ${SHARDINGS:-fully_reshardable}; do
-  C=(--dist-ckpt-optim-sharding "$S")
+for S in fully_reshardable; do  # megatron-core's optimizer-state layout used by the trainer
+  C=()
   run "${S}_dp2_save3" 2 "${COMMON[@]}" "${C[@]}" --train-iters 3 --log-dir "$OUT/${S}_dp2_resumed" --save "$OUT/ckpt_$S"
   run "${S}_dp2_resume" 2 "${COMMON[@]}" "${C[@]}" --train-iters 6 --log-dir "$OUT/${S}_dp2_resumed" \
       --save "$OUT/ckpt_$S" --load "$OUT/ckpt_$S"
   run "${S}_dp1_from_dp2" 1 "${COMMON[@]}" "${C[@]}" --train-iters 8 --log-dir "$OUT/${S}_dp1_from_dp2" \
       --load "$OUT/ckpt_$S"
-  [ "$NGPU" -ge 4 ] && run "${S}_pp2dp2_from_dp2" 4 "${COMMON[@]}" "${C[@]}" --train-iters 8 \
-      --log-dir "$OUT/${S}_pp2dp2_from_dp2" --pipeline-model-parallel-size 2 --load "$OUT/ckpt_$S"
 done
 [ "${SKIP_MEMORY:-0}" = 1 ] || {
   mem mem_dp1 1 --model wan-1.3b --out "$OUT/mem_dp1.json"

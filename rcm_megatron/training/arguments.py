@@ -58,7 +58,6 @@ class TrainingConfig:
     overlap_param_gather: bool = False
     optimizer_cpu_offload: bool = False
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
-    dist_ckpt_optim_sharding: str = "fully_reshardable"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,10 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-grad-reduce", action="store_true", help="with --use-distributed-optimizer")
     g.add_argument("--overlap-param-gather", action="store_true", help="with --use-distributed-optimizer")
     g.add_argument("--optimizer-cpu-offload", action="store_true", help="with --use-distributed-optimizer")
-    g.add_argument("--dist-ckpt-optim-sharding", choices=("fully_reshardable", "fully_sharded_model_space"),
-                   default="fully_reshardable",
-                   help="checkpoint layout of distributed-optimizer state (megatron-core's; both reshard over TP, "
-                        "PP and DP; a resumed run reads the layout the checkpoint was written in)")
     return p
 
 
@@ -280,7 +275,7 @@ def parse_args(argv=None):
         max_consecutive_skipped_steps=args.max_consecutive_skipped_steps, log_images_interval=args.log_images_interval,
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
-        lr_schedule=schedule, dist_ckpt_optim_sharding=args.dist_ckpt_optim_sharding)
+        lr_schedule=schedule)
     return train, model_cfg, rcm_cfg, par
 
 

@@ -29,12 +29,6 @@ from ..models.config import WanConfig
 from ..parallel.config import ParallelConfig
 
 
-# How the optimizer state is laid out in checkpoints (megatron-core's names; both reshard over
-# TP, PP and DP): per-parameter tensors gathered over DP, or flat per-rank ranges in model space.
-SHARDING_TYPES = ("fully_reshardable", "fully_sharded_model_space")
-DEFAULT_SHARDING = "fully_reshardable"
-
-
 class _Net:
     """VelocityNet view of a DDP-wrapped WanDiT."""
 
@@ -154,15 +148,13 @@ class MegatronDP:
                         st["exp_avg"] = torch.zeros_like(p.data)
                         st["exp_avg_sq"] = torch.zeros_like(p.data)
 
-    def sharded_state_dict(self, model_sharded: dict, is_loading: bool = False,
-                           sharding_type: str = DEFAULT_SHARDING) -> dict:
-        """megatron-core's sharded optimizer state; ``sharding_type`` one of SHARDING_TYPES (both
-        reshard across TP, PP and DP; the loading run must use the saving run's type)."""
-        if sharding_type not in SHARDING_TYPES:
-            raise ValueError(f"optimizer sharding type {sharding_type!r}: expected one of {SHARDING_TYPES}")
+    def sharded_state_dict(self, model_sharded: dict, is_loading: bool = False) -> dict:
+        """megatron-core's sharded optimizer state in its ``fully_reshardable`` layout (per-parameter
+        tensors gathered over DP; its ``fully_sharded_model_space`` layout requires 3-part replica
+        ids, ours have 4: PP, TP, CP, DP)."""
         self._ensure_state()
         return self.optimizer.sharded_state_dict(model_sharded, is_loading=is_loading,
-                                                 metadata={"distrib_optim_sharding_type": sharding_type})
+                                                 metadata={"distrib_optim_sharding_type": "fully_reshardable"})
 
     def load_state_dict(self, loaded: dict) -> None:
         with _tolerate_missing_adam_step(self.optimizer):

@@ -147,6 +147,14 @@ class Trainer:
                 lr_schedule.check_resume(saved, current, self.train.lr_schedule, f"--load {where} ({name})")
             except ValueError as e:
                 raise ArgumentError(str(e)) from e
+        saved_pp = (meta.get("layout") or {}).get("pp", 1)
+        if meta.get("optimizer_format") == "megatron-distributed" and self.train.use_distributed_optimizer \
+                and saved_pp != self.par.pipeline_model_parallel_size:
+            raise ArgumentError(
+                f"--load {where}: distributed-optimizer state saved at --pipeline-model-parallel-size {saved_pp} cannot "
+                f"be loaded at {self.par.pipeline_model_parallel_size} yet (on 4 H100s such a resharded load hung in the "
+                f"first iteration); resume at pipeline size {saved_pp}, or convert the weights with "
+                "tools/convert_checkpoint.py and start new optimizer state")
         self.resume_meta = meta
 
     def _new_model(self, trainable: bool) -> WanDiT:
@@ -270,7 +278,6 @@ class Trainer:
                 "model_config": self.model_cfg.to_dict(), "rcm_config": self.rcm.to_dict(),
                 "teacher": self.teacher_meta, "world_size": world_size(),
                 "optimizer_format": "megatron-distributed" if self.student_dp else "torch-adamw",
-                "optimizer_sharding": self.train.dist_ckpt_optim_sharding if self.student_dp else None,
                 "lr_schedulers": {k: v.state_dict() for k, v in self._schedulers().items()},
                 "layout": {"tp": self.par.tensor_model_parallel_size, "cp": self.par.context_parallel_size,
                            "pp": self.par.pipeline_model_parallel_size, "dp": self.dp_size},
@@ -280,11 +287,7 @@ class Trainer:
 
     def _optimizer_sharded(self, model, opt, dp, prefix: str, is_loading: bool):
         if dp is not None:
-            sharding = self.train.dist_ckpt_optim_sharding
-            if is_loading:  # the layout the checkpoint was written in
-                sharding = self.resume_meta.get("optimizer_sharding") or "fully_reshardable"
-            return dp.sharded_state_dict(ss.model_sharded_state_dict(model, prefix), is_loading=is_loading,
-                                         sharding_type=sharding)
+            return dp.sharded_state_dict(ss.model_sharded_state_dict(model, prefix), is_loading=is_loading)
         sd = ss.optimizer_sharded_state_dict(opt, model, f"opt_{prefix}")
         if self.pipe.size > 1:
             # Step counts are common state, which every rank must hold alike (rank 0 writes it):
