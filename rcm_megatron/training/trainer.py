@@ -5,7 +5,10 @@ Per iteration: the schedule names the trained model; every DP rank takes its sli
 layout-independent global batch, accumulates gradients over micro-batches (losses are sums
 over samples divided by the *global* batch size, so data-parallel gradients simply add),
 reduces gradients over DP x CP, skips the step if they are non-finite, steps the optimizer
-and, on student steps, the power EMA.
+and, on student steps, the power EMA (each DP x CP rank keeps its size-balanced share of the
+shadow tensors), then advances both learning-rate schedulers (``lr_schedule.py``). On GPU
+``--use-distributed-optimizer`` hands gradient reduction and the optimizers to megatron-core
+(``megatron_dp.py``); the CPU path has the same semantics.
 
 With ``--pipeline-model-parallel-size`` > 1 each rank builds its stage of every model
 (equal numbers of blocks; embeddings on the first stage, the head on the last) and an
