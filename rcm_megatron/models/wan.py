@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from ..parallel import context_parallel as cp
 from ..parallel import state as parallel_state
@@ -60,6 +61,18 @@ class StageState:
         return f * h * w
 
 
+class _BlockGroup:
+    """Consecutive blocks as one function of tensors (what activation checkpointing re-runs)."""
+
+    def __init__(self, blocks, seq_len: int):
+        self.blocks, self.seq_len = blocks, seq_len
+
+    def __call__(self, x, tx, tproj, ttproj, context, rope):
+        for block in self.blocks:
+            x, tx = block(x, tx, tproj, ttproj, context, rope, self.seq_len)
+        return x, tx
+
+
 class WanDiT(nn.Module):
     def __init__(self, config: WanConfig, pre_process: bool = True, post_process: bool = True,
                  layer_range: tuple[int, int] | None = None):
@@ -78,6 +91,7 @@ class WanDiT(nn.Module):
         # Every stage needs the time embedding (it conditions every block); it is tiny.
         self.time_embedding = TimeEmbedding(config)
         self.blocks = nn.ModuleDict({str(i): WanBlock(config) for i in range(first, last)})
+        self.recompute_num_layers = 0  # activation checkpointing; see set_activation_recompute
         if post_process:
             d = config.hidden_size
             self.norm_out = LayerNorm(d, config.eps, affine=False)
@@ -149,10 +163,26 @@ class WanDiT(nn.Module):
         rope = rope_cos_sin(state.grid, c.head_dim, c.rope_max_seq_len, c.rope_theta, device=state.x.device,
                             dtype=torch.float64 if state.x.dtype == torch.float64 else torch.float32,
                             token_range=cp.token_range(state.seq_len))
-        for block in self.blocks.values():
-            state.x, state.tx = block(state.x, state.tx, state.tproj, state.ttproj, state.context, rope,
-                                      state.seq_len)
+        blocks = list(self.blocks.values())
+        group = self.recompute_num_layers if torch.is_grad_enabled() else 0
+        if group <= 0:
+            for block in blocks:
+                state.x, state.tx = block(state.x, state.tx, state.tproj, state.ttproj, state.context, rope,
+                                          state.seq_len)
+            return state
+        for i in range(0, len(blocks), group):  # keep only each group's input; recompute it in backward
+            run = _BlockGroup(blocks[i:i + group], state.seq_len)
+            state.x, state.tx = torch.utils.checkpoint.checkpoint(
+                run, state.x, state.tx, state.tproj, state.ttproj, state.context, rope, use_reentrant=False)
         return state
+
+    def set_activation_recompute(self, num_layers: int) -> None:
+        """Megatron-LM's ``--recompute-granularity full --recompute-method uniform``: with grad on,
+        keep only the input of every group of ``num_layers`` blocks and recompute the group in
+        backward (0: off). The no-grad passes (teacher, tangent, rollouts) are unaffected."""
+        if num_layers < 0:
+            raise ValueError(f"recompute num_layers must be >= 0, got {num_layers}")
+        self.recompute_num_layers = int(num_layers)
 
     def head(self, state: StageState, out_shape):
         c = self.config

@@ -58,6 +58,7 @@ class TrainingConfig:
     overlap_param_gather: bool = False
     optimizer_cpu_offload: bool = False
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
+    recompute_num_layers: int = 0  # 0: no activation checkpointing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint directory (tools/convert_checkpoint.py import, or a --save dir: its EMA) or model file; "
                         "default assets/toy_teacher.pt when --model is not given")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters/activations (fp32 norms, time embedding)")
+    g.add_argument("--recompute-granularity", choices=("full",), default=None,
+                   help="activation checkpointing of the trained models' with-grad passes (full blocks)")
+    g.add_argument("--recompute-method", choices=("uniform",), default="uniform",
+                   help="uniform: checkpoint every group of --recompute-num-layers blocks")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
     g.add_argument("--mode", choices=("distill", "teacher"), default="distill",
                    help="distill a student (default) or pretrain a teacher by flow matching")
     g = p.add_argument_group("training")
@@ -175,6 +181,7 @@ def parse_args(argv=None):
     _positive("--micro-batch-size", args.micro_batch_size)
     _positive("--global-batch-size", args.global_batch_size, allow_none=True)
     _positive("--log-interval", args.log_interval)
+    _positive("--recompute-num-layers", args.recompute_num_layers)
     _positive("--save-interval", args.save_interval, allow_none=True)
     _positive("--keep-last", args.keep_last, allow_none=True)
     _positive("--max-consecutive-skipped-steps", args.max_consecutive_skipped_steps, allow_none=True)
@@ -275,7 +282,7 @@ def parse_args(argv=None):
         max_consecutive_skipped_steps=args.max_consecutive_skipped_steps, log_images_interval=args.log_images_interval,
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
-        lr_schedule=schedule)
+        lr_schedule=schedule, recompute_num_layers=args.recompute_num_layers if args.recompute_granularity else 0)
     return train, model_cfg, rcm_cfg, par
 
 

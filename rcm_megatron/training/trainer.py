@@ -191,6 +191,9 @@ class Trainer:
                 self.teacher.to_dtype(torch.bfloat16)
         self.student = self._new_model(trainable=True).to(dev)  # in --mode teacher: the model being pretrained
         self.fake = self._new_model(trainable=True).to(dev) if distill and self.rcm.uses_fake_score else None
+        for m in (self.student, self.fake):
+            if m is not None:
+                m.set_activation_recompute(self.train.recompute_num_layers)
         if distill:
             self.opt_student = build_optimizer(self.student.parameters(), self.rcm, "student")
         else:
