@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", type=_student_arg, action="append", default=[], metavar="NAME=PATH",
                    help="a distilled student: training checkpoint dir (--save) or model file; repeatable")
     p.add_argument("--weights", choices=WEIGHTS, default="ema", help="student weights from checkpoints (default ema)")
+    p.add_argument("--iteration", type=int, default=None,
+                   help="checkpoint iteration of every checkpoint-dir student (default: the latest committed)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student sampling steps")
     p.add_argument("--teacher-steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=None,
@@ -114,7 +116,9 @@ def replot(path: str, out: str) -> int:
         results = json.load(f)
     settings = results["settings"]
     teacher, _ = load_model(settings["teacher"])
-    students = {name: load_model(results["students"][name]["path"], which=settings["weights"])[0]
+    students = {name: load_model(results["students"][name]["path"], which=settings["weights"],
+                                 iteration=settings.get("iteration") if os.path.isdir(results["students"][name]["path"])
+                                 else None)[0]
                 for name in results["methods"]}
     rows = _sample_rows(teacher, students, settings["steps"], settings)
     plot_benchmark(results, rows, out + ".png", TITLE)
@@ -180,7 +184,7 @@ def main(argv=None) -> int:
             print(f"untrained student {s} step(s): {_summary(r)}", flush=True)
     for name, path in args.student:
         try:
-            student, meta = load_model(path, which=args.weights)
+            student, meta = load_model(path, which=args.weights, iteration=args.iteration if os.path.isdir(path) else None)
         except (OSError, ValueError, KeyError) as e:
             print(f"evaluate.py: error: --student {name}={path}: {e}", file=sys.stderr)
             return 2
