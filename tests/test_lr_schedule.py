@@ -79,13 +79,21 @@ def test_schedule_mismatch_on_resume(tmp_path):
         assert r["lr"] == pytest.approx(expected_lr(r["iteration"] - 1, peak, scale), rel=1e-12), r
 
 
-def test_constant_schedule_resumes_with_more_iterations(tmp_path):
+def test_constant_schedule_resumes_with_more_iterations():
     """The default (constant) ignores the decay length, so a run can be extended (Megatron-LM would
-    refuse: --lr-decay-iters defaults to --train-iters)."""
-    ck = str(tmp_path / "ckpt")
-    run(*TINY, "--train-iters", "2", "--log-dir", str(tmp_path), "--save", ck)
-    run(*TINY, "--train-iters", "3", "--log-dir", str(tmp_path), "--load", ck)
-    assert [r["lr"] for r in records(tmp_path)] == [2e-4, 1e-4, 2e-4]
+    refuse: --lr-decay-iters defaults to --train-iters); a decaying one cannot."""
+    from rcm_megatron.training.lr_schedule import LRScheduleConfig, check_resume, schedule_fields
+
+    for style, ok in (("constant", True), ("cosine", False)):
+        cfg = LRScheduleConfig(decay_style=style)
+        saved = schedule_fields(cfg, max_lr=1e-4, scale=1.0, train_iters=2)
+        longer = schedule_fields(cfg, max_lr=1e-4, scale=1.0, train_iters=3)
+        if ok:
+            check_resume(saved, longer, cfg, "--load x")
+        else:
+            with pytest.raises(ValueError, match="lr_decay_steps=2, this run's flags give 3"):
+                check_resume(saved, longer, cfg, "--load x")
+            check_resume(saved, longer, LRScheduleConfig(decay_style=style, override=True), "--load x")
 
 
 @pytest.mark.parametrize("args,message", [

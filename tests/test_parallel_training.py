@@ -115,25 +115,27 @@ def _ema(ck_root):
 def test_ema_is_sharded_over_data_parallel_and_reshards(baseline, tmp_path):
     """At DP = 2 each rank keeps half the EMA (by size); the checkpoint holds the whole of it,
     equal to the DP = 1 run's, and it resumes at DP = 1."""
+    import shutil
+
     import torch
 
-    from rcm_megatron.models import preset
+    from rcm_megatron.models import WanDiT, preset
     from rcm_megatron.rcm.ema import partition_names
 
-    torchrun(2, "--train-iters", "6", "--log-dir", str(tmp_path / "log"), "--save", str(tmp_path / "ckpt"))
-    a, b = _ema(baseline / "ckpt"), _ema(tmp_path / "ckpt")
+    ck = tmp_path / "ckpt"
+    torchrun(2, "--train-iters", "6", "--log-dir", str(tmp_path / "log"), "--save", str(ck), "--save-interval", "3")
+    a, b = _ema(baseline / "ckpt"), _ema(ck)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
-    from rcm_megatron.models import WanDiT
-
     sizes = {n: p.numel() for n, p in WanDiT(preset("tiny")).named_parameters()}
     parts = partition_names(sizes, 2)
     assert sorted(parts[0] + parts[1]) == sorted(sizes) and not set(parts[0]) & set(parts[1])
     load = [sum(sizes[n] for n in p) for p in parts]
     assert max(load) / min(load) < 1.1, load  # balanced halves
-    # the DP = 2 checkpoint resumes at DP = 1 and goes on like the straight run
-    torchrun(1, "--train-iters", "8", "--log-dir", str(tmp_path / "log8"), "--load", str(tmp_path / "ckpt"))
-    straight = tmp_path / "straight8"
-    torchrun(1, "--train-iters", "8", "--log-dir", str(straight))
-    assert_same_losses(losses(straight)[6:], losses(tmp_path / "log8"))
+    # the DP = 2 iteration-3 checkpoint resumes at DP = 1 and goes on like the straight DP = 1 run
+    resume = tmp_path / "resume"
+    shutil.copytree(ck / "iter_0000003", resume / "iter_0000003")
+    (resume / "latest_checkpointed_iteration.txt").write_text("3")
+    torchrun(1, "--train-iters", "6", "--log-dir", str(tmp_path / "log6"), "--load", str(resume))
+    assert_same_losses(losses(baseline / "log")[3:], losses(tmp_path / "log6"))
