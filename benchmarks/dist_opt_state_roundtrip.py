@@ -48,6 +48,13 @@ def model_tensors(model) -> dict:
     return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
 
 
+def snapshot(trainer) -> dict:
+    """CPU copies of both models and both optimizers' state."""
+    return {"student_opt": optimizer_tensors(trainer.student_dp, trainer.opt_student),
+            "fake_opt": optimizer_tensors(trainer.fake_dp, trainer.opt_fake),
+            "student": model_tensors(trainer.student), "fake": model_tensors(trainer.fake)}
+
+
 def compare(a: dict, b: dict) -> dict:
     res = {"missing": sorted(set(a) ^ set(b))[:10], "worst": {}}
     for k in sorted(set(a) & set(b)):
@@ -71,15 +78,11 @@ def main():
     first = Trainer(*parse_args([*common, "--train-iters", "3", "--log-dir", os.path.join(a.out, "first"),
                                  "--save", ck]))
     first.run()
-    saved = {"student_opt": optimizer_tensors(first.student_dp, first.opt_student),
-             "fake_opt": optimizer_tensors(first.fake_dp, first.opt_fake),
-             "student": model_tensors(first.student), "fake": model_tensors(first.fake)}
+    saved = snapshot(first)
     second = Trainer(*parse_args([*common, "--train-iters", "6", "--log-dir", os.path.join(a.out, "second"),
                                   "--load", ck]))
     second.build()
-    loaded = {"student_opt": optimizer_tensors(second.student_dp, second.opt_student),
-              "fake_opt": optimizer_tensors(second.fake_dp, second.opt_fake),
-              "student": model_tensors(second.student), "fake": model_tensors(second.fake)}
+    loaded = snapshot(second)
     report = {k: compare(saved[k], loaded[k]) for k in saved}
     steps = {k: sorted({float(v) for n, v in loaded[k].items() if n.endswith(".step")}) for k in ("student_opt", "fake_opt")}
     steps_saved = {k: sorted({float(v) for n, v in saved[k].items() if n.endswith(".step")}) for k in ("student_opt", "fake_opt")}

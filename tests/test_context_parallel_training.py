@@ -6,20 +6,13 @@ latent frames on 2 ranks. Equal gradient norms check the DP x CP gradient reduct
 (AdamW's update is nearly scale-free, so the losses alone would not show a factor of CP).
 """
 
-import json
-import os
 
 import pytest
 
-from test_parallel_training import assert_same_losses, losses, torchrun
+from test_parallel_training import assert_same_losses, grad_norms, losses, torchrun
 
 ITERS = ["--train-iters", "4"]
 LATENTS = ["--latent-shape", "16", "3", "6", "10"]
-
-
-def grad_norms(log_dir):
-    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
-        return [json.loads(line)["grad_norm"] for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,12 @@ def losses(log_dir):
     return [(r["iteration"], r["phase"], {k: v for k, v in r.items() if k.startswith("loss")}) for r in rows]
 
 
+def grad_norms(log_dir):
+    """The logged gradient norm of every iteration."""
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["grad_norm"] for line in f]
+
+
 def assert_same_losses(a, b):
     assert [(i, p) for i, p, _ in a] == [(i, p) for i, p, _ in b]
     for (_, _, la), (_, _, lb) in zip(a, b):

@@ -4,13 +4,11 @@ global batch (4 micro-batches of gradient accumulation at DP = 1), and checkpoin
 PP2 -> PP1 and PP1 -> PP2 (each stage saves its own blocks under global names, the time
 embedding once)."""
 
-import json
-import os
 import shutil
 
 import pytest
 
-from test_parallel_training import assert_same_losses, losses, torchrun
+from test_parallel_training import assert_same_losses, grad_norms, losses, torchrun
 from test_pretrain import run
 
 # After test_parallel_training's common flags (the last occurrence of a flag wins): 4 blocks,
@@ -20,11 +18,6 @@ PP_FLAGS = ["--model", "tiny-4l", "--global-batch-size", "4", "--clip-grad", "1e
 
 def pretrain(nproc, *args):
     return torchrun(nproc, *PP_FLAGS, *args)
-
-
-def grad_norms(log_dir):
-    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
-        return [json.loads(line)["grad_norm"] for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -45,10 +45,9 @@ from ..parallel.sharding import load_full_state_dict
 from ..parallel.tensor_parallel import validate_tp
 from ..rcm import Batch, PowerEMA, RCMConfig, build_optimizer, critic_step, phase, sample, student_step
 from ..rcm.ema import partition_names
-from . import pipeline_step
+from . import lr_schedule, pipeline_step
 from . import sharded_state as ss
 from .arguments import ArgumentError, TrainingConfig, check_data_against_model
-from . import lr_schedule
 from .checkpoint import CheckpointError, CheckpointManager, checkpoint_path, latest_iteration, load_sharded, read_common
 from .flow_matching import flow_matching_loss
 from .metrics import MetricsLogger
@@ -259,20 +258,17 @@ class Trainer:
             self.student.to_dtype(torch.bfloat16)
             if self.fake is not None:
                 self.fake.to_dtype(torch.bfloat16)
-        sched = self.train.lr_schedule
+        min_lr = self.train.lr_schedule.min_lr
+        lr_student, lr_fake = self._peak_lrs(distill)
         kw = dict(eps=self.rcm.adam_eps, weight_decay=self.rcm.weight_decay, clip_grad=self.rcm.grad_clip_norm,
-                  pipeline_first_stage=self.pipe.is_first, bf16=self.train.bf16, overlap_grad_reduce=self.train.overlap_grad_reduce,
+                  pipeline_first_stage=self.pipe.is_first, bf16=self.train.bf16,
+                  overlap_grad_reduce=self.train.overlap_grad_reduce,
                   overlap_param_gather=self.train.overlap_param_gather, cpu_offload=self.train.optimizer_cpu_offload)
-        if distill:
-            self.student_dp = MegatronDP(self.student, self.model_cfg, self.par, lr=self.rcm.lr_student,
-                                         min_lr=sched.min_lr, betas=self.rcm.adam_betas, **kw)
-        else:
-            self.student_dp = MegatronDP(self.student, self.model_cfg, self.par, lr=self.train.teacher_lr,
-                                         min_lr=sched.min_lr, betas=(0.9, 0.99), **kw)
+        self.student_dp = MegatronDP(self.student, self.model_cfg, self.par, lr=lr_student, min_lr=min_lr,
+                                     betas=self.rcm.adam_betas if distill else (0.9, 0.99), **kw)
         if self.fake is not None:
-            scale = self.rcm.lr_fake_score / self.rcm.lr_student
-            self.fake_dp = MegatronDP(self.fake, self.model_cfg, self.par, lr=self.rcm.lr_fake_score,
-                                      min_lr=sched.min_lr * scale, betas=self.rcm.adam_betas, **kw)
+            self.fake_dp = MegatronDP(self.fake, self.model_cfg, self.par, lr=lr_fake,
+                                      min_lr=min_lr * lr_fake / lr_student, betas=self.rcm.adam_betas, **kw)
         self.opt_student = self.opt_fake = None
 
     # ------------------------------------------------------------------ checkpoint state
