@@ -37,7 +37,7 @@ def _worker(rank, world_size, port, fn, config, args, kwargs, results, threads):
     try:
         from rcm_megatron.parallel.initialize import destroy_distributed, initialize_distributed
 
-        initialize_distributed(config, timeout_minutes=2)
+        initialize_distributed(config)
         try:
             out = fn(*args, **kwargs)
         finally:
@@ -58,6 +58,7 @@ def run_distributed(fn, world_size: int, config=None, *args, timeout: float = 30
     config = ParallelConfig() if config is None else config
     if config.distributed_backend is None:
         config.distributed_backend = "gloo"
+    config.distributed_timeout_minutes = min(config.distributed_timeout_minutes, 2)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()

@@ -19,11 +19,12 @@ class ParallelConfig:
     micro_batch_size: int = 1
     global_batch_size: int | None = None
     distributed_backend: str | None = None  # None: nccl on CUDA, gloo otherwise
+    distributed_timeout_minutes: int = 10  # Megatron-LM's default: a stuck collective aborts, not hangs
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "context_parallel_size", "pipeline_model_parallel_size",
-                     "micro_batch_size"):
+                     "micro_batch_size", "distributed_timeout_minutes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")

@@ -28,8 +28,10 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def initialize_distributed(cfg: ParallelConfig, timeout_minutes: int = 30) -> None:
-    """Initialize the default process group and megatron-core model-parallel groups."""
+def initialize_distributed(cfg: ParallelConfig) -> None:
+    """Initialize the default process group and megatron-core model-parallel groups; a collective
+    that waits longer than ``--distributed-timeout-minutes`` aborts the job (NCCL watchdog)."""
+    timeout = datetime.timedelta(minutes=cfg.distributed_timeout_minutes)
     backend = cfg.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if not launched_by_torchrun():
         if cfg.model_parallel_size > 1:
@@ -41,11 +43,11 @@ def initialize_distributed(cfg: ParallelConfig, timeout_minutes: int = 30) -> No
             if backend == "nccl":
                 torch.cuda.set_device(0)
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+                                    timeout=timeout)
     elif not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend=backend, timeout=timeout)
     cfg.data_parallel_size(dist.get_world_size())  # validates divisibility with a clear message
     from megatron.core import parallel_state
 
@@ -56,6 +58,7 @@ def initialize_distributed(cfg: ParallelConfig, timeout_minutes: int = 30) -> No
             context_parallel_size=cfg.context_parallel_size,
             hierarchical_context_parallel_sizes=cfg.hierarchical_context_parallel_sizes,
             order="tp-cp-ep-dp-pp",  # expert parallel size 1: the tp-cp-dp-pp order of DESIGN.md
+            distributed_timeout_minutes=cfg.distributed_timeout_minutes,
         )
     state.set_sequence_parallel(cfg.sequence_parallel)
     state.set_context_parallel_comm_type(cfg.cp_comm_type)

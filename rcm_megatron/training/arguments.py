@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs=2, metavar=("A", "B"), default=None,
                    help="with --cp-comm-type a2a+p2p: all-to-all size A x ring size B = --context-parallel-size")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                   help="a collective (NCCL/gloo) that waits longer aborts the job instead of hanging it")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="GPU: megatron-core DDP + distributed optimizer (fp32 main params sharded over DP)")
     g.add_argument("--overlap-grad-reduce", action="store_true", help="with --use-distributed-optimizer")
@@ -225,7 +227,8 @@ def parse_args(argv=None):
             context_parallel_size=args.context_parallel_size, cp_comm_type=args.cp_comm_type,
             hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size)
+            micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+            distributed_timeout_minutes=args.distributed_timeout_minutes)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         par.resolve_batch(world)
     except ValueError as e:
