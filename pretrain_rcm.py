@@ -26,6 +26,7 @@ def main(argv=None) -> int:
         return 2
     from rcm_megatron.training.trainer import TrainingAborted
 
+    teardown = True
     try:
         trainer.run()
     except ArgumentError as e:
@@ -34,10 +35,25 @@ def main(argv=None) -> int:
     except TrainingAborted as e:
         print(f"pretrain_rcm.py: aborted: {e}", file=sys.stderr)
         return 1
-    finally:
-        from rcm_megatron.parallel.initialize import destroy_distributed
+    except Exception:
+        # An unexpected failure, possibly on this rank alone while the others wait inside a
+        # collective for it: say so now, and skip the process-group teardown, which under NCCL
+        # would wait for those ranks (and hold the traceback back) until the collective timeout.
+        # torchrun then stops the other ranks. Committed checkpoints are untouched; one still
+        # being written stays uncommitted and is never loaded.
+        teardown = False
+        import traceback
 
-        destroy_distributed()
+        from rcm_megatron.parallel.initialize import rank
+
+        print(f"pretrain_rcm.py: rank {rank()} failed:", file=sys.stderr)
+        traceback.print_exc()
+        raise SystemExit(1) from None
+    finally:
+        if teardown:
+            from rcm_megatron.parallel.initialize import destroy_distributed
+
+            destroy_distributed()
     return 0
 
 

@@ -146,3 +146,48 @@ def test_non_finite_gradients_are_skipped_then_abort(tmp_path):
     # iteration 5 is a (finite) student step, which resets the consecutive count
     assert [r["skipped_steps"] for r in rows] == [0, 0, 0, 1, 1, 2, 3, 4]
     assert not os.path.exists(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt")
+
+
+FAILING_RANK = """
+import sys
+sys.path.insert(0, {root!r})
+import time
+import torch.distributed as dist
+from rcm_megatron.parallel import initialize
+from rcm_megatron.training.trainer import Trainer
+import pretrain_rcm
+
+step = Trainer._one_iteration
+
+def failing(self, it):
+    if it == 4 and dist.get_rank() == 1:  # iterations 1-4 are done
+        raise RuntimeError("injected failure on rank 1 in iteration 5")
+    return step(self, it)
+
+def blocking_teardown():  # as NCCL's teardown blocks while peers wait inside a collective
+    time.sleep(3600)
+
+if __name__ == "__main__":  # the checkpoint writer's spawned helper re-imports this file
+    Trainer._one_iteration = failing
+    initialize.destroy_distributed = blocking_teardown
+    sys.exit(pretrain_rcm.main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_rank_reports_and_the_job_exits(tmp_path):
+    """One rank raises mid-run while the others wait in a collective: its traceback is printed
+    and the job ends at once, without the process-group teardown, which under NCCL blocks while
+    peers sit in a collective (simulated here: gloo's would return), and the last checkpoint stays."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK.format(root=ROOT))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), *BASE,
+           "--train-iters", "6", "--save", str(tmp_path / "ck"), "--save-interval", "2", "--log-dir",
+           str(tmp_path / "log"), "--distributed-timeout-minutes", "5"]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"the job hung after the failure:\n{(e.stderr or b'')[-3000:]}") from None
+    assert p.returncode != 0
+    assert "RuntimeError: injected failure on rank 1 in iteration 5" in p.stderr, p.stderr[-4000:]
+    assert open(tmp_path / "ck" / "latest_checkpointed_iteration.txt").read().strip() == "4"

@@ -95,6 +95,8 @@ class MegatronDP:
             adam_eps=eps, bf16=bf16, params_dtype=tcfg.params_dtype, use_distributed_optimizer=True,
             overlap_param_gather=overlap_param_gather, clip_grad=clip_grad or 0.0,
             optimizer_cpu_offload=cpu_offload, optimizer_offload_fraction=1.0 if cpu_offload else 0.0)
+        if cpu_offload:
+            _precision_aware_for_offload(ocfg)
         self.optimizer = get_megatron_optimizer(ocfg, [self.ddp], config_overrides={})
         self.net = _Net(self.ddp)
         self.module = module
@@ -140,6 +142,10 @@ class MegatronDP:
         """
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             inner = opt.optimizer
+            if hasattr(inner, "sub_optimizers"):  # CPU offload: the hybrid device optimizer
+                if len(inner.state) == 0:
+                    _zero_hybrid_state(inner)
+                continue
             for group in inner.param_groups:
                 for p in group["params"]:
                     st = inner.state[p]
@@ -170,6 +176,31 @@ class MegatronDP:
             for st in opt.optimizer.state.values():
                 if torch.is_tensor(st.get("step")):
                     st["step"] = st["step"].clone()
+
+
+def _zero_hybrid_state(hdo) -> None:
+    """What a first step would create in megatron-core's hybrid device optimizer (AdamW state of
+    its host copies, then mirrored with their ``master_param``), without moving the parameters:
+    its own ``dummy_step`` takes a random step, which would change the weights of a model saved
+    before its first step."""
+    for sub in hdo.sub_optimizers:
+        for group in sub.param_groups:
+            for p in group["params"]:
+                sub.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    hdo._sync_sub_optimizers_state_to_hdo()
+
+
+def _precision_aware_for_offload(ocfg) -> None:
+    """Optimizer CPU offload runs megatron-core's hybrid device optimizer on the precision-aware
+    code path (fp32 main parameters and moments kept by the optimizer, on the host), so
+    Megatron-LM requires ``--use-precision-aware-optimizer`` with ``--optimizer-cpu-offload``;
+    here the first implies the second. Set after construction: megatron-core 0.16.1's
+    OptimizerConfig check of that flag compares Transformer Engine's version and fails when
+    it is not installed (found on CPU: TypeError on None), a check the offload path skips."""
+    ocfg.use_precision_aware_optimizer = True
+    ocfg.use_precision_aware_optimizer_no_fp8_or_ds_fp8 = True
+    ocfg.store_param_remainders = False  # a Transformer Engine feature
 
 
 @contextlib.contextmanager
@@ -213,9 +244,12 @@ def optimizer_state_bytes(dp: MegatronDP, device_type: str | None = None) -> int
     opts = getattr(dp.optimizer, "chained_optimizers", [dp.optimizer])
     for opt in opts:
         inner = opt.optimizer
+        # Under CPU offload the group's params are views of the model's bf16 weights, and the fp32
+        # main params live in the state ("master_param"), on the host.
+        offloaded = hasattr(inner, "sub_optimizers")
         for group in inner.param_groups:
             for p in group["params"]:
-                for v in (p, *inner.state.get(p, {}).values()):
+                for v in (*(() if offloaded else (p,)), *inner.state.get(p, {}).values()):
                     if torch.is_tensor(v) and (device_type is None or v.device.type == device_type):
                         total += v.numel() * v.element_size()
     return total
