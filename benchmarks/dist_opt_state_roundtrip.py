@@ -1,13 +1,15 @@
 """GPU check: the distributed optimizer's state survives a checkpoint round trip exactly.
 
-    torchrun --nproc-per-node 2 benchmarks/dist_opt_state_roundtrip.py --out DIR
+    torchrun --nproc-per-node 2 benchmarks/dist_opt_state_roundtrip.py --out DIR [TRAINING FLAGS...]
 
 Trains the tiny model 3 iterations with ``--use-distributed-optimizer`` (bf16, rCM, a cosine
 schedule), saves, then builds a second trainer in the same processes that loads the
 checkpoint, and compares, per rank, every optimizer-state tensor (fp32 main parameters,
 Adam moments, step) and the learning rate of both optimizers, and the model parameters.
 Then runs the resumed trainer to iteration 6 and a straight one to 6 (same processes) and
-compares their losses. Prints the largest differences and writes DIR/roundtrip_<sharding>.json.
+compares their losses. Prints the largest differences and writes DIR/roundtrip.json. Further
+flags go to every trainer (e.g. ``--pipeline-model-parallel-size 2`` on 4 GPUs, or
+``--optimizer-cpu-offload``).
 """
 
 import argparse
@@ -70,9 +72,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--cpu", action="store_true", help="the CPU path (plain AdamW): checks this script")
-    a = ap.parse_args()
+    a, extra = ap.parse_known_args()
     ck = os.path.join(a.out, "ckpt")
-    common = list(COMMON)
+    common = [*COMMON, *extra]
     if a.cpu:
         common = [x for x in common if x not in ("--bf16", "--use-distributed-optimizer")]
     first = Trainer(*parse_args([*common, "--train-iters", "3", "--log-dir", os.path.join(a.out, "first"),

@@ -45,3 +45,62 @@ def test_unshare_steps_gives_every_parameter_its_own_count():
     MegatronDP._unshare_steps(stub)
     assert len({id(opt.state[p]["step"]) for p in params}) == 3
     assert _one_step(opt, params) == [3.0, 3.0, 3.0]
+
+
+class _CudaTyped(torch.nn.Parameter):
+    """A CPU parameter that reports a CUDA tensor type, so megatron-core's group building
+    (which dispatches on ``param.type()``) runs on CPU unchanged."""
+
+    def type(self, *args, **kwargs):
+        if args or kwargs:
+            return super().type(*args, **kwargs)
+        return "torch.cuda.BFloat16Tensor" if self.dtype == torch.bfloat16 else "torch.cuda.FloatTensor"
+
+
+def _megatron_groups(dtypes_in_buffer_order, numels):
+    """megatron-core's own DistributedOptimizer group building over one DP rank owning whole
+    parameters, buffers in the given dtype order (the module's first parameter decides it)."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer, Range
+
+    params = {dt: [_CudaTyped(torch.zeros(n, dtype=dt)) for n in numels[dt]] for dt in (torch.float32, torch.bfloat16)}
+    gbuf_ranges, param_gbuf_map = [], {}
+    for b, dt in enumerate(dtypes_in_buffer_order):
+        param_map, start = {}, 0
+        for p in params[dt]:
+            param_map[p] = {"param": Range(0, p.numel()), "gbuf_world": Range(start, start + p.numel())}
+            param_gbuf_map[p] = (b, (dt, torch.float32), 0)
+            start += p.numel()
+        gbuf_ranges.append({(dt, torch.float32): [{"param_map": param_map}]})
+    every = [p for dt in dtypes_in_buffer_order for p in params[dt]]
+    index_map, group_ranges = DistributedOptimizer._build_optimizer_group_ranges([{"params": every}], gbuf_ranges)
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, params_dtype=torch.bfloat16,
+                             use_distributed_optimizer=True)
+    DistributedOptimizer._build_model_and_main_param_groups(gbuf_ranges, param_gbuf_map, group_ranges, config)
+    opt = types.SimpleNamespace(
+        opt_group_ranges=group_ranges, model_param_group_index_map=index_map,
+        optimizer=types.SimpleNamespace(param_groups=[g["orig_group"] for g in group_ranges]),
+        _get_model_param_range_map=lambda p: gbuf_ranges[param_gbuf_map[p][0]][param_gbuf_map[p][1]][0]["param_map"][p])
+    return opt
+
+
+def _mismatches(opt):
+    return sum(opt.optimizer.param_groups[g]["params"][o].numel() != opt._get_model_param_range_map(p)["param"].size
+               for p, (g, o) in opt.model_param_group_index_map.items())
+
+
+def test_optimizer_state_maps_to_its_own_parameter_with_bf16_first():
+    """megatron-core 0.16.1 numbers a mixed-dtype group in buffer order but orders the inner
+    optimizer fp32-first; with the bf16 buffer first (any pipeline stage whose first parameter is
+    bf16), checkpoints address another parameter's state. The renumbering fixes the map."""
+    from rcm_megatron.training.megatron_dp import _fix_param_group_order
+
+    numels = {torch.float32: [3, 5], torch.bfloat16: [7, 11, 13]}
+    fp32_first = _megatron_groups((torch.float32, torch.bfloat16), numels)
+    assert _mismatches(fp32_first) == 0  # the whole model: its first parameter is fp32
+    bf16_first = _megatron_groups((torch.bfloat16, torch.float32), numels)
+    assert _mismatches(bf16_first) == 5  # every parameter points at another's state
+    _fix_param_group_order(bf16_first)
+    assert _mismatches(bf16_first) == 0
+    _fix_param_group_order(fp32_first)
+    assert _mismatches(fp32_first) == 0

@@ -97,7 +97,9 @@ class MegatronDP:
             optimizer_cpu_offload=cpu_offload, optimizer_offload_fraction=1.0 if cpu_offload else 0.0)
         if cpu_offload:
             _precision_aware_for_offload(ocfg)
-        self.optimizer = get_megatron_optimizer(ocfg, [self.ddp], config_overrides={})
+        with _leaf_fp32_shards() if cpu_offload else contextlib.nullcontext():
+            self.optimizer = get_megatron_optimizer(ocfg, [self.ddp], config_overrides={})
+        _fix_param_group_order(self.optimizer)
         self.net = _Net(self.ddp)
         self.module = module
 
@@ -176,6 +178,65 @@ class MegatronDP:
             for st in opt.optimizer.state.values():
                 if torch.is_tensor(st.get("step")):
                     st["step"] = st["step"].clone()
+
+
+_HALF = ("torch.cuda.HalfTensor", "torch.cuda.BFloat16Tensor")
+
+
+def _fix_param_group_order(optimizer) -> None:
+    """Work around megatron-core 0.16.1 with mixed-dtype models (ours keeps the time embedding,
+    modulation tables and norms in fp32, as Wan does): the inner optimizer's groups hold the fp32
+    parameters' shards first, then the bf16 ones, but ``model_param_group_index_map`` numbers
+    them in grad-buffer order, which puts bf16 first whenever the module's first parameter is
+    bf16 (a pipeline stage other than the last). Checkpoints then read and wrote another
+    parameter's optimizer state (found on 4 H100s: size mismatch at the first PP2 save, and a
+    silent mix-up wherever sizes agree). Renumbered here to the inner optimizer's order, and
+    checked element counts against the grad-buffer ranges."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "opt_group_ranges"):
+            continue
+        for g, group_range in enumerate(opt.opt_group_ranges):
+            params = group_range["params"]
+            ordered = [p for p in params if p.type() not in _HALF] + [p for p in params if p.type() in _HALF]
+            for order, p in enumerate(ordered):
+                opt.model_param_group_index_map[p] = (g, order)
+        for p, (g, order) in opt.model_param_group_index_map.items():
+            inner = opt.optimizer.param_groups[g]["params"][order]
+            rng = opt._get_model_param_range_map(p)["param"]
+            if inner.numel() != rng.size:
+                raise RuntimeError(f"distributed optimizer: parameter of shape {tuple(p.shape)} maps to an optimizer "
+                                   f"tensor of {inner.numel()} elements, its shard has {rng.size}")
+
+
+@contextlib.contextmanager
+def _leaf_fp32_shards():
+    """Work around megatron-core 0.16.1's CPU offload with fp32 model parameters: on the
+    precision-aware path their shards are views of parameters that require grad (non-leaf), and
+    the hybrid device optimizer's constructor refuses them ("can't optimize a non-leaf Tensor",
+    found on 2 H100s). Detached views share the storage, keep the attributes, and replace the
+    originals both in the optimizer groups and where gradients are attached."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    orig = DistributedOptimizer.__dict__["_build_model_and_main_param_groups"]
+
+    def build(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config):
+        out = orig.__func__(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config)
+        for group, group_range in zip(out[3], opt_group_ranges):  # shard_fp32_groups
+            swap = {}
+            for i, shard in enumerate(group):
+                if not shard.is_leaf:
+                    leaf = shard.detach()
+                    leaf.__dict__.update(shard.__dict__)
+                    group[i] = swap[id(shard)] = leaf
+            orig_group = group_range["orig_group"]
+            orig_group["params"] = [swap.get(id(p), p) for p in orig_group["params"]]
+        return out
+
+    DistributedOptimizer._build_model_and_main_param_groups = classmethod(build)
+    try:
+        yield
+    finally:
+        DistributedOptimizer._build_model_and_main_param_groups = orig
 
 
 def _zero_hybrid_state(hdo) -> None:
