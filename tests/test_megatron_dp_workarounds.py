@@ -104,3 +104,26 @@ def test_optimizer_state_maps_to_its_own_parameter_with_bf16_first():
     assert _mismatches(bf16_first) == 0
     _fix_param_group_order(fp32_first)
     assert _mismatches(fp32_first) == 0
+
+
+def test_common_state_with_optimizer_classes_loads(tmp_path):
+    """Under optimizer CPU offload megatron-core's param groups carry optimizer classes; the
+    checkpoint's common state must still load (torch.load refuses them by default)."""
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from rcm_megatron.training.checkpoint import CheckpointManager, load_sharded, read_common
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        groups = [{"lr": 1e-4, "cpu_optimizer_cls": torch.optim.AdamW, "gpu_optimizer_cls": torch.optim.AdamW}]
+        w = torch.arange(4.0)
+        state = {"opt": {"param_groups": groups}, "w": ShardedTensor.from_rank_offsets("w", w, replica_id=0)}
+        CheckpointManager(str(tmp_path), async_save=False).save(1, state)
+        path = str(tmp_path / "iter_0000001")
+        assert read_common(path)["opt"]["param_groups"][0]["cpu_optimizer_cls"] is torch.optim.AdamW
+        out = load_sharded(path, {"opt": {}, "w": ShardedTensor.from_rank_offsets("w", torch.zeros(4), replica_id=0)})
+        assert torch.equal(out["w"], w)
+    finally:
+        dist.destroy_process_group()

@@ -65,12 +65,19 @@ def checkpoint_path(root: str, iteration: int | None = None) -> str:
     return path
 
 
+# Classes that may appear in a checkpoint's common state and are safe to unpickle: megatron-core's
+# hybrid device optimizer (optimizer CPU offload) keeps its optimizer classes in every param group,
+# which torch.load(weights_only=True) refuses (found on 2 H100s).
+SAFE_GLOBALS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+
+
 def read_common(path: str) -> dict:
     """The non-sharded part (configs, iteration) without reading any tensor shard."""
     from megatron.core import dist_checkpointing
 
     try:
-        return dist_checkpointing.load_common_state_dict(path)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return dist_checkpointing.load_common_state_dict(path)
     except Exception as e:  # noqa: BLE001 - surface which file is broken
         raise CheckpointError(f"{path}: cannot read the checkpoint's common state: {e}") from e
 
@@ -188,7 +195,8 @@ def load_sharded(path: str, sharded_state_dict: dict) -> dict:
     from megatron.core import dist_checkpointing
 
     try:
-        return dist_checkpointing.load(sharded_state_dict, path)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return dist_checkpointing.load(sharded_state_dict, path)
     except Exception as e:  # noqa: BLE001 - a missing shard or key: say which checkpoint
         raise CheckpointError(f"{path}: cannot load the sharded state ({type(e).__name__}: {e})") from e
 

@@ -84,6 +84,10 @@ class MegatronDP:
                 if name.startswith(PIPELINE_REPLICATED):
                     p.pipeline_parallel = True  # summed over the stages after the DP reduction
                     p.shared = not pipeline_first_stage  # counted once in the gradient norm
+                    # Its own grad-buffer bucket, so every stage shards it over DP alike: the stage
+                    # sum above adds the DP-reduced shards of the *same* elements (otherwise each
+                    # stage stepped its copy with a different gradient; found on 4 H100s).
+                    p.shared_embedding = True
         self.tcfg = tcfg
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,

@@ -149,18 +149,7 @@ class Trainer:
                 lr_schedule.check_resume(saved, current, self.train.lr_schedule, f"--load {where} ({name})")
             except ValueError as e:
                 raise ArgumentError(str(e)) from e
-        self._check_dist_opt_pipeline_size(meta, where)
         self.resume_meta = meta
-
-    def _check_dist_opt_pipeline_size(self, meta: dict, where: str) -> None:
-        saved_pp = (meta.get("layout") or {}).get("pp", 1)
-        if meta.get("optimizer_format") == "megatron-distributed" and self.train.use_distributed_optimizer \
-                and saved_pp != self.par.pipeline_model_parallel_size:
-            raise ArgumentError(
-                f"--load {where}: distributed-optimizer state saved at --pipeline-model-parallel-size {saved_pp} cannot "
-                f"be loaded at {self.par.pipeline_model_parallel_size} yet (on 4 H100s such a resharded load hung in the "
-                f"first iteration); resume at pipeline size {saved_pp}, or convert the weights with "
-                "tools/convert_checkpoint.py and start new optimizer state")
 
     def _new_model(self, trainable: bool) -> WanDiT:
         """This rank's pipeline stage of a model (the whole model at PP = 1)."""
