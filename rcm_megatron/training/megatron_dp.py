@@ -104,6 +104,9 @@ class MegatronDP:
         with _leaf_fp32_shards() if cpu_offload else contextlib.nullcontext():
             self.optimizer = get_megatron_optimizer(ocfg, [self.ddp], config_overrides={})
         _fix_param_group_order(self.optimizer)
+        if cpu_offload:
+            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                _load_fp32_params_in_hybrid(opt.optimizer)
         self.net = _Net(self.ddp)
         self.module = module
 
@@ -241,6 +244,23 @@ def _leaf_fp32_shards():
         yield
     finally:
         DistributedOptimizer._build_model_and_main_param_groups = orig
+
+
+def _load_fp32_params_in_hybrid(hdo) -> None:
+    """Work around megatron-core 0.16.1's hybrid device optimizer loading state for fp32 model
+    parameters: it looks every parameter up among its fp32 copies of *16-bit* ones (KeyError for
+    ours, found on 2 H100s). An fp32 parameter's host copy is its own main parameter."""
+    import types
+
+    def update_fp32_params_by_new_state(self):
+        if not self.param_update_in_fp32:
+            return
+        for param, v in self.state.items():
+            main = self.param_to_fp32_param.get(param, self.gpu_params_map_cpu_copy.get(param))
+            if main is not None and "master_param" in v and main is not v["master_param"]:
+                main.data.copy_(v["master_param"])
+
+    hdo._update_fp32_params_by_new_state = types.MethodType(update_fp32_params_by_new_state, hdo)
 
 
 def _zero_hybrid_state(hdo) -> None:
