@@ -36,8 +36,8 @@ if [ "${SKIP_LAYOUTS:-0}" != 1 ]; then  # the same losses at every layout
   [ "$NGPU" -ge 4 ] && run pp2dp2 4 "${COMMON[@]}" --train-iters 6 --log-dir "$OUT/pp2dp2" --pipeline-model-parallel-size 2
 fi
 # checkpoints, per optimizer-state layout: DP2 save at 3, resume to 6 (== straight), then the
-# iteration-6 checkpoint loaded at DP1, run to 8 (== DP2 straight to 8). (Loading it at PP2 x DP2
-# hung on 4 H100s on 2026-11-27; the trainer now refuses a PP change of distributed-optimizer state.)
+# iteration-6 checkpoint loaded at DP1, run to 8 (== DP2 straight to 8). Pipeline resharding of this
+# state and CPU offload: benchmarks/dist_opt_state_roundtrip.py and the 20261127b session scripts.
 run dp2_straight8 2 "${COMMON[@]}" --train-iters 8 --log-dir "$OUT/dp2_straight8"
 for S in fully_reshardable; do  # megatron-core's optimizer-state layout used by the trainer
   C=()
