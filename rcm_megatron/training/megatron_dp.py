@@ -27,6 +27,7 @@ import torch
 
 from ..models.config import WanConfig
 from ..parallel.config import ParallelConfig
+from .sharded_state import PIPELINE_REPLICATED, ensure_adam_state
 
 
 class _Net:
@@ -73,8 +74,6 @@ class MegatronDP:
                  pipeline_first_stage: bool = True):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-        from .sharded_state import PIPELINE_REPLICATED
 
         tcfg = transformer_config(cfg, par, bf16)
         self.pipelined = par.pipeline_model_parallel_size > 1
@@ -154,14 +153,8 @@ class MegatronDP:
             if hasattr(inner, "sub_optimizers"):  # CPU offload: the hybrid device optimizer
                 if len(inner.state) == 0:
                     _zero_hybrid_state(inner)
-                continue
-            for group in inner.param_groups:
-                for p in group["params"]:
-                    st = inner.state[p]
-                    if not st:
-                        st["step"] = torch.zeros((), dtype=torch.float32)
-                        st["exp_avg"] = torch.zeros_like(p.data)
-                        st["exp_avg_sq"] = torch.zeros_like(p.data)
+            else:
+                ensure_adam_state(inner)
 
     def sharded_state_dict(self, model_sharded: dict, is_loading: bool = False) -> dict:
         """megatron-core's sharded optimizer state in its ``fully_reshardable`` layout (per-parameter
@@ -269,10 +262,7 @@ def _zero_hybrid_state(hdo) -> None:
     its own ``dummy_step`` takes a random step, which would change the weights of a model saved
     before its first step."""
     for sub in hdo.sub_optimizers:
-        for group in sub.param_groups:
-            for p in group["params"]:
-                sub.state[p] = {"step": torch.zeros((), dtype=torch.float32),
-                                "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        ensure_adam_state(sub)
     hdo._sync_sub_optimizers_state_to_hdo()
 
 
