@@ -18,7 +18,10 @@ def test_defaults_and_presets():
     big = RCMConfig.preset("wan-14b", tangent_warmup_iters=100)
     assert big.p_g == SamplerSpec("lognormal", (1.5, 1.6)) and big.student_update_freq == 10
     assert (big.lr_student, big.lr_fake_score, big.tangent_warmup_iters) == (1e-6, 1e-7, 100)
-    assert RCMConfig.preset("wan-1.3b") == RCMConfig()
+    assert RCMConfig.preset("wan-1.3b") == RCMConfig(tangent_warmup_iters=1000)
+    # the official recipes' tangent warmup (NVlabs/rcm wan2pt1_t2v.py) and the current official g
+    assert RCMConfig.preset("wan-14b").tangent_warmup_iters == 300
+    assert cfg.tangent_warmup_form == "f9b7be9" and cfg.tangent_warmup_iters == 0
     assert RCMConfig(p_g="lognormal(1.5,1.6)").p_g == big.p_g
     assert RCMConfig(mode="scm").uses_fake_score is False
 
@@ -30,7 +33,7 @@ def test_defaults_and_presets():
     ("rollout_fixed_times", (1.5, 1.6, 1.0)), ("rollout_fixed_times", (1.5, 1.4)), ("rollout_fixed_times", (2.0, 1, 1)),
     ("ema_sigma_rel", 0.5), ("lr_student", 0.0), ("adam_betas", (0.9,)), ("adam_betas", (0.0, 1.0)),
     ("grad_clip_norm", 0.0), ("sample_mid_times", (1.0, 1.3)), ("sample_sigma_max", -1.0), ("dcm_num_steps", 0),
-    ("dcm_skip", 51), ("dcm_shift", 0.0), ("seed", 1.5),
+    ("dcm_skip", 51), ("dcm_shift", 0.0), ("seed", 1.5), ("tangent_warmup_form", "official"),
 ])
 def test_validation_names_field(field, value):
     with pytest.raises(ValueError, match=rf"{field}"):

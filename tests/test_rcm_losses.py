@@ -67,14 +67,17 @@ class Poison(torch.nn.Module):
 # ---------------------------------------------------------------- sCM
 
 
-def ref_scm(teacher, student, x0, eps, t, ctx, unc, r, scale=100.0):
+def ref_scm(teacher, student, x0, eps, t, ctx, unc, r, scale=100.0, form="f9b7be9"):
     c, s = torch.cos(col(t, x0)), torch.sin(col(t, x0))
     x_t = c * x0 + s * eps
     with torch.no_grad():
         F_T = literal_guided(teacher, x_t, t, ctx, unc, W)[1]
         F_sg, dF = torch.func.jvp(lambda xx, tt: literal_predict(student, xx, tt, ctx)[1], (x_t, t),
                                   (c * s * F_T, (c * s).flatten()))
-        g = -c * torch.sqrt(1 - r**2 * s**2) * (F_sg - F_T) - r * (c * s * x_t + dF)
+        if form == "f9b7be9":  # NVlabs/rcm since f9b7be9: r scales only the x_t term
+            g = -c * torch.sqrt(1 - r**2 * s**2) * (F_sg - F_T) - (r * c * s * x_t + dF)
+        else:  # before f9b7be9: r scales dF too
+            g = -c * torch.sqrt(1 - r**2 * s**2) * (F_sg - F_T) - r * (c * s * x_t + dF)
     F = literal_predict(student, x_t, t, ctx)[1]
     losses, targets = [], []
     for i in range(len(t)):
@@ -84,20 +87,34 @@ def ref_scm(teacher, student, x0, eps, t, ctx, unc, r, scale=100.0):
     return torch.stack(losses), torch.stack(targets)
 
 
+@pytest.mark.parametrize("form", [None, "f9b7be9", "pre-f9b7be9"])
 @pytest.mark.parametrize("r", [1.0, 0.3, 0.0])
-def test_scm_matches_reference(nets, data, r):
+def test_scm_matches_reference(nets, data, r, form):
+    """Each warmup form against its own float64 computation (student tangent from torch.func.jvp);
+    form None is the default, which must be the current official one."""
     teacher, student, _ = nets
     x0, ctx, unc, _, eps, t = data
-    tg = scm_targets(teacher, student, x0, eps, t, ctx, unc, cfg_scale=W, r=r)
+    kw = {} if form is None else {"warmup_form": form}
+    tg = scm_targets(teacher, student, x0, eps, t, ctx, unc, cfg_scale=W, r=r, **kw)
     out = scm_regression(student, tg, ctx, 100.0)
     out.loss.backward()
     mine = grads(student)
-    ref, ref_target = ref_scm(teacher, student, x0, eps, t, ctx, unc, r)
+    ref, ref_target = ref_scm(teacher, student, x0, eps, t, ctx, unc, r, form=form or "f9b7be9")
     ref.sum().backward()
     torch.testing.assert_close(out.per_sample, ref.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.target, ref_target, rtol=1e-10, atol=1e-12)
     assert_grads_close(mine, grads(student))
     assert tg.valid.all() and out.loss.item() > 0
+
+
+def test_warmup_forms_differ_below_one_and_agree_at_one(nets, data):
+    """The two forms are different losses during warmup (so the test above can tell them apart)."""
+    teacher, student, _ = nets
+    x0, ctx, unc, _, eps, t = data
+    for r, same in ((0.3, False), (1.0, True)):
+        a, b = (scm_targets(teacher, student, x0, eps, t, ctx, unc, cfg_scale=W, r=r, warmup_form=f).g
+                for f in ("f9b7be9", "pre-f9b7be9"))
+        assert torch.equal(a, b) == same
 
 
 def test_scm_nan_masking(nets, data):

@@ -4,6 +4,13 @@ The backend is picked per call: ``RCM_ATTENTION_BACKEND`` (``auto``, ``triton``,
 or the ``attention_backend`` context manager override the default, which is the fused
 Triton kernel for CUDA tensors and plain math otherwise. Plain math is what the float64
 oracle tests run, so the model code never needs to know which one it got.
+
+Training passes run inside ``attention_pass(name)``. There a silent slow path is an error
+(``AttentionFallbackError``, naming the pass, dtype and shape) instead of a warning: under
+autocast every attention input must be in the autocast dtype (an fp32 q reaching the kernel in
+a bf16 run means some layer promoted the activations), and on CUDA the tangent pass must not
+fall back to plain math, whose O(L^2) scores (12 x 32760^2 fp32 = 51 GB per layer at Wan 480p)
+stall or exhaust the GPU. Outside a named pass (tools, benchmarks) the fallback stays a warning.
 """
 
 from __future__ import annotations
@@ -19,6 +26,46 @@ from .reference import attention_reference, attention_with_tangent_reference
 
 _VALID = ("auto", "triton", "reference")
 _override: list[str] = []
+_passes: list[str] = []
+
+
+class AttentionFallbackError(RuntimeError):
+    """A training pass would run attention on a slow path (wrong dtype or plain-math fallback)."""
+
+
+@contextlib.contextmanager
+def attention_pass(name: str):
+    """Name the training pass the enclosed attention calls belong to (and make fallbacks errors)."""
+    _passes.append(name)
+    try:
+        yield
+    finally:
+        _passes.pop()
+
+
+def current_pass() -> str | None:
+    """The innermost ``attention_pass`` name, None outside training passes."""
+    return _passes[-1] if _passes else None
+
+
+def _describe(tensors) -> str:
+    return ", ".join(f"{n} {t.dtype} {list(t.shape)}" for n, t in tensors if t is not None)
+
+
+def _check_training_dtypes(fn: str, **tensors) -> None:
+    """Inside a named pass under autocast: every input must be in the autocast dtype."""
+    if not _passes:
+        return
+    q = tensors["q"]
+    dev = q.device.type
+    if not torch.is_autocast_enabled(dev):
+        return
+    want = torch.get_autocast_dtype(dev)
+    bad = [(n, t) for n, t in tensors.items() if t is not None and t.dtype != want]
+    if bad:
+        raise AttentionFallbackError(
+            f"{fn} in pass '{_passes[-1]}': autocast computes in {want} but got {_describe(tensors.items())}; "
+            f"a layer promoted the activations, and the fused kernel would run slowly or fall back to plain math")
 
 
 @contextlib.contextmanager
@@ -44,6 +91,7 @@ def _backend_for(x: torch.Tensor) -> str:
 
 def attention(q, k, v, softmax_scale: float | None = None) -> torch.Tensor:
     """Differentiable attention, [B, S, H, D] in and out."""
+    _check_training_dtypes("attention", q=q, k=k, v=v)
     if _backend_for(q) == "reference":
         return attention_reference(q, k, v, softmax_scale)
     # CUDA: PyTorch SDPA picks cuDNN / flash for the forward and the backward.
@@ -62,11 +110,17 @@ def attention_with_tangent(q, k, v, tq, tk=None, tv=None, softmax_scale: float |
     Inputs the fused kernel does not support (head dim > 128, other dtypes) fall back to the
     plain-math reference with a one-time warning.
     """
+    _check_training_dtypes("attention_with_tangent", q=q, k=k, v=v, tq=tq, tk=tk, tv=tv)
     if _backend_for(q) == "reference":
         return attention_with_tangent_reference(q, k, v, tq, tk, tv, softmax_scale, kv_len=kv_len)
     from .triton_attention import triton_attention_supported, triton_attention_with_tangent
 
     if not triton_attention_supported(q, k, v):
+        if _passes:
+            raise AttentionFallbackError(
+                f"attention_with_tangent in pass '{_passes[-1]}': the fused kernel does not support "
+                f"{_describe([('q', q), ('k', k), ('v', v)])} (it needs one dtype, head dim <= 128); the "
+                f"plain-math fallback needs O(L^2) memory")
         _warn_fallback(q, k, v)
         return attention_with_tangent_reference(q, k, v, tq, tk, tv, softmax_scale, kv_len=kv_len)
     return triton_attention_with_tangent(q, k, v, tq, tk, tv, softmax_scale, kv_len=kv_len)

@@ -66,13 +66,16 @@ def linear_with_tangent(x, tx, weight, bias):
     """y = x W^T + b and ty = tx W^T, in one GEMM when a tangent is present.
 
     The outputs are the two halves of one buffer, so a following collective packs them for free.
+    The bias is added in the GEMM output's dtype, as ``F.linear(x, weight, bias)`` does under
+    autocast: adding an fp32 master bias to a bf16 output would promote the primal to fp32 in the
+    tangent pass only, and every later op (attention included) would follow it into fp32.
     """
     if tx is None:
         return F.linear(x, weight, bias), None
     buf, n = pack(x, tx)  # no copy when x and tx are already stacked
     y, ty = unpack(F.linear(buf, weight), n)
     if bias is not None:
-        y = y + bias
+        y = y + bias.to(y.dtype)
     return y, ty
 
 

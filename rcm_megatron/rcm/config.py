@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .time_samplers import WAN_1_3B_P_G, WAN_14B_P_G, WAN_P_D, SamplerSpec
 
 MODES = ("rcm", "scm", "dmd", "dcm")
+TANGENT_WARMUP_FORMS = ("f9b7be9", "pre-f9b7be9")  # see losses.tangent_g
 HALF_PI = math.pi / 2
 
 
@@ -30,7 +31,8 @@ def _is_num(v) -> bool:
 
 @dataclass
 class RCMConfig:
-    """rCM hyper-parameters. Defaults = Wan2.1 1.3B (official code where paper and code differ).
+    """rCM hyper-parameters. Defaults = Wan2.1 1.3B (official code where paper and code differ),
+    except tangent_warmup_iters (0 here; the wan presets carry the official recipes' warmup).
 
     mode: 'rcm' (sCM + DMD, critic alternation), 'scm' (sCM only, no fake score),
       'dmd' (DMD only, critic alternation), 'dcm' (discrete-time CM baseline, see losses.py).
@@ -39,6 +41,8 @@ class RCMConfig:
     student_update_freq: F; after warmup one student step every F iterations, critic between.
     tangent_warmup_iters: r = min(1, iter/warmup) in the sCM tangent; student-only meanwhile
       (rcm mode; ignored by dmd/dcm).
+    tangent_warmup_form: how r enters the sCM tangent g (losses.tangent_g): 'f9b7be9' (official
+      code since NVlabs/rcm commit f9b7be9, r scales only the x_t term) or 'pre-f9b7be9' (r scales dF too).
     scm_loss_scale / dmd_loss_scale / dcm_loss_scale: per-term multipliers.
     scm_g_norm_eps: g <- g/(||g|| + eps) per sample.
     dmd_weight_clip: lower clip of the DMD weight mean|G - x0_T|.
@@ -58,6 +62,7 @@ class RCMConfig:
     cfg_scale: float = 5.0
     student_update_freq: int = 5
     tangent_warmup_iters: int = 0
+    tangent_warmup_form: str = "f9b7be9"
     scm_loss_scale: float = 100.0
     dmd_loss_scale: float = 1.0
     dcm_loss_scale: float = 1.0
@@ -98,6 +103,8 @@ class RCMConfig:
             _fail("student_update_freq", "an int >= 1", self.student_update_freq)
         if not (_is_int(self.tangent_warmup_iters) and self.tangent_warmup_iters >= 0):
             _fail("tangent_warmup_iters", "an int >= 0", self.tangent_warmup_iters)
+        if self.tangent_warmup_form not in TANGENT_WARMUP_FORMS:
+            _fail("tangent_warmup_form", f"one of {TANGENT_WARMUP_FORMS}", self.tangent_warmup_form)
         for name in ("p_g", "p_d"):
             v = getattr(self, name)
             if isinstance(v, str):
@@ -176,6 +183,10 @@ class RCMConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "wan-1.3b": dict(p_g=WAN_1_3B_P_G, p_d=WAN_P_D, student_update_freq=5, lr_student=2e-6, lr_fake_score=4e-7),
-    "wan-14b": dict(p_g=WAN_14B_P_G, p_d=WAN_P_D, student_update_freq=10, lr_student=1e-6, lr_fake_score=1e-7),
+    # tangent_warmup_iters: the official recipes (NVlabs/rcm rcm/configs/experiments/rcm/wan2pt1_t2v.py,
+    # `tangent_warmup`): 1000 for Wan2.1 T2V 1.3B, 300 for 14B.
+    "wan-1.3b": dict(p_g=WAN_1_3B_P_G, p_d=WAN_P_D, student_update_freq=5, lr_student=2e-6, lr_fake_score=4e-7,
+                     tangent_warmup_iters=1000),
+    "wan-14b": dict(p_g=WAN_14B_P_G, p_d=WAN_P_D, student_update_freq=10, lr_student=1e-6, lr_fake_score=1e-7,
+                    tangent_warmup_iters=300),
 }

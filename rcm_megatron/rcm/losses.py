@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels.dispatch import attention_pass
+from .config import TANGENT_WARMUP_FORMS
 from .protocol import VelocityNet
 from .rollout import RolloutResult
 from .trigflow import add_noise, expand_time, guided_predict, predict, predict_with_tangent, rf_to_trig
@@ -64,6 +66,23 @@ def _regress(pred: Tensor, valid: Tensor, weight, *, target: Tensor | None = Non
 # ---------------------------------------------------------------- sCM
 
 
+def tangent_g(F_sg: Tensor, F_T: Tensor, dF: Tensor, x_t: Tensor, cos: Tensor, sin: Tensor, r: float,
+              form: str = "f9b7be9") -> Tensor:
+    """The sCM tangent g at warmup ratio r (r = 1 after warmup, where both forms agree).
+
+    'f9b7be9' (default): the official code since NVlabs/rcm commit f9b7be9 (2026-01-08), r scales
+    only the x_t term:  g = -cos t sqrt(1 - r^2 sin^2 t) (F_sg - F_T) - (r cos t sin t x_t + dF).
+    'pre-f9b7be9': the official code before that commit, r scales dF too:
+                        g = -cos t sqrt(1 - r^2 sin^2 t) (F_sg - F_T) - r (cos t sin t x_t + dF).
+    """
+    first = -cos * torch.sqrt(1 - r**2 * sin**2) * (F_sg - F_T)
+    if form == "f9b7be9":
+        return first - (r * cos * sin * x_t + dF)
+    if form == "pre-f9b7be9":
+        return first - r * (cos * sin * x_t + dF)
+    raise ValueError(f"tangent warmup form must be one of {TANGENT_WARMUP_FORMS}, got {form!r}")
+
+
 @dataclass
 class SCMTargets:
     """x_t, t: regression input; g: normalized tangent step (0 where invalid); g_norm: raw ||g||."""
@@ -78,22 +97,21 @@ class SCMTargets:
 @torch.no_grad()
 def scm_targets(
     teacher: VelocityNet, student: VelocityNet, x0: Tensor, eps: Tensor, t: Tensor, context: Tensor,
-    uncond_context: Tensor, *, cfg_scale: float, r: float, g_norm_eps: float = 0.1,
+    uncond_context: Tensor, *, cfg_scale: float, r: float, g_norm_eps: float = 0.1, warmup_form: str = "f9b7be9",
 ) -> SCMTargets:
     """Steps 1, 2, 4, 5 of sCM: teacher F_T with CFG, student tangent, g, masking, normalization.
 
-    Official-code form of the tangent (r multiplies both the x_t term and dF; DESIGN.md's
-    text drops it on dF):
-      g = -cos t sqrt(1 - r^2 sin^2 t) (F_sg - F_T) - r (cos t sin t x_t + dF),
-    dF = cos t sin t dF_theta/dt along the PF-ODE (tangents dx = cos t sin t F_T, dt = cos t sin t).
-    F_sg here is the tangent pass's primal output.
+    dF = cos t sin t dF_theta/dt along the PF-ODE (tangents dx = cos t sin t F_T, dt = cos t sin t);
+    F_sg here is the tangent pass's primal output. ``tangent_g`` forms g for the warmup ratio r.
     """
     x_t = add_noise(x0, eps, t)
-    F_T = guided_predict(teacher, x_t, t, context, uncond_context, cfg_scale).F
+    with attention_pass("teacher CFG (sCM)"):
+        F_T = guided_predict(teacher, x_t, t, context, uncond_context, cfg_scale).F
     tb = expand_time(t, x_t)
     cos, sin = torch.cos(tb), torch.sin(tb)
-    F_sg, dF = predict_with_tangent(student, x_t, t, context, cos * sin * F_T, (cos * sin).flatten())
-    g = -cos * torch.sqrt(1 - r**2 * sin**2) * (F_sg - F_T) - r * (cos * sin * x_t + dF)
+    with attention_pass("student tangent"):
+        F_sg, dF = predict_with_tangent(student, x_t, t, context, cos * sin * F_T, (cos * sin).flatten())
+    g = tangent_g(F_sg, F_T, dF, x_t, cos, sin, r, warmup_form)
     valid = per_sample_finite(g)
     g = _mask(valid, g)
     norm = g.flatten(1).norm(dim=1)
@@ -103,7 +121,8 @@ def scm_targets(
 
 def scm_regression(student: VelocityNet, targets: SCMTargets, context: Tensor, scale: float = 100.0) -> LossTerms:
     """Step 3 + 6: scale * sum((F_theta - F_sg - g)^2), F_sg = F_theta detached."""
-    F = predict(student, targets.x_t, targets.t, context).F
+    with attention_pass("student with-grad (sCM)"):
+        F = predict(student, targets.x_t, targets.t, context).F
     return _regress(F, targets.valid, scale, step=targets.g)
 
 
@@ -132,8 +151,10 @@ def dmd_targets(
     """x_D = cos t_D G + sin t_D eps; grad = (x0_fake - x0_T)/max(mean|G - x0_T|, clip)."""
     G = rollout.x0
     x_D = add_noise(G, eps, t_D)
-    x0_fake = predict(fake_score, x_D, t_D, context).x0
-    x0_T = guided_predict(teacher, x_D, t_D, context, uncond_context, cfg_scale).x0
+    with attention_pass("fake score (DMD)"):
+        x0_fake = predict(fake_score, x_D, t_D, context).x0
+    with attention_pass("teacher CFG (DMD)"):
+        x0_T = guided_predict(teacher, x_D, t_D, context, uncond_context, cfg_scale).x0
     weight = (G - x0_T).abs().flatten(1).mean(dim=1).clamp_min(weight_clip)
     grad = (x0_fake - x0_T) / expand_time(weight, G)
     valid = per_sample_finite(grad) & per_sample_finite(G)
@@ -143,7 +164,8 @@ def dmd_targets(
 
 def dmd_regression(student: VelocityNet, targets: DMDTargets, context: Tensor, scale: float = 1.0) -> LossTerms:
     """scale * sum((G - sg(G - grad))^2) with G the last rollout step recomputed with grad."""
-    G = predict(student, targets.last_x, targets.last_t, context).x0
+    with attention_pass("student with-grad (DMD)"):
+        G = predict(student, targets.last_x, targets.last_t, context).x0
     return _regress(G, targets.valid, scale, step=-targets.grad)
 
 
@@ -168,7 +190,8 @@ def critic_targets(G: Tensor, eps: Tensor, t_D: Tensor) -> CriticTargets:
 
 def critic_regression(fake_score: VelocityNet, targets: CriticTargets, context: Tensor, scale: float = 1.0) -> LossTerms:
     """scale * sum((G - x0_fake(x_D, t_D))^2)/sin^2 t_D."""
-    x0 = predict(fake_score, targets.x_D, targets.t_D, context).x0
+    with attention_pass("fake score with-grad (critic)"):
+        x0 = predict(fake_score, targets.x_D, targets.t_D, context).x0
     weight = scale / torch.sin(targets.t_D.to(x0.device)) ** 2
     return _regress(x0, targets.valid, weight, target=targets.G)
 
@@ -211,14 +234,17 @@ def dcm_targets(
     step = step.to(x0.device)
     t, t_prev = grid[step], grid[step - skip]
     x_t = add_noise(x0, eps, t)
-    F_T = guided_predict(teacher, x_t, t, context, uncond_context, cfg_scale).F
+    with attention_pass("teacher CFG (dCM)"):
+        F_T = guided_predict(teacher, x_t, t, context, uncond_context, cfg_scale).F
     d = expand_time(t - t_prev, x_t)
     x_prev = torch.cos(d) * x_t - torch.sin(d) * F_T
-    target = predict(student, x_prev, t_prev, context).x0
+    with attention_pass("student target (dCM)"):
+        target = predict(student, x_prev, t_prev, context).x0
     return DCMTargets(x_t=x_t, t=t, t_prev=t_prev, target=target, valid=per_sample_finite(target))
 
 
 def dcm_regression(student: VelocityNet, targets: DCMTargets, context: Tensor, scale: float = 1.0) -> LossTerms:
     """scale * sum((x0_theta(x_t, t) - target)^2), unweighted over t."""
-    x0 = predict(student, targets.x_t, targets.t, context).x0
+    with attention_pass("student with-grad (dCM)"):
+        x0 = predict(student, targets.x_t, targets.t, context).x0
     return _regress(x0, targets.valid, scale, target=targets.target)

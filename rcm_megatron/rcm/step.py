@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels.dispatch import attention_pass
 from .config import RCMConfig
 from .losses import (
     CriticTargets, DCMTargets, DMDTargets, LossTerms, SCMTargets, critic_regression, critic_targets,
@@ -71,7 +72,8 @@ class StudentTargets:
 def _student_rollout(cfg: RCMConfig, student: VelocityNet, batch: Batch, rng: KeyedRNG, stream: str) -> RolloutResult:
     times, num_steps = training_schedule(rng, stream, batch.indices, cfg.p_d.build(), cfg.rollout_max_steps,
                                          cfg.rollout_random_steps, cfg.rollout_fixed_times)
-    return rollout(student, batch.latent_shape, times, num_steps, batch.context, rng, stream, batch.indices)
+    with attention_pass(f"student rollout ({stream.split('.')[0]})"):
+        return rollout(student, batch.latent_shape, times, num_steps, batch.context, rng, stream, batch.indices)
 
 
 def _time_and_noise(rng: KeyedRNG, sampler, prefix: str, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -98,7 +100,8 @@ def make_student_targets(
     if "scm" in phase.losses:
         t, eps = _time_and_noise(rng, cfg.p_g.build(), "scm", batch)
         out.scm = scm_targets(teacher, student, batch.x0, eps, t, batch.context, batch.uncond_context,
-                              cfg_scale=cfg.cfg_scale, r=out.r, g_norm_eps=cfg.scm_g_norm_eps)
+                              cfg_scale=cfg.cfg_scale, r=out.r, g_norm_eps=cfg.scm_g_norm_eps,
+                              warmup_form=cfg.tangent_warmup_form)
     if "dmd" in phase.losses:
         if fake_score is None:
             raise ValueError("DMD needs a fake score network, got None")

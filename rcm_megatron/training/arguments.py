@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..models.config import PRESETS, WanConfig, preset
 from ..parallel.config import CP_COMM_TYPES, ParallelConfig
-from ..rcm.config import MODES, RCMConfig
+from ..rcm.config import MODES, TANGENT_WARMUP_FORMS, RCMConfig
 from .lr_schedule import DECAY_STYLES, WSD_DECAY_STYLES, LRScheduleConfig
 
 
@@ -137,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=MODES, default="rcm", help="rcm, or the scm / dmd / dcm baselines")
     g.add_argument("--cfg-scale", type=float, default=None)
     g.add_argument("--student-update-freq", type=int, default=None)
-    g.add_argument("--tangent-warmup", type=int, default=None, help="iterations of sCM tangent warmup")
+    g.add_argument("--tangent-warmup", type=int, default=None,
+                   help="iterations of sCM tangent warmup (Wan presets: 1000 for 1.3B, 300 for 14B, the official recipes)")
+    g.add_argument("--tangent-warmup-form", choices=TANGENT_WARMUP_FORMS, default=None,
+                   help="how the warmup ratio r enters the sCM tangent: f9b7be9 (default; the official code since "
+                        "NVlabs/rcm commit f9b7be9, r scales only the x_t term) or pre-f9b7be9 (r scales dF too)")
     g.add_argument("--scm-loss-scale", type=float, default=None)
     g.add_argument("--dmd-loss-scale", type=float, default=None)
     g.add_argument("--p-g", default=None, help="sCM time sampler, e.g. 'lognormal(0.7,1.6)'")
@@ -238,6 +242,7 @@ def parse_args(argv=None):
     overrides = {k: v for k, v in {
         "mode": args.method, "seed": args.seed, "cfg_scale": args.cfg_scale,
         "student_update_freq": args.student_update_freq, "tangent_warmup_iters": args.tangent_warmup,
+        "tangent_warmup_form": args.tangent_warmup_form,
         "scm_loss_scale": args.scm_loss_scale, "dmd_loss_scale": args.dmd_loss_scale, "p_g": args.p_g,
         "p_d": args.p_d, "rollout_max_steps": args.rollout_steps, "ema_sigma_rel": args.ema_width,
         "lr_student": args.lr, "lr_fake_score": args.fake_score_lr, "weight_decay": args.weight_decay,
@@ -254,6 +259,8 @@ def parse_args(argv=None):
         # The embedded default: a tiny random teacher learns nothing at Wan's lr in minutes.
         overrides.setdefault("lr_student", 1e-4)
         overrides.setdefault("lr_fake_score", 1e-4)
+    if args.model == "tiny":  # a smoke model: show both phases from the first iterations
+        overrides.setdefault("tangent_warmup_iters", 0)
     try:
         rcm_cfg = RCMConfig.preset(preset_name, **overrides)
     except ValueError as e:
