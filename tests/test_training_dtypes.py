@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import rcm_megatron.models.attention as model_attention
-from rcm_megatron.kernels.dispatch import AttentionFallbackError, current_pass
+from rcm_megatron.kernels.dispatch import (AttentionFallbackError, add_pass_observer, current_pass,
+                                           remove_pass_observer)
 from rcm_megatron.models.config import preset
 from rcm_megatron.models.wan import WanDiT
 from rcm_megatron.parallel import tensor_parallel
@@ -22,8 +23,8 @@ from rcm_megatron.rcm.step import Batch, critic_step, student_step
 
 CFG = preset("tiny")
 STUDENT_PASSES = {"teacher CFG (sCM)", "student tangent", "student with-grad (sCM)", "student rollout (dmd)",
-                  "fake score (DMD)", "teacher CFG (DMD)", "student with-grad (DMD)"}
-CRITIC_PASSES = {"student rollout (critic)", "fake score with-grad (critic)"}
+                  "fake score (DMD)", "teacher CFG (DMD)", "student with-grad (DMD)", "student backward (scm)", "student backward (dmd)"}
+CRITIC_PASSES = {"student rollout (critic)", "fake score with-grad (critic)", "fake score backward (critic)"}
 
 
 def _models(path: str):
@@ -66,11 +67,18 @@ def record(monkeypatch):
 def test_every_pass_reaches_attention_in_bf16(record, path):
     teacher, student, fake = _models(path)
     cfg = RCMConfig(student_update_freq=2, rollout_max_steps=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        student_step(cfg, teacher, student, fake, _batch(), iteration=1)
-        critic_step(cfg, student, fake, _batch(), iteration=0)
-    passes = {p for p, _, _ in record}
-    assert passes == STUDENT_PASSES | CRITIC_PASSES
+    seen = []
+    observer = lambda name, begins: seen.append(name) if begins else None  # noqa: E731
+    add_pass_observer(observer)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            student_step(cfg, teacher, student, fake, _batch(), iteration=1)
+            critic_step(cfg, student, fake, _batch(), iteration=0)
+    finally:
+        remove_pass_observer(observer)
+    assert set(seen) == STUDENT_PASSES | CRITIC_PASSES
+    forward = {p for p in seen if "backward" not in p}
+    assert {p for p, _, _ in record} == forward  # every forward pass ran attention, inside its name
     tangent = [c for c in record if c[1] == "attention_with_tangent"]
     assert tangent and {p for p, _, _ in tangent} == {"student tangent"}
     wrong = [(p, fn, d) for p, fn, d in record if set(d.values()) != {torch.bfloat16}]

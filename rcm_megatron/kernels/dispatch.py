@@ -5,7 +5,9 @@ or the ``attention_backend`` context manager override the default, which is the 
 Triton kernel for CUDA tensors and plain math otherwise. Plain math is what the float64
 oracle tests run, so the model code never needs to know which one it got.
 
-Training passes run inside ``attention_pass(name)``. There a silent slow path is an error
+Training passes run inside ``training_pass(name)`` (the rCM losses and steps name each forward
+and backward pass; observers added with ``add_pass_observer`` see each pass begin and end, which
+is how benchmarks time passes inside the trainer's own step). There a silent slow path is an error
 (``AttentionFallbackError``, naming the pass, dtype and shape) instead of a warning: under
 autocast every attention input must be in the autocast dtype (an fp32 q reaching the kernel in
 a bf16 run means some layer promoted the activations), and on CUDA the tangent pass must not
@@ -27,6 +29,7 @@ from .reference import attention_reference, attention_with_tangent_reference
 _VALID = ("auto", "triton", "reference")
 _override: list[str] = []
 _passes: list[str] = []
+_observers: list = []
 
 
 class AttentionFallbackError(RuntimeError):
@@ -34,17 +37,30 @@ class AttentionFallbackError(RuntimeError):
 
 
 @contextlib.contextmanager
-def attention_pass(name: str):
+def training_pass(name: str):
     """Name the training pass the enclosed attention calls belong to (and make fallbacks errors)."""
     _passes.append(name)
+    for fn in _observers:
+        fn(name, True)
     try:
         yield
     finally:
+        for fn in _observers:
+            fn(name, False)
         _passes.pop()
 
 
+def add_pass_observer(fn) -> None:
+    """Call ``fn(name, begins: bool)`` at the start and end of every training pass."""
+    _observers.append(fn)
+
+
+def remove_pass_observer(fn) -> None:
+    _observers.remove(fn)
+
+
 def current_pass() -> str | None:
-    """The innermost ``attention_pass`` name, None outside training passes."""
+    """The innermost ``training_pass`` name, None outside training passes."""
     return _passes[-1] if _passes else None
 
 

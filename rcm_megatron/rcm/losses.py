@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels.dispatch import attention_pass
+from ..kernels.dispatch import training_pass
 from .config import TANGENT_WARMUP_FORMS
 from .protocol import VelocityNet
 from .rollout import RolloutResult
@@ -105,11 +105,11 @@ def scm_targets(
     F_sg here is the tangent pass's primal output. ``tangent_g`` forms g for the warmup ratio r.
     """
     x_t = add_noise(x0, eps, t)
-    with attention_pass("teacher CFG (sCM)"):
+    with training_pass("teacher CFG (sCM)"):
         F_T = guided_predict(teacher, x_t, t, context, uncond_context, cfg_scale).F
     tb = expand_time(t, x_t)
     cos, sin = torch.cos(tb), torch.sin(tb)
-    with attention_pass("student tangent"):
+    with training_pass("student tangent"):
         F_sg, dF = predict_with_tangent(student, x_t, t, context, cos * sin * F_T, (cos * sin).flatten())
     g = tangent_g(F_sg, F_T, dF, x_t, cos, sin, r, warmup_form)
     valid = per_sample_finite(g)
@@ -121,7 +121,7 @@ def scm_targets(
 
 def scm_regression(student: VelocityNet, targets: SCMTargets, context: Tensor, scale: float = 100.0) -> LossTerms:
     """Step 3 + 6: scale * sum((F_theta - F_sg - g)^2), F_sg = F_theta detached."""
-    with attention_pass("student with-grad (sCM)"):
+    with training_pass("student with-grad (sCM)"):
         F = predict(student, targets.x_t, targets.t, context).F
     return _regress(F, targets.valid, scale, step=targets.g)
 
@@ -151,9 +151,9 @@ def dmd_targets(
     """x_D = cos t_D G + sin t_D eps; grad = (x0_fake - x0_T)/max(mean|G - x0_T|, clip)."""
     G = rollout.x0
     x_D = add_noise(G, eps, t_D)
-    with attention_pass("fake score (DMD)"):
+    with training_pass("fake score (DMD)"):
         x0_fake = predict(fake_score, x_D, t_D, context).x0
-    with attention_pass("teacher CFG (DMD)"):
+    with training_pass("teacher CFG (DMD)"):
         x0_T = guided_predict(teacher, x_D, t_D, context, uncond_context, cfg_scale).x0
     weight = (G - x0_T).abs().flatten(1).mean(dim=1).clamp_min(weight_clip)
     grad = (x0_fake - x0_T) / expand_time(weight, G)
@@ -164,7 +164,7 @@ def dmd_targets(
 
 def dmd_regression(student: VelocityNet, targets: DMDTargets, context: Tensor, scale: float = 1.0) -> LossTerms:
     """scale * sum((G - sg(G - grad))^2) with G the last rollout step recomputed with grad."""
-    with attention_pass("student with-grad (DMD)"):
+    with training_pass("student with-grad (DMD)"):
         G = predict(student, targets.last_x, targets.last_t, context).x0
     return _regress(G, targets.valid, scale, step=-targets.grad)
 
@@ -190,7 +190,7 @@ def critic_targets(G: Tensor, eps: Tensor, t_D: Tensor) -> CriticTargets:
 
 def critic_regression(fake_score: VelocityNet, targets: CriticTargets, context: Tensor, scale: float = 1.0) -> LossTerms:
     """scale * sum((G - x0_fake(x_D, t_D))^2)/sin^2 t_D."""
-    with attention_pass("fake score with-grad (critic)"):
+    with training_pass("fake score with-grad (critic)"):
         x0 = predict(fake_score, targets.x_D, targets.t_D, context).x0
     weight = scale / torch.sin(targets.t_D.to(x0.device)) ** 2
     return _regress(x0, targets.valid, weight, target=targets.G)
@@ -234,17 +234,17 @@ def dcm_targets(
     step = step.to(x0.device)
     t, t_prev = grid[step], grid[step - skip]
     x_t = add_noise(x0, eps, t)
-    with attention_pass("teacher CFG (dCM)"):
+    with training_pass("teacher CFG (dCM)"):
         F_T = guided_predict(teacher, x_t, t, context, uncond_context, cfg_scale).F
     d = expand_time(t - t_prev, x_t)
     x_prev = torch.cos(d) * x_t - torch.sin(d) * F_T
-    with attention_pass("student target (dCM)"):
+    with training_pass("student target (dCM)"):
         target = predict(student, x_prev, t_prev, context).x0
     return DCMTargets(x_t=x_t, t=t, t_prev=t_prev, target=target, valid=per_sample_finite(target))
 
 
 def dcm_regression(student: VelocityNet, targets: DCMTargets, context: Tensor, scale: float = 1.0) -> LossTerms:
     """scale * sum((x0_theta(x_t, t) - target)^2), unweighted over t."""
-    with attention_pass("student with-grad (dCM)"):
+    with training_pass("student with-grad (dCM)"):
         x0 = predict(student, targets.x_t, targets.t, context).x0
     return _regress(x0, targets.valid, scale, target=targets.target)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels.dispatch import attention_pass
+from ..kernels.dispatch import training_pass
 from .config import RCMConfig
 from .losses import (
     CriticTargets, DCMTargets, DMDTargets, LossTerms, SCMTargets, critic_regression, critic_targets,
@@ -72,7 +72,7 @@ class StudentTargets:
 def _student_rollout(cfg: RCMConfig, student: VelocityNet, batch: Batch, rng: KeyedRNG, stream: str) -> RolloutResult:
     times, num_steps = training_schedule(rng, stream, batch.indices, cfg.p_d.build(), cfg.rollout_max_steps,
                                          cfg.rollout_random_steps, cfg.rollout_fixed_times)
-    with attention_pass(f"student rollout ({stream.split('.')[0]})"):
+    with training_pass(f"student rollout ({stream.split('.')[0]})"):
         return rollout(student, batch.latent_shape, times, num_steps, batch.context, rng, stream, batch.indices)
 
 
@@ -164,7 +164,8 @@ def student_step(
     out: dict[str, Tensor] = {}
     for name in targets.phase.losses:
         loss = student_regression(cfg, student, targets, batch, name).loss / norm
-        loss.backward()
+        with training_pass(f"student backward ({name})"):
+            loss.backward()
         out[f"loss_{name}"] = loss.detach()
     return out | student_diagnostics(targets)
 
@@ -184,6 +185,7 @@ def critic_step(
     """Accumulate the fake score's gradients (denoising the student's samples)."""
     targets = make_critic_targets(cfg, student, batch, iteration)
     loss = critic_regression(fake_score, targets, batch.context).loss / _normalizer(batch, loss_normalizer)
-    loss.backward()
+    with training_pass("fake score backward (critic)"):
+        loss.backward()
     return {"loss_critic": loss.detach(), "critic_t_mean": _mean(targets.t_D),
             "critic_valid_frac": _mean(targets.valid)}

@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""A whole rCM iteration on one GPU, pass by pass, against ceilings measured in the same run.
+
+Runs ``pretrain_rcm.main`` in this process (the trainer's own student and critic steps) at
+Wan-1.3B 480p (latents 16 x 21 x 60 x 104 = 32,760 tokens, text 512, bf16, random weights,
+synthetic data, full activation recompute unless ``--recompute-num-layers 0``) and times every
+named training pass (``kernels.dispatch.training_pass``: teacher CFG, student tangent, with-grad
+forwards and their backwards, rollouts, fake score) with CUDA events. Network calls per pass are
+counted with a module forward hook, so each pass's model FLOPs are exact (rollout lengths are
+random). Schedule: ``--tangent-warmup 1`` makes iteration 1 an sCM-only student step that warms
+every kernel of the student path, then critic steps 2-5 and an rCM student step at 6 (F = 5):
+iterations 2-6 are one schedule period (one student step and F-1 critic steps).
+
+Ceilings: bf16 GEMM rates at the model's token-linear shapes and cuDNN attention forward and
+backward rates (self-attention 32,760 x 32,760, cross-attention 32,760 x 512), all measured here;
+a pass's ceiling is its model FLOPs of each kind at those rates (tangent pass: 2x the token GEMMs,
+3 attention-forward units for self-attention, 2 for cross-attention). ``fraction`` = ceiling /
+measured time.
+
+Writes ``rcm_step_<date>_<card>.json`` (card, date, command, versions; the schedule-period average
+under ``period_model_tflops_per_gpu``, the trainer's FLOP counting) and prints a table last.
+
+    python benchmarks/rcm_step.py --out benchmarks/results [--label baseline] [-- extra pretrain flags]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+S, L, HEADS, HEAD_DIM, D, FFN = 32760, 512, 12, 128, 1536, 8960
+FLAGS = ["--model", "wan-1.3b", "--bf16", "--data", "synthetic", "--latent-shape", "16", "21", "60", "104",
+         "--train-iters", "6", "--student-update-freq", "5", "--tangent-warmup", "1", "--log-interval", "1"]
+
+
+def card_slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+
+
+def timed(fn, reps: int = 10) -> float:
+    """Mean milliseconds of fn() after warm-up (CUDA events)."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def ceiling_rates() -> dict:
+    """TFLOP/s of bf16 GEMMs at the token-linear shapes and of cuDNN attention forward/backward."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev, bf = "cuda", torch.bfloat16
+    rates = {}
+    gemm_flops = gemm_ms = 0.0
+    for k, n, count in ((D, D, 6), (D, FFN, 1), (FFN, D, 1)):  # q,k,v,o,cross q,o; fc1; fc2 per block
+        a, w = torch.randn(S, k, device=dev, dtype=bf), torch.randn(n, k, device=dev, dtype=bf)
+        ms = timed(lambda: F.linear(a, w))
+        rates[f"gemm_{S}x{k}x{n}"] = 2 * S * k * n / ms / 1e9
+        gemm_flops += count * 2 * S * k * n
+        gemm_ms += count * ms
+    rates["gemm_token_linear"] = gemm_flops / gemm_ms / 1e9  # per-block mix of the shapes
+    for name, lk in (("self", S), ("cross", L)):
+        q = torch.randn(1, HEADS, S, HEAD_DIM, device=dev, dtype=bf, requires_grad=True)
+        k = torch.randn(1, HEADS, lk, HEAD_DIM, device=dev, dtype=bf, requires_grad=True)
+        v = torch.randn(1, HEADS, lk, HEAD_DIM, device=dev, dtype=bf, requires_grad=True)
+        flops = 4 * S * lk * HEADS * HEAD_DIM
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+            fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v)
+            g = torch.randn_like(o)
+            bwd = timed(lambda: torch.autograd.grad(o, (q, k, v), g, retain_graph=True))
+        rates[f"attn_{name}_fwd"] = flops / fwd / 1e9
+        rates[f"attn_{name}_bwd"] = 2 * flops / bwd / 1e9
+        del q, k, v, o, g
+    torch.cuda.empty_cache()
+    return rates
+
+
+def pass_kind(name: str) -> str:
+    if "backward" in name:
+        return "backward"
+    if "tangent" in name:
+        return "tangent"
+    return "forward"
+
+
+def ceiling_ms(fw, kind: str, calls: int, rates: dict) -> float:
+    """Milliseconds of a pass's model FLOPs at the measured rates (fw: ForwardFlops of one call)."""
+    lin = fw.token_linear + fw.text_linear + fw.time_linear
+    g, sf, cf = rates["gemm_token_linear"], rates["attn_self_fwd"], rates["attn_cross_fwd"]
+    if kind == "forward":
+        t = lin / g + fw.self_attention / sf + fw.cross_attention / cf
+    elif kind == "tangent":
+        t = (2 * fw.token_linear + fw.text_linear + 2 * fw.time_linear) / g \
+            + 3 * fw.self_attention / sf + 2 * fw.cross_attention / cf
+    else:  # backward of one forward: 2x the linears, attention backward
+        t = 2 * lin / g + 2 * fw.self_attention / rates["attn_self_bwd"] + 2 * fw.cross_attention / rates["attn_cross_bwd"]
+    return calls * t / 1e9
+
+
+def pass_flops(fw, kind: str, calls: int) -> float:
+    return calls * {"forward": fw.total, "tangent": fw.tangent, "backward": 2 * fw.total}[kind]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--label", default="default path", help="what this run measures (baseline, an optimization)")
+    ap.add_argument("--recompute-num-layers", type=int, default=1, help="0: no activation recompute")
+    ap.add_argument("extra", nargs="*", help="more pretrain_rcm.py flags (after --)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import pretrain_rcm
+    from rcm_megatron.kernels.dispatch import add_pass_observer
+    from rcm_megatron.models.config import preset
+    from rcm_megatron.models.wan import WanDiT
+    from rcm_megatron.training.throughput import peak_tflops, wan_forward_flops
+
+    card = torch.cuda.get_device_name()
+    rates = ceiling_rates()
+    events: list = []  # (name, start_event, end_event, calls)
+    open_passes: list = []
+
+    def observer(name, begins):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        if begins:
+            open_passes.append([name, ev, None, 0])
+        else:
+            entry = open_passes.pop()
+            entry[2] = ev
+            events.append(entry)
+
+    def count_calls(module, inputs):
+        if isinstance(module, WanDiT) and open_passes:
+            open_passes[-1][3] += 1
+
+    add_pass_observer(observer)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(count_calls)
+    recompute = ["--recompute-granularity", "full", "--recompute-num-layers", str(args.recompute_num_layers)] \
+        if args.recompute_num_layers else []
+    log_dir = tempfile.mkdtemp(prefix="rcm_step_")
+    flags = FLAGS + recompute + ["--log-dir", log_dir] + args.extra
+    torch.cuda.reset_peak_memory_stats()
+    rc = pretrain_rcm.main(flags)
+    hook.remove()
+    torch.cuda.synchronize()
+    if rc != 0:
+        print(f"rcm_step: pretrain_rcm.py exited {rc}", file=sys.stderr)
+        return 1
+    rows = [json.loads(line) for line in open(os.path.join(log_dir, "metrics.jsonl"))]
+    fw = wan_forward_flops(preset("wan-1.3b"), S, L)
+
+    # Split the pass sequence into iterations: each starts with its first pass.
+    iters, current = [], None
+    for name, start, end, calls in events:
+        if name in ("teacher CFG (sCM)", "student rollout (critic)"):
+            current = []
+            iters.append(current)
+        kind = pass_kind(name)
+        if kind == "backward":  # a backward differentiates the with-grad forward just before it
+            calls = 1
+        elif kind == "tangent":
+            calls = max(calls, 1)  # forward_with_tangent is not a module call
+        current.append({"pass": name, "ms": start.elapsed_time(end), "calls": calls, "kind": kind})
+    if len(iters) != len(rows):
+        print(f"rcm_step: {len(iters)} iterations of passes but {len(rows)} metrics rows", file=sys.stderr)
+        return 1
+    period = list(range(1, 6))  # iterations 2..6: critic x4, then the rCM student step
+    by_pass = defaultdict(list)
+    for i in period:
+        for p in iters[i]:
+            by_pass[(rows[i]["phase"], p["pass"])].append(p)
+    table = []
+    for (phase, name), ps in by_pass.items():
+        ms = sum(p["ms"] for p in ps) / len(ps)
+        calls = sum(p["calls"] for p in ps) / len(ps)
+        flops = pass_flops(fw, ps[0]["kind"], calls)
+        ceil = ceiling_ms(fw, ps[0]["kind"], calls, rates)
+        table.append({"phase": phase, "pass": name, "ms": ms, "calls": calls, "model_tflops": flops / ms / 1e9,
+                      "ceiling_ms": ceil, "fraction_of_ceiling": ceil / ms})
+    iter_rows = []
+    for i in period:
+        r = rows[i]
+        secs = 1.0 / r["samples_per_sec"]
+        in_passes = sum(p["ms"] for p in iters[i]) / 1e3
+        exact = sum(pass_flops(fw, p["kind"], p["calls"]) for p in iters[i])
+        iter_rows.append({"iteration": r["iteration"], "phase": r["phase"], "seconds": secs,
+                          "model_tflops_per_gpu": r["model_tflops_per_gpu"], "exact_model_tflops": exact / secs / 1e12,
+                          "outside_passes_s": secs - in_passes, "mem_peak_allocated_gib": r.get("mem_peak_allocated_gib")})
+    total_s = sum(r["seconds"] for r in iter_rows)
+    period_tflops = sum(r["model_tflops_per_gpu"] * r["seconds"] for r in iter_rows) / total_s
+    period_exact = sum(r["exact_model_tflops"] * r["seconds"] for r in iter_rows) / total_s
+    peak = peak_tflops(card)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    import triton
+
+    result = {"card": card, "date": now.isoformat(), "label": args.label,
+              "command": "python benchmarks/rcm_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "pretrain_flags": " ".join(flags), "torch": torch.__version__,
+              "triton": triton.__version__, "tokens": S, "text_len": L,
+              "period_model_tflops_per_gpu": period_tflops, "period_exact_model_tflops_per_gpu": period_exact,
+              "period_mfu": period_tflops / peak if peak else None, "period_seconds": total_s,
+              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "ceiling_rates_tflops": rates,
+              "passes": table, "iterations": iter_rows}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"rcm_step_{now:%Y%m%dT%H%M%SZ}_{card_slug(card)}.json")
+    json.dump(result, open(path, "w"), indent=1)
+    print(f"rcm_step on {card} ({args.label}); {os.path.relpath(path, ROOT)}")
+    print("ceiling rates (TFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    print(f"{'phase':8s} {'pass':32s} {'ms':>9s} {'calls':>5s} {'TFLOP/s':>8s} {'ceil ms':>9s} {'frac':>5s}")
+    for t in table:
+        print(f"{t['phase']:8s} {t['pass']:32s} {t['ms']:9.1f} {t['calls']:5.1f} {t['model_tflops']:8.0f} "
+              f"{t['ceiling_ms']:9.1f} {t['fraction_of_ceiling']:5.2f}")
+    for r in iter_rows:
+        print(f"iter {r['iteration']:2d} {r['phase']:8s} {r['seconds']:7.2f} s  {r['model_tflops_per_gpu']:6.0f} TFLOP/s "
+              f"(exact {r['exact_model_tflops']:4.0f})  outside passes {r['outside_passes_s']:5.2f} s  "
+              f"peak {r['mem_peak_allocated_gib'] or 0:5.1f} GiB")
+    print(f"period (1 student + 4 critic): {period_tflops:.0f} model TFLOP/s per GPU "
+          f"(exact counts {period_exact:.0f}), MFU {result['period_mfu'] or 0:.3f}, peak {result['peak_memory_gib']:.1f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
