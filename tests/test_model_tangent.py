@@ -3,6 +3,7 @@ the same computation in float64 (plain-math attention)."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rcm_megatron.kernels import attention_reference, attention_with_tangent_reference
 from rcm_megatron.models import WanConfig, WanDiT, preset
@@ -173,10 +174,25 @@ def test_layout_independent_init():
     assert torch.equal(stage.blocks["1"].attn1.to_q.weight, a.blocks["1"].attn1.to_q.weight)
 
 
+class _CountMatmuls(TorchDispatchMode):
+    """Counts the matrix products that run (to tell recomputed GEMMs from kept ones)."""
+
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.OPS
+        return func(*args, **(kwargs or {}))
+
+
 def test_activation_recompute_gives_the_same_gradients():
-    """--recompute-granularity full: groups of blocks recomputed in backward, same outputs and
-    gradients (float64), tangent pass untouched."""
+    """--recompute-granularity full: groups of blocks recomputed in backward; selective: GEMM (and
+    attention) outputs kept, elementwise work recomputed. Same outputs and gradients (float64)."""
     from rcm_megatron.models import WanDiT, preset
+    from rcm_megatron.models.recompute import RecomputeConfig
 
     cfg = preset("tiny").replace(num_layers=3)
     torch.manual_seed(0)
@@ -184,16 +200,24 @@ def test_activation_recompute_gives_the_same_gradients():
     t = torch.tensor([300.0, 700.0], dtype=torch.float64)
     ctx = torch.randn(2, 5, cfg.text_dim, dtype=torch.float64)
     grads = []
-    for n in (0, 1, 2):
+    settings = (0, 1, 2, RecomputeConfig("selective"), RecomputeConfig("selective", modules=("core_attn",)))
+    backward_matmuls = []
+    for n in settings:
         m = WanDiT(cfg).double()
         m.reset_parameters(seed=3)
         m.set_activation_recompute(n)
         calls = []
         m.blocks["0"].register_forward_pre_hook(lambda *_: calls.append(1))  # recompute may stop early
         y = m(x, t, ctx)
-        y.square().sum().backward()
+        with _CountMatmuls() as mm:
+            y.square().sum().backward()
+        backward_matmuls.append(mm.count)
         assert len(calls) == (2 if n else 1)  # recomputed in backward
         grads.append((y.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}))
+    # selective keeps the GEMM outputs: its backward runs no more matrix products than no recompute
+    # (core_attn also redoes attention's QK^T and PV: 2 per attention), full recompute runs the forward's again
+    none, full1, full2, selective, core_attn = backward_matmuls
+    assert selective == none < full1 == full2 and core_attn == none + 2 * 2 * cfg.num_layers
     for y, g in grads[1:]:
         torch.testing.assert_close(y, grads[0][0], rtol=0, atol=0)
         for k in g:

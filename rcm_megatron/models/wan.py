@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from ..parallel import context_parallel as cp
 from ..parallel import state as parallel_state
@@ -35,6 +34,7 @@ from .block import WanBlock
 from .config import WanConfig
 from .embeddings import PatchEmbedding, TextEmbedding, TimeEmbedding
 from .layers import LayerNorm, modulate
+from .recompute import RecomputeConfig, run_blocks_with_recompute
 from .rope import rope_cos_sin
 
 # Modules kept in fp32 when the model runs in bf16 (as diffusers' _keep_in_fp32_modules).
@@ -91,7 +91,7 @@ class WanDiT(nn.Module):
         # Every stage needs the time embedding (it conditions every block); it is tiny.
         self.time_embedding = TimeEmbedding(config)
         self.blocks = nn.ModuleDict({str(i): WanBlock(config) for i in range(first, last)})
-        self.recompute_num_layers = 0  # activation checkpointing; see set_activation_recompute
+        self.recompute = RecomputeConfig()  # activation recompute; see set_activation_recompute
         if post_process:
             d = config.hidden_size
             self.norm_out = LayerNorm(d, config.eps, affine=False)
@@ -164,25 +164,25 @@ class WanDiT(nn.Module):
                             dtype=torch.float64 if state.x.dtype == torch.float64 else torch.float32,
                             token_range=cp.token_range(state.seq_len))
         blocks = list(self.blocks.values())
-        group = self.recompute_num_layers if torch.is_grad_enabled() else 0
-        if group <= 0:
+        if not (self.recompute.enabled and torch.is_grad_enabled()):
             for block in blocks:
                 state.x, state.tx = block(state.x, state.tx, state.tproj, state.ttproj, state.context, rope,
                                           state.seq_len)
             return state
-        for i in range(0, len(blocks), group):  # keep only each group's input; recompute it in backward
-            run = _BlockGroup(blocks[i:i + group], state.seq_len)
-            state.x, state.tx = torch.utils.checkpoint.checkpoint(
-                run, state.x, state.tx, state.tproj, state.ttproj, state.context, rope, use_reentrant=False)
+        state.x, state.tx = run_blocks_with_recompute(
+            self.recompute, blocks, lambda group, *a: _BlockGroup(group, state.seq_len)(*a),
+            state.x, state.tx, state.tproj, state.ttproj, state.context, rope)
         return state
 
-    def set_activation_recompute(self, num_layers: int) -> None:
-        """Megatron-LM's ``--recompute-granularity full --recompute-method uniform``: with grad on,
-        keep only the input of every group of ``num_layers`` blocks and recompute the group in
-        backward (0: off). The no-grad passes (teacher, tangent, rollouts) are unaffected."""
-        if num_layers < 0:
-            raise ValueError(f"recompute num_layers must be >= 0, got {num_layers}")
-        self.recompute_num_layers = int(num_layers)
+    def set_activation_recompute(self, recompute: "RecomputeConfig | int") -> None:
+        """Activation recompute of the with-grad passes (``models/recompute.py``). An int N is
+        Megatron-LM's ``--recompute-granularity full --recompute-num-layers N`` (0: off). The no-grad
+        passes (teacher, tangent, rollouts) are unaffected."""
+        if isinstance(recompute, int):
+            if recompute < 0:
+                raise ValueError(f"recompute num_layers must be >= 0, got {recompute}")
+            recompute = RecomputeConfig("full", recompute) if recompute else RecomputeConfig()
+        self.recompute = recompute
 
     def head(self, state: StageState, out_shape):
         c = self.config

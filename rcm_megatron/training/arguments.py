@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from ..models.config import PRESETS, WanConfig, preset
+from ..models.recompute import GRANULARITIES, RECOMPUTE_MODULES, RecomputeConfig
 from ..parallel.config import CP_COMM_TYPES, ParallelConfig
 from ..rcm.config import MODES, TANGENT_WARMUP_FORMS, RCMConfig
 from .lr_schedule import DECAY_STYLES, WSD_DECAY_STYLES, LRScheduleConfig
@@ -58,7 +59,7 @@ class TrainingConfig:
     overlap_param_gather: bool = False
     optimizer_cpu_offload: bool = False
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
-    recompute_num_layers: int = 0  # 0: no activation checkpointing
+    recompute: RecomputeConfig = RecomputeConfig()  # activation recompute of the with-grad passes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,11 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint directory (tools/convert_checkpoint.py import, or a --save dir: its EMA) or model file; "
                         "default assets/toy_teacher.pt when --model is not given")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters/activations (fp32 norms, time embedding)")
-    g.add_argument("--recompute-granularity", choices=("full",), default=None,
-                   help="activation checkpointing of the trained models' with-grad passes (full blocks)")
+    g.add_argument("--recompute-granularity", choices=GRANULARITIES, default=None,
+                   help="activation recompute of the trained models' with-grad passes: full (groups of blocks) or "
+                        "selective (keep GEMM and attention outputs, recompute the elementwise work)")
     g.add_argument("--recompute-method", choices=("uniform",), default="uniform",
                    help="uniform: checkpoint every group of --recompute-num-layers blocks")
-    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--recompute-num-layers", type=int, default=1, help="blocks per group (full)")
+    g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=["elementwise"],
+                   help="selective: what is recomputed; core_attn also recomputes attention")
     g.add_argument("--mode", choices=("distill", "teacher"), default="distill",
                    help="distill a student (default) or pretrain a teacher by flow matching")
     g = p.add_argument_group("training")
@@ -292,7 +296,8 @@ def parse_args(argv=None):
         max_consecutive_skipped_steps=args.max_consecutive_skipped_steps, log_images_interval=args.log_images_interval,
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
-        lr_schedule=schedule, recompute_num_layers=args.recompute_num_layers if args.recompute_granularity else 0)
+        lr_schedule=schedule, recompute=RecomputeConfig(args.recompute_granularity, args.recompute_num_layers,
+                                                        tuple(args.recompute_modules)))
     return train, model_cfg, rcm_cfg, par
 
 

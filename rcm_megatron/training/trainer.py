@@ -184,7 +184,7 @@ class Trainer:
         self.fake = self._new_model(trainable=True).to(dev) if distill and self.rcm.uses_fake_score else None
         for m in (self.student, self.fake):
             if m is not None:
-                m.set_activation_recompute(self.train.recompute_num_layers)
+                m.set_activation_recompute(self.train.recompute)
         if distill:
             self.opt_student = build_optimizer(self.student.parameters(), self.rcm, "student")
         else:
