@@ -37,7 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 S, L, HEADS, HEAD_DIM, D, FFN = 32760, 512, 12, 128, 1536, 8960
-FLAGS = ["--model", "wan-1.3b", "--bf16", "--data", "synthetic", "--latent-shape", "16", "21", "60", "104",
+MICRO_BATCH = 2  # pretrain_rcm.py's default micro-batch off the toy task
+FLAGS = ["--model", "wan-1.3b", "--bf16", "--micro-batch-size", str(MICRO_BATCH), "--data", "synthetic", "--latent-shape", "16", "21", "60", "104",
          "--train-iters", "6", "--student-update-freq", "5", "--tangent-warmup", "1", "--log-interval", "1"]
 
 
@@ -116,8 +117,9 @@ def ceiling_ms(fw, kind: str, calls: int, rates: dict) -> float:
     return calls * t / 1e9
 
 
-def pass_flops(fw, kind: str, calls: int) -> float:
-    return calls * {"forward": fw.total, "tangent": fw.tangent, "backward": 2 * fw.total}[kind]
+def pass_flops(fw, kind: str, samples: int) -> float:
+    """Model FLOPs of a pass that ran ``samples`` sample-forwards (a call on a micro-batch of 2 is 2)."""
+    return samples * {"forward": fw.total, "tangent": fw.tangent, "backward": 2 * fw.total}[kind]
 
 
 def main(argv=None) -> int:
@@ -151,9 +153,9 @@ def main(argv=None) -> int:
             entry[2] = ev
             events.append(entry)
 
-    def count_calls(module, inputs):
+    def count_calls(module, inputs):  # samples through the network (a rollout calls it on the samples left)
         if isinstance(module, WanDiT) and open_passes:
-            open_passes[-1][3] += 1
+            open_passes[-1][3] += int(inputs[0].shape[0])
 
     add_pass_observer(observer)
     hook = torch.nn.modules.module.register_module_forward_pre_hook(count_calls)
@@ -179,10 +181,10 @@ def main(argv=None) -> int:
             iters.append(current)
         kind = pass_kind(name)
         if kind == "backward":  # a backward differentiates the with-grad forward just before it
-            calls = 1
+            calls = current[-1]["samples"]
         elif kind == "tangent":
-            calls = max(calls, 1)  # forward_with_tangent is not a module call
-        current.append({"pass": name, "ms": start.elapsed_time(end), "calls": calls, "kind": kind})
+            calls = max(calls, MICRO_BATCH)  # forward_with_tangent is not a module call
+        current.append({"pass": name, "ms": start.elapsed_time(end), "samples": calls, "kind": kind})
     if len(iters) != len(rows):
         print(f"rcm_step: {len(iters)} iterations of passes but {len(rows)} metrics rows", file=sys.stderr)
         return 1
@@ -194,17 +196,17 @@ def main(argv=None) -> int:
     table = []
     for (phase, name), ps in by_pass.items():
         ms = sum(p["ms"] for p in ps) / len(ps)
-        calls = sum(p["calls"] for p in ps) / len(ps)
+        calls = sum(p["samples"] for p in ps) / len(ps)
         flops = pass_flops(fw, ps[0]["kind"], calls)
         ceil = ceiling_ms(fw, ps[0]["kind"], calls, rates)
-        table.append({"phase": phase, "pass": name, "ms": ms, "calls": calls, "model_tflops": flops / ms / 1e9,
+        table.append({"phase": phase, "pass": name, "ms": ms, "samples": calls, "model_tflops": flops / ms / 1e9,
                       "ceiling_ms": ceil, "fraction_of_ceiling": ceil / ms})
     iter_rows = []
     for i in period:
         r = rows[i]
-        secs = 1.0 / r["samples_per_sec"]
+        secs = MICRO_BATCH / r["samples_per_sec"]
         in_passes = sum(p["ms"] for p in iters[i]) / 1e3
-        exact = sum(pass_flops(fw, p["kind"], p["calls"]) for p in iters[i])
+        exact = sum(pass_flops(fw, p["kind"], p["samples"]) for p in iters[i])
         iter_rows.append({"iteration": r["iteration"], "phase": r["phase"], "seconds": secs,
                           "model_tflops_per_gpu": r["model_tflops_per_gpu"], "exact_model_tflops": exact / secs / 1e12,
                           "outside_passes_s": secs - in_passes, "mem_peak_allocated_gib": r.get("mem_peak_allocated_gib")})
@@ -228,9 +230,9 @@ def main(argv=None) -> int:
     json.dump(result, open(path, "w"), indent=1)
     print(f"rcm_step on {card} ({args.label}); {os.path.relpath(path, ROOT)}")
     print("ceiling rates (TFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
-    print(f"{'phase':8s} {'pass':32s} {'ms':>9s} {'calls':>5s} {'TFLOP/s':>8s} {'ceil ms':>9s} {'frac':>5s}")
+    print(f"{'phase':8s} {'pass':32s} {'ms':>9s} {'smpls':>5s} {'TFLOP/s':>8s} {'ceil ms':>9s} {'frac':>5s}")
     for t in table:
-        print(f"{t['phase']:8s} {t['pass']:32s} {t['ms']:9.1f} {t['calls']:5.1f} {t['model_tflops']:8.0f} "
+        print(f"{t['phase']:8s} {t['pass']:32s} {t['ms']:9.1f} {t['samples']:5.1f} {t['model_tflops']:8.0f} "
               f"{t['ceiling_ms']:9.1f} {t['fraction_of_ceiling']:5.2f}")
     for r in iter_rows:
         print(f"iter {r['iteration']:2d} {r['phase']:8s} {r['seconds']:7.2f} s  {r['model_tflops_per_gpu']:6.0f} TFLOP/s "
