@@ -69,8 +69,9 @@ def _describe(tensors) -> str:
 
 
 def _check_training_dtypes(fn: str, **tensors) -> None:
-    """Inside a named pass under autocast: every input must be in the autocast dtype."""
-    if not _passes:
+    """Inside a named pass under autocast: every input must be in the autocast dtype (checked in
+    eager code; a compiled block is checked when it runs eagerly, e.g. on CPU)."""
+    if torch.compiler.is_compiling() or not _passes:
         return
     q = tensors["q"]
     dev = q.device.type
@@ -117,6 +118,7 @@ def attention(q, k, v, softmax_scale: float | None = None) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+@torch.compiler.disable  # compiled blocks call the fused kernel as it is (a graph break)
 def attention_with_tangent(q, k, v, tq, tk=None, tv=None, softmax_scale: float | None = None, *,
                            kv_len=None):
     """(out, tout, lse, tlse) of attention; see ``reference.attention_with_tangent_reference``.

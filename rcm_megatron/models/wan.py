@@ -174,6 +174,15 @@ class WanDiT(nn.Module):
             state.x, state.tx, state.tproj, state.ttproj, state.context, rope)
         return state
 
+    def compile_blocks(self) -> None:
+        """Regional ``torch.compile`` of every block: fuses the elementwise work around the GEMMs
+        (norms, adaLN modulation, RoPE, GELU, gated residuals and their tangents) into few kernels.
+        Identical blocks share the compiled code; the fused attention-with-tangent kernel runs
+        as it is (a graph break). For single-GPU-per-model layouts (no TP/CP collectives inside
+        blocks); the trainer decides when (``--compile-blocks``)."""
+        for block in self.blocks.values():
+            block.compile(dynamic=False)
+
     def set_activation_recompute(self, recompute: "RecomputeConfig | int") -> None:
         """Activation recompute of the with-grad passes (``models/recompute.py``). An int N is
         Megatron-LM's ``--recompute-granularity full --recompute-num-layers N`` (0: off). The no-grad

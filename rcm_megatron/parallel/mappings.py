@@ -35,6 +35,8 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 
 
 def _back_to_back(x: torch.Tensor, tx: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():  # storage pointers would become guards: compiled code concatenates
+        return False
     return (x.shape == tx.shape and x.dtype == tx.dtype and x.device == tx.device
             and x.is_contiguous() and tx.is_contiguous() and x.numel() > 0
             and x.untyped_storage().data_ptr() == tx.untyped_storage().data_ptr()

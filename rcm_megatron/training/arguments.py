@@ -60,6 +60,7 @@ class TrainingConfig:
     optimizer_cpu_offload: bool = False
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
     recompute: RecomputeConfig = RecomputeConfig()  # activation recompute of the with-grad passes
+    compile_blocks: bool = False  # regional torch.compile of the DiT blocks (WanDiT.compile_blocks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-method", choices=("uniform",), default="uniform",
                    help="uniform: checkpoint every group of --recompute-num-layers blocks")
     g.add_argument("--recompute-num-layers", type=int, default=1, help="blocks per group (full)")
+    g.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="auto",
+                   help="regional torch.compile of the DiT blocks (fused elementwise work); auto: on for CUDA "
+                        "without tensor or context parallelism and without selective recompute")
     g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=["elementwise"],
                    help="selective: what is recomputed; core_attn also recomputes attention")
     g.add_argument("--mode", choices=("distill", "teacher"), default="distill",
@@ -297,8 +301,18 @@ def parse_args(argv=None):
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
         lr_schedule=schedule, recompute=RecomputeConfig(args.recompute_granularity, args.recompute_num_layers,
-                                                        tuple(args.recompute_modules)))
+                                                        tuple(args.recompute_modules)),
+        compile_blocks=_compile_blocks(args, device))
     return train, model_cfg, rcm_cfg, par
+
+
+def _compile_blocks(args, device: str) -> bool:
+    """--compile-blocks: 'auto' compiles on CUDA unless collectives run inside blocks (TP, CP) or
+    selective recompute (torch's op-level policy runs in eager code) is on."""
+    if args.compile_blocks != "auto":
+        return args.compile_blocks == "on"
+    return (device.startswith("cuda") and args.tensor_model_parallel_size == 1 and args.context_parallel_size == 1
+            and args.recompute_granularity != "selective")
 
 
 def _apply_toy_defaults(args) -> None:

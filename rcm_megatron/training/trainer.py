@@ -185,6 +185,10 @@ class Trainer:
         for m in (self.student, self.fake):
             if m is not None:
                 m.set_activation_recompute(self.train.recompute)
+        if self.train.compile_blocks:
+            for m in (self.teacher, self.student, self.fake):
+                if m is not None:
+                    m.compile_blocks()
         if distill:
             self.opt_student = build_optimizer(self.student.parameters(), self.rcm, "student")
         else:
