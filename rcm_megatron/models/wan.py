@@ -174,6 +174,19 @@ class WanDiT(nn.Module):
             state.x, state.tx, state.tproj, state.ttproj, state.context, rope)
         return state
 
+    def quantize_fp8(self) -> int:
+        """Freeze the blocks' linears into FP8 weights (a frozen teacher only, ``--fp8-teacher``);
+        embeddings and head stay as they are. Returns how many linears were quantized."""
+        from ..kernels.fp8 import fp8_supported
+        from ..parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        n = 0
+        for m in self.blocks.modules():
+            if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and fp8_supported(*m.weight.shape[::-1]):
+                m.quantize_fp8()
+                n += 1
+        return n
+
     def compile_blocks(self) -> None:
         """Regional ``torch.compile`` of every block: fuses the elementwise work around the GEMMs
         (norms, adaLN modulation, RoPE, GELU, gated residuals and their tangents) into few kernels.

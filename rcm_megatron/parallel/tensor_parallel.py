@@ -126,7 +126,28 @@ def unshard_sequence(y, ty=None, seq_len: int | None = None):
 # ------------------------------------------------------------------ layers
 
 
-class ColumnParallelLinear(nn.Module):
+class _FP8Frozen:
+    """A linear that can be frozen into FP8 weights (the teacher, ``--fp8-teacher``)."""
+
+    def quantize_fp8(self) -> None:
+        """Quantize the weight per output row into FP8 (``kernels/fp8.py``) and drop the original:
+        afterwards the layer runs primal passes only, through ``torch._scaled_mm``."""
+        from ..kernels.fp8 import quantize_rows
+
+        q, scale = quantize_rows(self.weight.detach())
+        del self.weight
+        self.register_parameter("weight", None)
+        self.weight_fp8, self.weight_scale = q, scale
+
+    def _fp8_linear(self, x, tx, bias):
+        from ..kernels.fp8 import fp8_linear
+
+        if tx is not None:
+            raise RuntimeError("an FP8-frozen linear (the --fp8-teacher teacher) has no tangent pass")
+        return fp8_linear(x, self.weight_fp8, self.weight_scale, bias), None
+
+
+class ColumnParallelLinear(_FP8Frozen, nn.Module):
     """Output features split across the tensor-parallel group.
 
     The input must already be inside the region (``tensor_parallel_input`` /
@@ -144,12 +165,16 @@ class ColumnParallelLinear(nn.Module):
             self.bias = mark_tensor_parallel(nn.Parameter(torch.zeros(out_features // tp)), 0)
         else:
             self.register_parameter("bias", None)
+        self.register_buffer("weight_fp8", None)
+        self.register_buffer("weight_scale", None)
 
     def forward(self, x, tx=None):
+        if self.weight_fp8 is not None:
+            return self._fp8_linear(x, tx, self.bias)
         return linear_with_tangent(x, tx, self.weight, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_FP8Frozen, nn.Module):
     """Input features split across the tensor-parallel group; output summed over it (and
     reduce-scattered to sequence shards under sequence parallelism). The bias is replicated."""
 
@@ -165,9 +190,14 @@ class RowParallelLinear(nn.Module):
             self.bias.tp_split_dim = None
         else:
             self.register_parameter("bias", None)
+        self.register_buffer("weight_fp8", None)
+        self.register_buffer("weight_scale", None)
 
     def forward(self, x, tx=None):
-        y, ty = tensor_parallel_output(*linear_with_tangent(x, tx, self.weight, None))
+        if self.weight_fp8 is not None:
+            y, ty = tensor_parallel_output(*self._fp8_linear(x, tx, None))
+        else:
+            y, ty = tensor_parallel_output(*linear_with_tangent(x, tx, self.weight, None))
         if self.bias is not None:
             y = y + grad_sum_over_sequence_shards(self.bias)
         return y, ty

@@ -61,6 +61,7 @@ class TrainingConfig:
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
     recompute: RecomputeConfig = RecomputeConfig()  # activation recompute of the with-grad passes
     compile_blocks: bool = False  # regional torch.compile of the DiT blocks (WanDiT.compile_blocks)
+    fp8_teacher: bool = False  # the frozen teacher's block linears in FP8 (WanDiT.quantize_fp8)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-method", choices=("uniform",), default="uniform",
                    help="uniform: checkpoint every group of --recompute-num-layers blocks")
     g.add_argument("--recompute-num-layers", type=int, default=1, help="blocks per group (full)")
+    g.add_argument("--fp8-teacher", action="store_true",
+                   help="quantize the frozen teacher's block linears to FP8 (e4m3, row-wise scales) once and run "
+                        "them through torch._scaled_mm; the trained models stay bf16")
     g.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="auto",
                    help="regional torch.compile of the DiT blocks (fused elementwise work); auto: on for CUDA "
                         "without tensor or context parallelism and without selective recompute")
@@ -302,7 +306,7 @@ def parse_args(argv=None):
         overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
         lr_schedule=schedule, recompute=RecomputeConfig(args.recompute_granularity, args.recompute_num_layers,
                                                         tuple(args.recompute_modules)),
-        compile_blocks=_compile_blocks(args, device))
+        compile_blocks=_compile_blocks(args, device), fp8_teacher=args.fp8_teacher)
     return train, model_cfg, rcm_cfg, par
 
 

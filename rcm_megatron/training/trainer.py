@@ -180,6 +180,8 @@ class Trainer:
             self.teacher = self._new_model(trainable=False).to(dev).eval()
             if self.train.bf16:
                 self.teacher.to_dtype(torch.bfloat16)
+            if self.train.fp8_teacher:
+                self.teacher.quantize_fp8()
         self.student = self._new_model(trainable=True).to(dev)  # in --mode teacher: the model being pretrained
         self.fake = self._new_model(trainable=True).to(dev) if distill and self.rcm.uses_fake_score else None
         for m in (self.student, self.fake):
