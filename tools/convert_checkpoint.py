@@ -87,9 +87,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_import(args) -> int:
-    from rcm_megatron.convert.checkpoints import write_model_checkpoint
-    from rcm_megatron.convert.loading import describe, open_source
-    from rcm_megatron.convert.readers import parse_dtype, read_config_file
+    from rcm_megatron.checkpointing.loading import describe, open_source
+    from rcm_megatron.checkpointing.model_writer import write_model_checkpoint
+    from rcm_megatron.checkpointing.sources import parse_dtype, read_config_file
 
     if args.hf_dir is not None and (args.config is not None or args.num_heads is not None):
         raise UsageError("--config / --num-heads apply to --wan-pth only (a diffusers folder has its config.json)")
@@ -109,10 +109,11 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from rcm_megatron.convert.checkpoints import CheckpointSource, choose_weights, inspect_checkpoint, is_checkpoint_dir
-    from rcm_megatron.convert.export import export_diffusers
-    from rcm_megatron.convert.loading import describe, open_source
-    from rcm_megatron.convert.readers import parse_dtype, parse_size
+    from rcm_megatron.checkpointing.diffusers_export import export_diffusers
+    from rcm_megatron.checkpointing.dist_source import CheckpointSource, choose_weights, inspect_checkpoint
+    from rcm_megatron.checkpointing.layout import is_checkpoint_dir
+    from rcm_megatron.checkpointing.loading import describe, open_source
+    from rcm_megatron.checkpointing.sources import parse_dtype, parse_size
 
     weights = "ema" if args.ema else args.weights
     if is_checkpoint_dir(args.load):
@@ -134,8 +135,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from rcm_megatron.convert.checkpoints import inspect_checkpoint, is_checkpoint_dir
-    from rcm_megatron.convert.loading import describe, open_source
+    from rcm_megatron.checkpointing.dist_source import inspect_checkpoint
+    from rcm_megatron.checkpointing.layout import is_checkpoint_dir
+    from rcm_megatron.checkpointing.loading import describe, open_source
 
     if is_checkpoint_dir(args.path):
         info = inspect_checkpoint(args.path)
@@ -149,8 +151,7 @@ def cmd_info(args) -> int:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from rcm_megatron.convert.readers import ConversionError
-    from rcm_megatron.training.checkpoint import CheckpointError
+    from rcm_megatron.checkpointing.errors import CheckpointError, ConversionError
 
     try:
         return {"import": cmd_import, "export": cmd_export, "info": cmd_info}[args.command](args)

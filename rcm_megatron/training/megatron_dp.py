@@ -27,7 +27,7 @@ import torch
 
 from ..models.config import WanConfig
 from ..parallel.config import ParallelConfig
-from .sharded_state import PIPELINE_REPLICATED, ensure_adam_state
+from ..checkpointing.sharded_state import PIPELINE_REPLICATED, ensure_adam_state
 
 
 class _Net:

@@ -27,14 +27,18 @@ over the pipeline so global rank 0 logs them. SIGTERM / SIGUSR1 (SLURM pre-empti
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 
 import torch
 import torch.distributed as dist
 
-from ..convert.sources import read_model_source
+from ..checkpointing import sharded_state as ss
+from ..checkpointing.dist_io import load_sharded, read_common
+from ..checkpointing.errors import CheckpointError
+from ..checkpointing.layout import resolve_resume
+from ..checkpointing.loading import read_model_source
+from ..checkpointing.save import CheckpointManager
 from ..data import build_dataset, global_batch_indices, local_slice
 from ..models import WanConfig, WanDiT
 from ..parallel import state as pstate
@@ -46,9 +50,7 @@ from ..parallel.tensor_parallel import validate_tp
 from ..rcm import Batch, PowerEMA, RCMConfig, build_optimizer, critic_step, phase, sample, student_step
 from ..rcm.ema import partition_names
 from . import lr_schedule, pipeline_step
-from . import sharded_state as ss
 from .arguments import ArgumentError, TrainingConfig, check_data_against_model
-from .checkpoint import CheckpointError, CheckpointManager, checkpoint_path, latest_iteration, load_sharded, read_common
 from .flow_matching import flow_matching_loss
 from .metrics import MetricsLogger
 from .throughput import latent_grid, memory_metrics, num_tokens, phase_flops, throughput_metrics
@@ -113,14 +115,8 @@ class Trainer:
                              self.train.latent_shape, seed=self.train.seed)
 
     def _resolve_load(self) -> str | None:
-        root = self.train.load
-        if root is None and self.train.auto_resume and self.train.save and os.path.isdir(self.train.save):
-            if latest_iteration(self.train.save) is not None:
-                root = self.train.save
-        if root is None:
-            return None
         try:
-            return checkpoint_path(root)
+            return resolve_resume(self.train.load, self.train.save, self.train.auto_resume)
         except CheckpointError as e:
             raise ArgumentError(f"--load: {e}") from e
 
