@@ -10,8 +10,13 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
+from .checksums import install_write_hashing
 from .errors import CheckpointError
+
+# torch's CheckpointException (a failed read on any rank) is a BaseException: caught by name.
+READ_ERRORS = (Exception, CheckpointException)
 
 # Classes that may appear in a checkpoint's common state and are safe to unpickle: megatron-core's
 # hybrid device optimizer (optimizer CPU offload) keeps its optimizer classes in every param group,
@@ -48,8 +53,8 @@ def read_common(path: str) -> dict:
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return dist_checkpointing.load_common_state_dict(path)
-    except Exception as e:  # noqa: BLE001 - surface which file is broken
-        raise CheckpointError(f"{path}: cannot read the checkpoint's common state: {e}") from e
+    except READ_ERRORS as e:  # noqa: BLE001 - surface which file is broken
+        raise CheckpointError(f"{path}: cannot read the checkpoint's common state: {_first_line(e)}") from e
 
 
 def load_sharded(path: str, sharded_state_dict: dict) -> dict:
@@ -58,8 +63,13 @@ def load_sharded(path: str, sharded_state_dict: dict) -> dict:
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return dist_checkpointing.load(sharded_state_dict, path)
-    except Exception as e:  # noqa: BLE001 - a missing shard or key: say which checkpoint
-        raise CheckpointError(f"{path}: cannot load the sharded state ({type(e).__name__}: {e})") from e
+    except READ_ERRORS as e:  # noqa: BLE001 - a missing shard or key: say which checkpoint
+        raise CheckpointError(f"{path}: cannot load the sharded state ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""
 
 
 class _CPUSaveStrategy:
@@ -108,4 +118,5 @@ class _CPUSaveStrategy:
 
 
 def cpu_save_strategy():
+    install_write_hashing()
     return _CPUSaveStrategy()

@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from ..models.config import WanConfig
 from . import sharded_state as ss
-from .dist_io import load_sharded, process_group, read_common
+from .checksums import verify_folder
+from .dist_io import READ_ERRORS, load_sharded, process_group, read_common
 from .errors import CheckpointError, ConversionError
 from .layout import resolve_checkpoint_dir
 from .sources import TensorInfo, TensorSource, full_shapes, mismatch_report
@@ -70,7 +71,7 @@ def inspect_checkpoint(path: str, iteration: int | None = None) -> CheckpointInf
     cfg = WanConfig.from_dict(meta["model_config"])
     try:
         metadata = dist_checkpointing.load_tensors_metadata(it_dir)
-    except Exception as e:  # noqa: BLE001
+    except READ_ERRORS as e:  # noqa: BLE001
         raise CheckpointError(f"{it_dir}: cannot read the tensor index ({type(e).__name__}: {e})") from e
     tensors: dict[str, dict] = {}
     for key, sh in metadata.items():
@@ -102,7 +103,9 @@ class CheckpointSource(TensorSource):
     in a multi-rank world all ranks must call ``read_many`` together)."""
 
     def __init__(self, path: str, weights: str | None = None, iteration: int | None = None):
-        self.info = inspect_checkpoint(path, iteration)
+        folder = resolve_checkpoint_dir(path, iteration)  # verified before anything in it is parsed
+        verify_folder(folder, _replica_id(), dist.get_world_size() if dist.is_initialized() else 1)
+        self.info = inspect_checkpoint(folder)
         self.prefix = choose_weights(self.info, weights)
         self.config = self.info.config
         self.tensors = self.info.tensors[self.prefix]

@@ -10,6 +10,7 @@ one. A folder is a megatron-core ``dist_checkpointing`` directory (``metadata.js
 from __future__ import annotations
 
 import os
+import re
 
 from .errors import CheckpointError
 
@@ -19,6 +20,14 @@ REQUIRED_FILES = ("metadata.json", "common.pt")
 
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def iteration_of(path: str) -> int:
+    """The iteration of an ``iter_NNNNNNN`` folder (also ``.old`` / ``.tmp``)."""
+    m = re.match(r"iter_(\d+)", os.path.basename(os.path.normpath(path)))
+    if m is None:
+        raise CheckpointError(f"{path}: not an iter_NNNNNNN checkpoint folder")
+    return int(m.group(1))
 
 
 def latest_iteration(root: str) -> int | None:
@@ -44,8 +53,16 @@ def is_checkpoint_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER)) or is_iteration_folder(path)
 
 
+def committed_iterations(root: str) -> list[int]:
+    """Iterations with a committed ``iter_NNNNNNN`` folder under ``root``, ascending."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(d[5:]) for d in os.listdir(root)
+                  if d.startswith("iter_") and d[5:].isdigit() and os.path.isdir(os.path.join(root, d)))
+
+
 def checkpoint_path(root: str, iteration: int | None = None) -> str:
-    """The committed checkpoint folder to load (default: the marker's), verified to be complete."""
+    """The committed checkpoint folder to load (default: the marker's), checked to hold its files."""
     if not os.path.isdir(root):
         raise CheckpointError(f"{root}: no such checkpoint directory")
     if iteration is None:
@@ -53,6 +70,12 @@ def checkpoint_path(root: str, iteration: int | None = None) -> str:
         if iteration is None:
             raise CheckpointError(f"{root}: no {MARKER}; no complete checkpoint was committed there")
     path = iteration_dir(root, iteration)
+    if not os.path.isdir(path):
+        if is_iteration_folder(path + ".old"):  # a re-save interrupted between its two renames
+            return path + ".old"
+        present = committed_iterations(root)
+        raise CheckpointError(f"{root}: no checkpoint of iteration {iteration}; present: "
+                              f"{', '.join(map(str, present)) if present else 'none'}")
     for required in REQUIRED_FILES:
         if not os.path.isfile(os.path.join(path, required)):
             raise CheckpointError(f"{path}: missing {required} (partial or corrupt checkpoint)")
@@ -64,14 +87,3 @@ def resolve_checkpoint_dir(path: str, iteration: int | None = None) -> str:
     if iteration is None and is_iteration_folder(path):
         return path
     return checkpoint_path(path, iteration)
-
-
-def resolve_resume(load: str | None, save: str | None, auto_resume: bool) -> str | None:
-    """The trainer's checkpoint to resume from: ``--load``'s, else with ``--auto-resume`` the
-    ``--save`` root's when it holds a committed checkpoint; None for a fresh start."""
-    root = load
-    if root is None and auto_resume and save and os.path.isdir(save) and latest_iteration(save) is not None:
-        root = save
-    if root is None:
-        return None
-    return checkpoint_path(root)
