@@ -61,6 +61,7 @@ def inspect_checkpoint(path: str, iteration: int | None = None) -> CheckpointInf
     from megatron.core import dist_checkpointing
 
     it_dir = resolve_checkpoint_dir(path, iteration)
+    verify_folder(it_dir, metadata_only=True)  # sizes of all files, checksums of all but the shards
     meta = read_common(it_dir).get("meta") or {}
     fmt = meta.get("format")
     if fmt not in (MODEL_FORMAT, TRAIN_FORMAT):
@@ -103,9 +104,8 @@ class CheckpointSource(TensorSource):
     in a multi-rank world all ranks must call ``read_many`` together)."""
 
     def __init__(self, path: str, weights: str | None = None, iteration: int | None = None):
-        folder = resolve_checkpoint_dir(path, iteration)  # verified before anything in it is parsed
-        verify_folder(folder, _replica_id(), dist.get_world_size() if dist.is_initialized() else 1)
-        self.info = inspect_checkpoint(folder)
+        self.info = inspect_checkpoint(path, iteration)
+        verify_folder(self.info.path, _replica_id(), dist.get_world_size() if dist.is_initialized() else 1)
         self.prefix = choose_weights(self.info, weights)
         self.config = self.info.config
         self.tensors = self.info.tensors[self.prefix]
