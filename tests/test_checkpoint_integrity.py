@@ -15,7 +15,7 @@ import textwrap
 import time
 
 import pytest
-from test_checkpoint_faults import BASE, ROOT, losses, pretrain, tree_digest
+from test_checkpoint_faults import BASE, ROOT, losses, pretrain, run_script, tree_digest
 from test_convert_checkpoint import load_tool
 
 pytestmark = pytest.mark.slow
@@ -124,10 +124,8 @@ def test_resave_is_atomic_under_sigkill(saved, tmp_path):
         shutil.copytree(saved / "ck", ck)
         script = tmp_path / "kill.py"
         script.write_text(KILL_AT_COMMIT_STEP.format(root=ROOT, k=k))
-        cmd = [sys.executable, str(script), *BASE, "--train-iters", "4", "--log-dir", str(tmp_path / "l"),
-               "--save", str(ck), "--load", str(ck)]
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                           env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
+        p = run_script(None, check=False, argv=[script, *BASE, "--train-iters", "4", "--log-dir", tmp_path / "l",
+                                                "--save", ck, "--load", ck])
         assert (ck / "iter_0000004" / "common.pt").is_file(), (k, os.listdir(ck))
         assert cc.main(["verify", str(ck / "iter_0000004")]) == 0, k
         if p.returncode == 0:
@@ -192,8 +190,7 @@ def test_keep_last_keeps_the_checkpoint_before_skipped_steps(tmp_path):
     """)
     script = tmp_path / "poison.py"
     script.write_text(code)
-    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
+    p = run_script(None, check=False, argv=[script])
     assert p.returncode == 1 and "consecutive steps had non-finite gradients" in p.stderr, p.stderr[-3000:]
     assert iters(tmp_path / "ck") == ["iter_0000005", "iter_0000007"]
 
