@@ -222,7 +222,8 @@ def test_one_writer_per_save(tmp_path):
     # the holder was SIGKILLed: its lease is taken over, with a warning, and the run resumes
     p = pretrain(*BASE, "--train-iters", "100000", "--exit-duration-in-mins", "1e-4", "--log-dir", str(tmp_path / "lc"),
                  "--save", str(ck), "--auto-resume", env=env)
-    assert f"taking over the lease {ck / 'writer.lease'} (process {a.pid} on this host is gone" in p.stderr
+    # (its process is gone, or its heartbeat is stale by now: either reason)
+    assert f"taking over the lease {ck / 'writer.lease'} (" in p.stderr and f"pid {a.pid}" in p.stderr
     assert "resumed from" in p.stdout and not (ck / "writer.lease").exists()
 
 
