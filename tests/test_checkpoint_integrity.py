@@ -87,6 +87,13 @@ def test_truncated_shard_garbage_metadata_and_missing_iteration(saved, tmp_path,
     assert ".metadata: checksum mismatch" in capsys.readouterr().err
     assert cc.main(["export", "--load", str(saved / "ck"), "--iteration", "123", "--out", str(tmp_path / "o")]) == 2
     assert "no checkpoint of iteration 123; present: 2, 4" in capsys.readouterr().err
+    # a folder committed before checksums existed: refused, until its checksums are recorded
+    legacy = tmp_path / "legacy"
+    shutil.copytree(saved / "ck", legacy)
+    os.remove(legacy / "iter_0000002" / "checksums.json")
+    assert cc.main(["verify", str(legacy)]) == 2
+    assert "iter_0000002/checksums.json: missing" in capsys.readouterr().err
+    assert cc.main(["verify", "--record", str(legacy)]) == 0
 
 
 KILL_AT_COMMIT_STEP = """
@@ -118,7 +125,8 @@ if __name__ == "__main__":
 def test_resave_is_atomic_under_sigkill(saved, tmp_path):
     """Resuming at iteration 4 with --train-iters 4 re-saves iteration 4; a SIGKILL at every
     file-system step of its commit leaves a complete, verifying iter_0000004 that resumes."""
-    cc = load_tool("convert_checkpoint")
+    files = {"common.pt", "metadata.json", ".metadata", "__0_0.distcp"}
+    killed = []
     for k in range(1, 10):
         ck = tmp_path / f"ck{k}"
         shutil.copytree(saved / "ck", ck)
@@ -126,12 +134,15 @@ def test_resave_is_atomic_under_sigkill(saved, tmp_path):
         script.write_text(KILL_AT_COMMIT_STEP.format(root=ROOT, k=k))
         p = run_script(None, check=False, argv=[script, *BASE, "--train-iters", "4", "--log-dir", tmp_path / "l",
                                                 "--save", ck, "--load", ck])
-        assert (ck / "iter_0000004" / "common.pt").is_file(), (k, os.listdir(ck))
-        assert cc.main(["verify", str(ck / "iter_0000004")]) == 0, k
+        assert (ck / "iter_0000004").is_dir() and files <= set(os.listdir(ck / "iter_0000004")), (k, os.listdir(ck))
         if p.returncode == 0:
             break
         assert p.returncode == -9, p.stderr[-3000:]
-    assert k > 2  # the commit has several steps, each was hit
+        killed.append(ck)
+    assert len(killed) > 2  # the commit has several steps, each was hit
+    cc = load_tool("convert_checkpoint")
+    for c in killed:
+        assert cc.main(["verify", str(c / "iter_0000004")]) == 0, c
     pretrain(*BASE, "--train-iters", "5", "--log-dir", str(tmp_path / "l"), "--save", str(ck), "--auto-resume")
 
 

@@ -88,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check every file of our checkpoints against the checksums recorded at commit")
     ver.add_argument("path", help="a checkpoint directory (every committed iteration in it) or one iter_NNNNNNN folder")
     ver.add_argument("--iteration", type=int, help="only this iteration")
+    ver.add_argument("--record", action="store_true",
+                     help="first record checksums for folders committed before checksums existed (no checksums.json), "
+                          "trusting their present content")
     return p
 
 
@@ -155,7 +158,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from rcm_megatron.checkpointing.checksums import verify_folder
+    from rcm_megatron.checkpointing.checksums import MANIFEST, verify_folder, write_manifest
     from rcm_megatron.checkpointing.errors import CheckpointError
     from rcm_megatron.checkpointing.layout import checkpoint_path, committed_iterations, is_iteration_folder
 
@@ -169,6 +172,9 @@ def cmd_verify(args) -> int:
             raise UsageError(f"{args.path}: no committed iter_NNNNNNN checkpoint folder")
     failed = 0
     for folder in folders:
+        if args.record and not os.path.isfile(os.path.join(folder, MANIFEST)):
+            write_manifest(folder)
+            print(f"{folder}: recorded checksums of its present content", flush=True)
         try:
             n = verify_folder(folder)
             print(f"{folder}: ok ({n} files, crc32)", flush=True)

@@ -113,8 +113,9 @@ def write_manifest(folder: str) -> dict:
 def read_manifest(folder: str) -> dict:
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing (checkpoint {folder} has no checksums; it was not committed "
-                              "completely, or by a version before checksums)")
+        raise CheckpointError(f"{path}: missing (checkpoint {folder} has no checksums: not committed completely, "
+                              "or by a version before checksums; for the latter: tools/convert_checkpoint.py verify "
+                              "--record)")
     try:
         with open(path) as f:
             manifest = json.load(f)
