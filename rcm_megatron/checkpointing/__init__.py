@@ -2,7 +2,13 @@
 
 - ``layout``: the on-disk layout (``iter_NNNNNNN/`` + the commit marker) and which folder a path
   and iteration mean
-- ``save``: writing a training checkpoint and committing it atomically (``CheckpointManager``)
+- ``save``: writing a training checkpoint and committing it atomically (``CheckpointManager``),
+  ``--keep-last`` rotation
+- ``checksums``: a CRC-32 of every file, hashed while written, recorded at commit, verified on load
+- ``resume``: which checkpoint a run resumes from (``--load`` / ``--auto-resume`` with fallback to
+  the newest that verifies) and the refusal of a fresh run into a used ``--save``
+- ``lease``: one writer per ``--save`` (an exclusive-create lease file with a heartbeat)
+- ``preflight``: ``--save`` / ``--log-dir`` writable with room for a checkpoint, before any model
 - ``dist_io``: megatron-core ``dist_checkpointing`` reads and the in-process CPU write strategy
 - ``sharded_state``: models, optimizers, EMA and RNG as sharded state dicts (the train state;
   reshards over TP/CP/PP/DP on load)

@@ -37,9 +37,9 @@ from ..checkpointing import sharded_state as ss
 from ..checkpointing.dist_io import load_sharded, read_common
 from ..checkpointing.errors import CheckpointError
 from ..checkpointing.lease import acquire_writer_lease
+from ..checkpointing.loading import read_model_source
 from ..checkpointing.preflight import check_output_dirs, checkpoint_bytes
 from ..checkpointing.resume import resolve_resume, verified_resume
-from ..checkpointing.loading import read_model_source
 from ..checkpointing.save import CheckpointManager
 from ..data import build_dataset, global_batch_indices, local_slice
 from ..models import WanConfig, WanDiT
