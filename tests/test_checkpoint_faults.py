@@ -15,19 +15,21 @@ BASE = ["--model", "tiny", "--log-interval", "1", "--micro-batch-size", "1", "--
         "--rollout-steps", "2", "--student-update-freq", "2"]
 
 
-def run_script(code: str, check=True):
-    """Run in its own session with output in files: a process killed by SIGKILL leaves
-    megatron-core's writer helper process behind, which must not hold our pipes open."""
+def run_script(code: str | None, check=True, env=None, timeout=600, argv=()):
+    """Run ``code`` (or, when None, the script and arguments ``argv``) in its own session with
+    output in files: a process killed by SIGKILL leaves megatron-core's writer helper process
+    behind, which must not hold our pipes open."""
     import signal
     import tempfile
     import types
 
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, text=True, env=env, cwd=ROOT,
+        cmd = [sys.executable, "-c", code] if code is not None else [sys.executable, *map(str, argv)]
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=ROOT,
                                 start_new_session=True)
         try:
-            proc.wait(timeout=600)
+            proc.wait(timeout=timeout)
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the session
@@ -41,9 +43,9 @@ def run_script(code: str, check=True):
     return p
 
 
-def pretrain(*args, check=True):
+def pretrain(*args, check=True, env=None):
     code = f"import sys; sys.path.insert(0, {ROOT!r}); import pretrain_rcm; sys.exit(pretrain_rcm.main({list(args)!r}))"
-    return run_script(code, check=check)
+    return run_script(code, check=check, env=env)
 
 
 def tree_digest(path) -> str:

@@ -132,7 +132,7 @@ def test_original_names_match_diffusers_converter(ref):
 # ----------------------------------------------------------------------------- TP=2 ranks
 def _tp2_rank(ck_hf, ck_pth, save, log_dir, x, t, ctx):
     """Load both imported checkpoints at TP=2, run the trainer one iteration from ck_hf (no --model), save."""
-    from rcm_megatron.convert.loading import load_model, open_source
+    from rcm_megatron.checkpointing.loading import load_model, open_source
     from rcm_megatron.parallel.sharding import gather_state_dict
     from rcm_megatron.training.arguments import parse_args
     from rcm_megatron.training.trainer import Trainer
@@ -301,7 +301,7 @@ def test_original_release_folder(ref, tmp_path):
     """The official release layout: config.json (_class_name WanModel) + original-named safetensors."""
     from safetensors.torch import save_file
 
-    from rcm_megatron.convert.loading import load_model, open_source
+    from rcm_megatron.checkpointing.loading import load_model, open_source
 
     m, _ = ref
     d = tmp_path / "Wan2.1-T2V-tiny"

@@ -112,7 +112,8 @@ def test_common_state_with_optimizer_classes_loads(tmp_path):
     import torch.distributed as dist
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    from rcm_megatron.training.checkpoint import CheckpointManager, load_sharded, read_common
+    from rcm_megatron.checkpointing.dist_io import load_sharded, read_common
+    from rcm_megatron.checkpointing.save import CheckpointManager
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -113,7 +113,7 @@ def test_auto_resume_and_sigterm(tmp_path):
 
 def _ema(ck_root):
     """The EMA weights of a training checkpoint, read by the converter (any layout, one process)."""
-    from rcm_megatron.convert.loading import open_source, read_full_state_dict
+    from rcm_megatron.checkpointing.loading import open_source, read_full_state_dict
 
     return read_full_state_dict(open_source(str(ck_root), weights="ema"))
 

@@ -274,7 +274,7 @@ def test_euler_sampler_noise_keyed_by_index():
 def test_synthesize_end_to_end_and_resume(tmp_path, models, capfd):
     from rcm_megatron.data.encoders import UMT5TextEncoder
     from rcm_megatron.models import WanConfig, WanDiT
-    from rcm_megatron.training.checkpoint import save_model_file
+    from rcm_megatron.checkpointing.model_file import save_model_file
 
     cfg = WanConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, in_channels=4,
                     out_channels=4, text_dim=TEXT_DIM)

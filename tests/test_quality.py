@@ -107,10 +107,10 @@ def distill_args(log_dir, method, iters):
 
 
 def one_step(path, ref, which="ema"):
-    from rcm_megatron.eval.loading import load_model
+    from rcm_megatron.checkpointing.loading import open_model
     from rcm_megatron.eval.toy_benchmark import evaluate_model
 
-    model, _ = load_model(path, which=which)
+    model, _ = open_model(path, weights=which)
     return evaluate_model(model, "student", ref, NUM_EVAL, steps=1)
 
 

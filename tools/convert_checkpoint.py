@@ -10,6 +10,7 @@
     python tools/convert_checkpoint.py export --load runs/x/checkpoints --out student-diffusers --ema --dtype bf16
 
     python tools/convert_checkpoint.py info PATH       # architecture and weights of any source
+    python tools/convert_checkpoint.py verify runs/x/checkpoints   # every file against its recorded checksum
 
 Everything is streamed tensor by tensor (import) or output shard by output shard (export);
 the last line reports the process's peak RSS. Exit code 2 on bad input (a wrong folder, an
@@ -83,13 +84,20 @@ def parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print the architecture and weights of a source")
     info.add_argument("path")
+
+    ver = sub.add_parser("verify", help="check every file of our checkpoints against the checksums recorded at commit")
+    ver.add_argument("path", help="a checkpoint directory (every committed iteration in it) or one iter_NNNNNNN folder")
+    ver.add_argument("--iteration", type=int, help="only this iteration")
+    ver.add_argument("--record", action="store_true",
+                     help="first record checksums for folders committed before checksums existed (no checksums.json), "
+                          "trusting their present content")
     return p
 
 
 def cmd_import(args) -> int:
-    from rcm_megatron.convert.checkpoints import write_model_checkpoint
-    from rcm_megatron.convert.loading import describe, open_source
-    from rcm_megatron.convert.readers import parse_dtype, read_config_file
+    from rcm_megatron.checkpointing.loading import describe, open_source
+    from rcm_megatron.checkpointing.model_writer import write_model_checkpoint
+    from rcm_megatron.checkpointing.sources import parse_dtype, read_config_file
 
     if args.hf_dir is not None and (args.config is not None or args.num_heads is not None):
         raise UsageError("--config / --num-heads apply to --wan-pth only (a diffusers folder has its config.json)")
@@ -109,10 +117,11 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from rcm_megatron.convert.checkpoints import CheckpointSource, choose_weights, inspect_checkpoint, is_checkpoint_dir
-    from rcm_megatron.convert.export import export_diffusers
-    from rcm_megatron.convert.loading import describe, open_source
-    from rcm_megatron.convert.readers import parse_dtype, parse_size
+    from rcm_megatron.checkpointing.diffusers_export import export_diffusers
+    from rcm_megatron.checkpointing.dist_source import CheckpointSource, choose_weights, inspect_checkpoint
+    from rcm_megatron.checkpointing.layout import is_checkpoint_dir
+    from rcm_megatron.checkpointing.loading import describe, open_source
+    from rcm_megatron.checkpointing.sources import parse_dtype, parse_size
 
     weights = "ema" if args.ema else args.weights
     if is_checkpoint_dir(args.load):
@@ -134,8 +143,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from rcm_megatron.convert.checkpoints import inspect_checkpoint, is_checkpoint_dir
-    from rcm_megatron.convert.loading import describe, open_source
+    from rcm_megatron.checkpointing.dist_source import inspect_checkpoint
+    from rcm_megatron.checkpointing.layout import is_checkpoint_dir
+    from rcm_megatron.checkpointing.loading import describe, open_source
 
     if is_checkpoint_dir(args.path):
         info = inspect_checkpoint(args.path)
@@ -147,13 +157,40 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from rcm_megatron.checkpointing.checksums import MANIFEST, verify_folder, write_manifest
+    from rcm_megatron.checkpointing.errors import CheckpointError
+    from rcm_megatron.checkpointing.layout import checkpoint_path, committed_iterations, is_iteration_folder
+
+    if args.iteration is not None:
+        folders = [checkpoint_path(args.path, args.iteration)]
+    elif is_iteration_folder(args.path):
+        folders = [args.path]
+    else:
+        folders = [checkpoint_path(args.path, it) for it in committed_iterations(args.path)]
+        if not folders:
+            raise UsageError(f"{args.path}: no committed iter_NNNNNNN checkpoint folder")
+    failed = 0
+    for folder in folders:
+        if args.record and not os.path.isfile(os.path.join(folder, MANIFEST)):
+            write_manifest(folder)
+            print(f"{folder}: recorded checksums of its present content", flush=True)
+        try:
+            n = verify_folder(folder)
+            print(f"{folder}: ok ({n} files, crc32)", flush=True)
+        except CheckpointError as e:
+            failed += 1
+            print(f"{PROG} verify: error: {e}", file=sys.stderr, flush=True)
+    return 2 if failed else 0
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from rcm_megatron.convert.readers import ConversionError
-    from rcm_megatron.training.checkpoint import CheckpointError
+    from rcm_megatron.checkpointing.errors import CheckpointError, ConversionError
 
     try:
-        return {"import": cmd_import, "export": cmd_export, "info": cmd_info}[args.command](args)
+        return {"import": cmd_import, "export": cmd_export, "info": cmd_info,
+                "verify": cmd_verify}[args.command](args)
     except (UsageError, ConversionError, CheckpointError, FileNotFoundError, FileExistsError, KeyError,
             ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

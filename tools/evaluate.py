@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from rcm_megatron.eval.loading import WEIGHTS, load_model  # noqa: E402
+from rcm_megatron.checkpointing.dist_source import TRAIN_WEIGHTS  # noqa: E402
+from rcm_megatron.checkpointing.loading import open_model  # noqa: E402
 from rcm_megatron.eval.toy_benchmark import (HELD_OUT_SEED, SAMPLE_SEED, data_floor, evaluate_model,  # noqa: E402
                                              generate, reference_features)
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher model file (default: assets/toy_teacher.pt)")
     p.add_argument("--student", type=_student_arg, action="append", default=[], metavar="NAME=PATH",
                    help="a distilled student: training checkpoint dir (--save) or model file; repeatable")
-    p.add_argument("--weights", choices=WEIGHTS, default="ema", help="student weights from checkpoints (default ema)")
+    p.add_argument("--weights", choices=TRAIN_WEIGHTS, default="ema", help="student weights from checkpoints (default ema)")
     p.add_argument("--iteration", type=int, default=None,
                    help="checkpoint iteration of every checkpoint-dir student (default: the latest committed)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student sampling steps")
@@ -115,8 +116,8 @@ def replot(path: str, out: str) -> int:
     with open(path) as f:
         results = json.load(f)
     settings = results["settings"]
-    teacher, _ = load_model(settings["teacher"])
-    students = {name: load_model(results["students"][name]["path"], which=settings["weights"],
+    teacher, _ = open_model(settings["teacher"])
+    students = {name: open_model(results["students"][name]["path"], weights=settings["weights"],
                                  iteration=settings.get("iteration") if os.path.isdir(results["students"][name]["path"])
                                  else None)[0]
                 for name in results["methods"]}
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     skw = {"sigma_max": args.sigma_max, "mid_times": args.mid_times, "seed": args.seed}
     teacher = None
     if os.path.exists(args.teacher):
-        teacher, _ = load_model(args.teacher)
+        teacher, _ = open_model(args.teacher)
     elif not args.skip_teacher or not args.skip_untrained:
         print(f"evaluate.py: error: --teacher {args.teacher}: no such file", file=sys.stderr)
         return 2
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
             print(f"untrained student {s} step(s): {_summary(r)}", flush=True)
     for name, path in args.student:
         try:
-            student, meta = load_model(path, which=args.weights, iteration=args.iteration if os.path.isdir(path) else None)
+            student, meta = open_model(path, weights=args.weights, iteration=args.iteration if os.path.isdir(path) else None)
         except (OSError, ValueError, KeyError) as e:
             print(f"evaluate.py: error: --student {name}={path}: {e}", file=sys.stderr)
             return 2

@@ -17,15 +17,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rcm_megatron.eval.loading import WEIGHTS, read_weights  # noqa: E402
-from rcm_megatron.training.checkpoint import save_model_file  # noqa: E402
+from rcm_megatron.checkpointing.dist_source import TRAIN_WEIGHTS  # noqa: E402
+from rcm_megatron.checkpointing.loading import read_model_source  # noqa: E402
+from rcm_megatron.checkpointing.model_file import save_model_file  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="training checkpoint directory (--save of pretrain_rcm.py)")
     p.add_argument("output", help="model file to write (.pt)")
-    p.add_argument("--weights", choices=WEIGHTS, default="ema", help="which model (default: the power EMA)")
+    p.add_argument("--weights", choices=TRAIN_WEIGHTS, default="ema", help="which model (default: the power EMA)")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: latest)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = p.parse_args(argv)
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
         print(f"export_teacher.py: error: {args.checkpoint}: no such checkpoint directory", file=sys.stderr)
         return 2
     try:
-        cfg, sd, meta = read_weights(args.checkpoint, args.weights, args.iteration)
+        cfg, sd, meta = read_model_source(args.checkpoint, args.weights, args.iteration)
     except (OSError, ValueError, KeyError) as e:
         print(f"export_teacher.py: error: {e}", file=sys.stderr)
         return 2

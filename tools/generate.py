@@ -194,7 +194,7 @@ def _pad(e: torch.Tensor, length: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- models
 def open_student(args):
-    from rcm_megatron.convert.loading import open_source
+    from rcm_megatron.checkpointing.loading import open_source
 
     if args.load is not None:
         if not os.path.exists(args.load):
@@ -217,7 +217,7 @@ def teacher_path(args, student_src) -> str:
 
 
 def load(source, args, device):
-    from rcm_megatron.convert.loading import load_model
+    from rcm_megatron.checkpointing.loading import load_model
 
     return load_model(source, device=device, dtype=torch.bfloat16 if args.bf16 else None)
 
@@ -346,7 +346,7 @@ def run(args) -> int:
     cfg = student_src.config
     tpath = tsrc = None
     if args.teacher_steps:
-        from rcm_megatron.convert.loading import open_source
+        from rcm_megatron.checkpointing.loading import open_source
 
         tpath = teacher_path(args, student_src)
         tsrc = open_source(tpath)  # headers only: checked now, loaded after the student is done
@@ -457,9 +457,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     import torch.distributed as dist
 
-    from rcm_megatron.convert.readers import ConversionError
+    from rcm_megatron.checkpointing.errors import CheckpointError, ConversionError
     from rcm_megatron.parallel.initialize import destroy_distributed
-    from rcm_megatron.training.checkpoint import CheckpointError
 
     owns_group = not (dist.is_available() and dist.is_initialized())
     try:

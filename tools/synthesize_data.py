@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_teacher(path: str, device, bf16: bool):
-    from rcm_megatron.convert.sources import read_model_source
+    from rcm_megatron.checkpointing.loading import read_model_source
     from rcm_megatron.models import WanDiT
 
     cfg, weights, meta = read_model_source(path)

@@ -5,6 +5,5 @@
 - ``sampling``: the multi-step teacher sampler (Euler on the rectified flow with CFG) and a
   batched few-step student sampler
 - ``toy_benchmark``: held-out data, generation and metrics in one call
-- ``loading``: models from model files or training checkpoints (EMA, student, fake score)
 - ``png`` / ``plot``: a dependency-free PNG canvas and the benchmark figure
 """

@@ -25,9 +25,9 @@ import math
 
 import torch
 
+from ..checkpointing.sharded_state import PIPELINE_REPLICATED, ensure_adam_state
 from ..models.config import WanConfig
 from ..parallel.config import ParallelConfig
-from .sharded_state import PIPELINE_REPLICATED, ensure_adam_state
 
 
 class _Net:

@@ -1,7 +1,9 @@
 """Per-iteration metrics: TensorBoard events, ``metrics.jsonl`` and a one-line progress print.
 
-Only the logging rank (global rank 0) writes. A resumed run appends to metrics.jsonl after
-dropping lines past the resume iteration, so the file always reads as one run.
+Only the logging rank (global rank 0) writes. Each record goes to metrics.jsonl as one whole
+line in one ``write`` of an ``O_APPEND`` descriptor, flushed to disk, so a crash or a full disk
+leaves at most a torn last line. A resumed run appends after dropping lines past the resume
+iteration (and a torn or garbled line, with a warning), so the file always reads as one run.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ class MetricsLogger:
         self.log_interval = max(1, int(log_interval))
         self.log_dir = log_dir
         self._tb = None
-        self._jsonl = None
+        self._jsonl: int | None = None
         self._t0 = time.time()
         if self.enabled:
             os.makedirs(log_dir, exist_ok=True)
             path = os.path.join(log_dir, "metrics.jsonl")
             _truncate_after(path, resume_iteration)
-            self._jsonl = open(path, "a", buffering=1)
+            self._jsonl = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -37,7 +39,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: _plain(v) for k, v in record.items()}
-        self._jsonl.write(json.dumps(clean, sort_keys=True) + "\n")
+        _write_line(self._jsonl, json.dumps(clean, sort_keys=True) + "\n")
         it = clean["iteration"]
         if self._tb is not None:
             for k, v in clean.items():
@@ -54,8 +56,9 @@ class MetricsLogger:
             self._tb.add_image(tag, image, iteration, dataformats="HWC")
 
     def close(self) -> None:
-        if self._jsonl:
-            self._jsonl.close()
+        if self._jsonl is not None:
+            os.close(self._jsonl)
+            self._jsonl = None
         if self._tb:
             self._tb.close()
 
@@ -81,15 +84,43 @@ def _tb_tag(key: str) -> str:
     return f"train/{key}"
 
 
+def _write_line(fd: int, line: str) -> None:
+    """One record in one write (a partial write, e.g. a full disk, is completed or raises), synced."""
+    data = line.encode()
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+    os.fsync(fd)
+
+
 def _truncate_after(path: str, iteration: int) -> None:
-    """Drop records with iteration > ``iteration`` (work done after the checkpoint we resume from)."""
+    """Drop records with iteration > ``iteration`` (work done after the checkpoint we resume from),
+    and a torn or unreadable line (a crash or a full disk mid-write) with a warning."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
-    keep = [ln for ln in lines if json.loads(ln).get("iteration", 0) <= iteration]
-    if len(keep) != len(lines):
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    keep, changed = [], lines[-1] != b""  # no final newline: the next record must not join it
+    for k, raw in enumerate(lines):
+        if not raw.strip():
+            changed = changed or (raw != b"" or k != len(lines) - 1)
+            continue
+        try:
+            rec = json.loads(raw)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            where = "its torn last line" if k >= len(lines) - 2 else f"line {k + 1}, unreadable"
+            print(f"warning: {path}: dropping {where} ({raw[:60]!r}{'...' if len(raw) > 60 else ''})",
+                  file=sys.stderr, flush=True)
+            changed = True
+            continue
+        if rec.get("iteration", 0) <= iteration:
+            keep.append(raw + b"\n")
+        else:
+            changed = True
+    if changed:
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with open(tmp, "wb") as f:
             f.writelines(keep)
         os.replace(tmp, path)

@@ -35,7 +35,7 @@ from ..parallel.pipeline import StageLink, forward_sweep, one_f_one_b
 from ..rcm.losses import critic_regression
 from ..rcm.schedule import Phase
 from ..rcm.step import Batch, make_critic_targets, make_student_targets, student_diagnostics, student_regression
-from . import sharded_state as ss
+from ..checkpointing import sharded_state as ss
 from .flow_matching import flow_matching_loss
 
 

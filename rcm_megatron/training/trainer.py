@@ -27,14 +27,20 @@ over the pipeline so global rank 0 logs them. SIGTERM / SIGUSR1 (SLURM pre-empti
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 
 import torch
 import torch.distributed as dist
 
-from ..convert.sources import read_model_source
+from ..checkpointing import sharded_state as ss
+from ..checkpointing.dist_io import load_sharded, read_common
+from ..checkpointing.errors import CheckpointError
+from ..checkpointing.lease import acquire_writer_lease
+from ..checkpointing.loading import read_model_source
+from ..checkpointing.preflight import check_output_dirs, checkpoint_bytes
+from ..checkpointing.resume import resolve_resume, verified_resume
+from ..checkpointing.save import CheckpointManager
 from ..data import build_dataset, global_batch_indices, local_slice
 from ..models import WanConfig, WanDiT
 from ..parallel import state as pstate
@@ -46,9 +52,7 @@ from ..parallel.tensor_parallel import validate_tp
 from ..rcm import Batch, PowerEMA, RCMConfig, build_optimizer, critic_step, phase, sample, student_step
 from ..rcm.ema import partition_names
 from . import lr_schedule, pipeline_step
-from . import sharded_state as ss
 from .arguments import ArgumentError, TrainingConfig, check_data_against_model
-from .checkpoint import CheckpointError, CheckpointManager, checkpoint_path, latest_iteration, load_sharded, read_common
 from .flow_matching import flow_matching_loss
 from .metrics import MetricsLogger
 from .throughput import latent_grid, memory_metrics, num_tokens, phase_flops, throughput_metrics
@@ -90,6 +94,7 @@ class Trainer:
             raise ArgumentError(str(e)) from e
         check_data_against_model(self.dataset, model_cfg, f"--data {train.data or 'synthetic'}")
         self._check_pipeline_layout()
+        self.lease = self._claim_outputs()
         self.load_path = self._resolve_load()
         if self.load_path is not None:
             self._check_resume_compatible(read_common(self.load_path))
@@ -112,17 +117,32 @@ class Trainer:
         return build_dataset(self.train.data, self.model_cfg.in_channels, self.model_cfg.text_dim,
                              self.train.latent_shape, seed=self.train.seed)
 
-    def _resolve_load(self) -> str | None:
-        root = self.train.load
-        if root is None and self.train.auto_resume and self.train.save and os.path.isdir(self.train.save):
-            if latest_iteration(self.train.save) is not None:
-                root = self.train.save
-        if root is None:
-            return None
+    def _claim_outputs(self):
+        """--save / --log-dir writable, --save with room for a checkpoint and this run its one writer."""
+        fake = self.train.mode == "distill" and self.rcm.uses_fake_score
         try:
-            return checkpoint_path(root)
+            check_output_dirs(self.train.save, self.train.log_dir,
+                              checkpoint_bytes(self.model_cfg, models=2 + fake, trained=1 + fake))
+            return acquire_writer_lease(self.train.save)
         except CheckpointError as e:
-            raise ArgumentError(f"--load: {e}") from e
+            raise ArgumentError(str(e)) from e
+
+    def _resolve_load(self) -> str | None:
+        try:
+            return resolve_resume(self.train.load, self.train.save, self.train.auto_resume)
+        except CheckpointError as e:
+            raise ArgumentError(str(e)) from e
+
+    def _verified_load_path(self) -> str:
+        """The resume checkpoint once its checksums verify (every rank; --auto-resume: falls back)."""
+        try:
+            path = verified_resume(self.load_path, fallback=self.train.auto_resume)
+        except CheckpointError as e:
+            raise ArgumentError(str(e)) from e
+        if path != self.load_path:
+            self._check_resume_compatible(read_common(path))
+            self.load_path = path
+        return path
 
     def _check_resume_compatible(self, common: dict) -> None:
         meta = common.get("meta", {})
@@ -214,7 +234,7 @@ class Trainer:
         self.iteration, self.student_steps, self.skipped_steps, self.consecutive_skips = 0, 0, 0, 0
         self.checkpoints = CheckpointManager(self.train.save, self.train.keep_last) if self.train.save else None
         if self.load_path is not None:
-            self._load(self.load_path)
+            self._load(self._verified_load_path())
         if self.loader is not None:
             self.loader.set_iteration(self.iteration)
         self.logger = MetricsLogger(self.train.log_dir, self.train.log_interval, enabled=self.rank == 0,
@@ -361,7 +381,13 @@ class Trainer:
 
     def save(self) -> None:
         if self.checkpoints is not None:
-            self.checkpoints.save(self.iteration, self.sharded_state_dict())
+            # the last checkpoint before a run of skipped steps is kept through --keep-last rotation
+            protected = [self.checkpoints.newest_at_or_before(self.iteration - self.consecutive_skips)] \
+                if self.consecutive_skips else []
+            try:
+                self.checkpoints.save(self.iteration, self.sharded_state_dict(), protected)
+            except CheckpointError as e:
+                raise TrainingAborted(str(e)) from e
             if self.rank == 0:
                 print(f"saved checkpoint at iteration {self.iteration} to {self.train.save}", flush=True)
 
@@ -598,4 +624,6 @@ class Trainer:
             self.logger.close()
             if self.loader is not None:
                 self.loader.close()
+            if self.lease is not None:
+                self.lease.release()
         return last

@@ -20,8 +20,9 @@ import shutil
 
 import torch
 
-from .diffusers_wan import REVERSE_MAP, _map_name, diffusers_config
-from .readers import DIFFUSERS_INDEX, DIFFUSERS_SINGLE, TensorSource, full_shapes
+from ..convert.diffusers_wan import REVERSE_MAP, _map_name, diffusers_config
+from .readers import DIFFUSERS_INDEX, DIFFUSERS_SINGLE
+from .sources import TensorSource, full_shapes
 
 DEFAULT_MAX_SHARD = 5 * 10**9  # diffusers' save_pretrained default ("5GB")
 KEEP_IN_FP32_FALLBACK = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")

@@ -1,10 +1,16 @@
-"""Open any model source by path and build a ``WanDiT`` from it at the current parallel layout.
+"""The one reader: open any model source by path and build a ``WanDiT`` from it at the current
+parallel layout (used by the trainer's ``--teacher-checkpoint``, the converter, generation and
+evaluation alike).
 
 ``open_source(path)`` recognizes our checkpoints (a ``--save`` root or an ``iter_NNNNNNN``
 folder), diffusers folders (transformer or pipeline), original Wan2.1 checkpoints and our
 single-file model files. ``load_model(source)`` builds the model on the meta device, allocates
 it and fills it: from our checkpoints through megatron-core (each rank reads its TP shards),
 from the others tensor by tensor (each rank slices its shard), never holding a full copy.
+``read_model_source(path)`` is every tensor in memory (the trainer's teacher); the architecture
+comes from the source (config.json, the checkpoint's recorded ``model_config`` or the model
+file), so ``--teacher-checkpoint`` needs no ``--model``. A training checkpoint gives its
+power-EMA weights by default (the student's if there is no EMA).
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from ..models.config import WanConfig
 from ..models.wan import WanDiT
 from ..parallel import state as pstate
 from ..parallel.sharding import shard_tensor
-from .checkpoints import CheckpointSource, is_checkpoint_dir, load_into_model
-from .readers import ConversionError, DiffusersSource, StateDictSource, TensorSource, WanOriginalSource
-
-MODEL_FILE_FORMAT = "rcm-megatron-model"  # training/checkpoint.py save_model_file
+from .dist_source import CheckpointSource, load_into_model
+from .errors import ConversionError
+from .layout import is_checkpoint_dir
+from .model_file import MODEL_FILE_FORMAT, is_model_file_blob
+from .readers import DiffusersSource, WanOriginalSource
+from .sources import StateDictSource, TensorSource
 
 
 def _is_original_wan_dir(path: str) -> bool:
@@ -44,7 +52,8 @@ def open_source(path: str, kind: str | None = None, weights: str | None = None, 
         elif os.path.isfile(path):
             kind = "file"
         else:
-            raise ConversionError(f"{path}: no such file or directory")
+            raise ConversionError(f"{path}: no such file or directory (expected a diffusers folder, an rcm-megatron "
+                                  "checkpoint directory, a .pt model file or an original Wan2.1 .pth/.safetensors)")
     if kind == "checkpoint":
         return CheckpointSource(path, weights, iteration)
     if kind == "diffusers":
@@ -59,7 +68,7 @@ def open_source(path: str, kind: str | None = None, weights: str | None = None, 
             blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception:  # noqa: BLE001 - maybe not a zip file; WanOriginalSource says what is wrong
             pass
-        if isinstance(blob, dict) and blob.get("format") == MODEL_FILE_FORMAT:
+        if is_model_file_blob(blob):
             return StateDictSource(WanConfig.from_dict(blob["config"]), blob["model"],
                                    {"source": os.path.abspath(path), "format": MODEL_FILE_FORMAT, **blob.get("meta", {})},
                                    what=f"model file {path}")
@@ -114,4 +123,16 @@ def describe(source: TensorSource) -> str:
             f"text dim {c.text_dim}")
 
 
-__all__ = ["ConversionError", "build_empty_model", "describe", "load_model", "open_source", "read_full_state_dict"]
+def read_model_source(path: str, weights: str | None = None,
+                      iteration: int | None = None) -> tuple[WanConfig, dict, dict]:
+    """(config, full state dict in our names, provenance) of a teacher/student source, checked
+    against its architecture before anything is built."""
+    with open_source(path, weights=weights, iteration=iteration) as src:
+        return src.config, read_full_state_dict(src), src.provenance
+
+
+def open_model(path: str, weights: str | None = None, iteration: int | None = None,
+               device="cpu") -> tuple[WanDiT, dict]:
+    """(eval-mode float32 WanDiT without grad, provenance) from a path (the evaluation tools)."""
+    with open_source(path, weights=weights, iteration=iteration) as src:
+        return load_model(src, device), dict(src.provenance)

@@ -1,178 +1,38 @@
-"""Model weights read one tensor at a time, in our names, from the formats people hand us.
+"""Readers for the formats people hand us: diffusers folders and original Wan2.1 checkpoints.
 
-A ``TensorSource`` knows the architecture (``config``), where each of our parameters lives
-(``tensors``: our name -> TensorInfo with the name in the file, shape and dtype, all read from
-file headers without touching the data) and reads tensors on demand. Nothing holds more than
-the tensors asked for; file mappings are dropped and reopened after ``READ_BUDGET_BYTES`` of
-reads, so converting a 14B model stays at roughly one tensor (plus that budget) of memory.
+File mappings are dropped and reopened after ``READ_BUDGET_BYTES`` of reads, so converting a
+14B model stays at roughly one tensor (plus that budget) of memory.
 
 - ``DiffusersSource``: a diffusers ``WanTransformer3DModel`` folder (config.json plus one
   safetensors file or shards with an index), or a pipeline folder (its ``transformer/``).
-- ``WanOriginalSource``: the original Wan2.1 layout (``wan_original.py``): a ``.pth``/``.pt``
+- ``WanOriginalSource``: the original Wan2.1 layout (``convert/wan_original.py``): a ``.pth``/``.pt``
   file, a single-file ``.safetensors``, or the official release folder (config.json with
   ``_class_name: WanModel`` and safetensors shards).
-- our distributed checkpoints: ``checkpoints.CheckpointSource``; ``loading.open_source``
-  picks the right one for a path.
-
-``check()`` compares a source with the architecture it claims and raises one
-``ConversionError`` listing every missing key, unexpected key and shape mismatch.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-from dataclasses import dataclass
 
 import torch
 
+from ..convert.diffusers_wan import NAME_MAP, _map_name, config_from_diffusers
+from ..convert.wan_original import (config_from_wan_original, infer_config_from_shapes, original_to_diffusers_name,
+                                    strip_prefix, unsupported_variant)
 from ..models.config import WanConfig
-from .diffusers_wan import NAME_MAP, _map_name, config_from_diffusers
-from .wan_original import (config_from_wan_original, infer_config_from_shapes, original_to_diffusers_name,
-                           strip_prefix, unsupported_variant)
+from .errors import ConversionError
+from .layout import MARKER
+from .sources import TensorInfo, TensorSource
 
 READ_BUDGET_BYTES = 1 << 30  # drop a file mapping after this many bytes were read through it
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 DIFFUSERS_SINGLE = "diffusion_pytorch_model.safetensors"
 
-
-class ConversionError(ValueError):
-    """Input that does not match what it should be: names the file and every problem."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    key: str  # the name in the source
-    shape: tuple
-    dtype: torch.dtype
-    file: str | None = None
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= int(s)
-        return n * self.dtype.itemsize
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """'fp32' / 'bf16' / 'fp16' (or torch spellings) -> dtype; None / 'keep' -> None."""
-    if name is None or name == "keep":
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r}: expected one of {sorted(DTYPES)} or 'keep'")
-    return DTYPES[name]
-
-
-def parse_size(text) -> int:
-    """'5GB' / '500MB' / '2GiB' / bytes -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"size {text!r}: expected e.g. 5GB, 500MB or a number of bytes")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
-
-
-def full_shapes(cfg: WanConfig) -> dict[str, tuple]:
-    """Our parameter names -> full (unsharded) shapes, from a model built on the meta device."""
-    from ..models.wan import WanDiT
-    from ..parallel import state
-
-    tp = state.tensor_parallel_world_size()
-    with torch.device("meta"):
-        model = WanDiT(cfg)
-    out = {}
-    for name, p in model.named_parameters():
-        shape = list(p.shape)
-        split = getattr(p, "tp_split_dim", None)
-        if split is not None:
-            shape[split] *= tp
-        out[name] = tuple(shape)
-    return out
-
-
-def _compress(names) -> list[str]:
-    """Group names that differ only in their block index: blocks.{0-3,7}.attn1.to_q.weight."""
-    groups: dict[str, list[int]] = {}
-    singles = []
-    for n in sorted(names):
-        m = re.match(r"^(.*?blocks\.)(\d+)(\..*)$", n)
-        if m:
-            groups.setdefault(f"{m.group(1)}{{}}{m.group(3)}", []).append(int(m.group(2)))
-        else:
-            singles.append(n)
-    out = list(singles)
-    for pattern, idx in sorted(groups.items()):
-        idx = sorted(set(idx))
-        if len(idx) == 1:
-            out.append(pattern.replace("{}", str(idx[0])))
-            continue
-        runs, start = [], idx[0]
-        for a, b in zip(idx, idx[1:] + [None]):
-            if b != a + 1:
-                runs.append(f"{start}" if start == a else f"{start}-{a}")
-                start = b
-        out.append(pattern.replace("{}", "{" + ",".join(runs) + "}"))
-    return out
-
-
-def mismatch_report(what: str, expected: dict[str, tuple], found: dict[str, tuple], unexpected=()) -> str | None:
-    """One message naming every missing / unexpected key and every shape mismatch (None: all fine)."""
-    missing = sorted(set(expected) - set(found))
-    shape_errors = [f"{n}: {tuple(found[n])} (expected {tuple(expected[n])})"
-                    for n in sorted(set(expected) & set(found)) if tuple(found[n]) != tuple(expected[n])]
-    unexpected = sorted(set(unexpected) | (set(found) - set(expected)))
-    if not (missing or shape_errors or unexpected):
-        return None
-    parts = [f"{what} does not match the architecture"]
-    if missing:
-        parts.append(f"missing keys ({len(missing)}): {_compress(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys ({len(unexpected)}): {_compress(unexpected)}")
-    if shape_errors:
-        parts.append(f"shape mismatches ({len(shape_errors)}): {shape_errors[:20]}"
-                     + (f" ... and {len(shape_errors) - 20} more" if len(shape_errors) > 20 else ""))
-    return "; ".join(parts)
-
-
-class TensorSource:
-    """Base class: ``config``, ``provenance``, ``tensors`` (our name -> TensorInfo), ``unexpected``."""
-
-    config: WanConfig
-    provenance: dict
-    tensors: dict[str, TensorInfo]
-    unexpected: list[str]
-    what: str = "source"
-
-    def read(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def read_many(self, names) -> dict[str, torch.Tensor]:
-        return {n: self.read(n) for n in names}
-
-    def check(self) -> None:
-        expected = full_shapes(self.config)
-        msg = mismatch_report(self.what, expected, {n: i.shape for n, i in self.tensors.items()}, self.unexpected)
-        if msg:
-            raise ConversionError(msg)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class _SafetensorsFiles:
@@ -254,8 +114,7 @@ def diffusers_folder(path: str) -> str:
     if not os.path.isfile(os.path.join(path, "config.json")):
         if os.path.isfile(os.path.join(path, "transformer", "config.json")):
             return diffusers_folder(os.path.join(path, "transformer"))
-        if os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")) or os.path.isfile(
-                os.path.join(path, "metadata.json")):
+        if os.path.isfile(os.path.join(path, MARKER)) or os.path.isfile(os.path.join(path, "metadata.json")):
             raise ConversionError(f"{path} is an rcm-megatron checkpoint, not a diffusers folder (export it with "
                                   "tools/convert_checkpoint.py export, or use it directly)")
         raise ConversionError(f"{path} is not a diffusers model folder: no config.json (nor transformer/config.json)")
@@ -407,24 +266,3 @@ def _config_from_any(cfg: dict, where: str) -> WanConfig:
         raise ConversionError(f"{where}: config is neither a WanConfig, a diffusers nor an original Wan config: {e}") from e
 
 
-def read_config_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: no such config file")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{path}: not valid JSON ({e})") from e
-
-
-class StateDictSource(TensorSource):
-    """An in-memory state dict in our names (a model file, a diffusers model instance)."""
-
-    def __init__(self, config: WanConfig, state_dict: dict, provenance: dict, what: str = "state dict"):
-        self.config, self.provenance, self.what = config, provenance, what
-        self._sd = state_dict
-        self.tensors = {n: TensorInfo(n, tuple(t.shape), t.dtype) for n, t in state_dict.items()}
-        self.unexpected = []
-
-    def read(self, name: str) -> torch.Tensor:
-        return self._sd[name]

@@ -1,0 +1,161 @@
+"""Training checkpoints through megatron-core ``dist_checkpointing``, committed atomically.
+
+Protocol (every rank):
+  1. write the sharded state into ``iter_NNNNNNN.tmp/`` (megatron-core, all ranks), each shard
+     file hashed as it is written (``checksums``);
+  2. after a barrier, rank 0 records the checksums (``checksums.json``), renames the folder to
+     ``iter_NNNNNNN/`` and then replaces ``latest_checkpointed_iteration.txt`` (Megatron-LM's
+     marker name) atomically.
+A crash (even SIGKILL) before step 2 leaves only a ``.tmp`` folder that nothing loads; the
+marker always names a complete checkpoint. Re-saving an iteration that exists swaps the two
+folders in one ``renameat2(RENAME_EXCHANGE)``, so a complete copy is under the name at every
+instant (file systems without it: two renames, and ``layout`` falls back to ``iter_NNNNNNN.old``).
+A failed write (a full disk) removes the partial copy and raises one ``CheckpointError`` naming
+the folder; the previous checkpoints stay. ``--keep-last`` rotation never removes the marker's
+checkpoint nor the ``protected`` iterations the caller names (the last one before a run of
+skipped steps). On GPU the write is asynchronous (megatron-core's async request, finalized later
+by the commit); on CPU a synchronous strategy is used because megatron-core's default writer
+synchronizes CUDA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+
+from .checksums import install_write_hashing, write_manifest
+from .dist_io import barrier, cpu_save_strategy, rank
+from .errors import CheckpointError
+from .layout import MARKER, committed_iterations, iteration_dir, latest_iteration
+
+RENAME_EXCHANGE = 2
+
+
+def exchange_folders(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _reason(e: BaseException) -> str:
+    """The OS error behind a failed write if there is one (e.g. 'No space left on device')."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"{seen.strerror}" + (f": {seen.filename}" if seen.filename else "")
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(e).__name__}: {e}"
+
+
+class CheckpointManager:
+    """Saves and commits checkpoints under ``root``; keeps the newest ``keep_last``."""
+
+    def __init__(self, root: str, keep_last: int | None = None, async_save: bool | None = None):
+        self.root, self.keep_last = root, keep_last
+        self.async_save = torch.cuda.is_available() if async_save is None else async_save
+        self._queue = None
+        self._pending: list[int] = []
+        self._protected: set[int] = set()
+        install_write_hashing()
+
+    def save(self, iteration: int, sharded_state_dict: dict, protected=()) -> None:
+        """Write and commit ``iteration``; ``protected``: iterations rotation must keep."""
+        from megatron.core import dist_checkpointing
+
+        self.finalize(blocking=True)  # one save in flight at a time
+        self._protected = {int(i) for i in protected if i is not None}
+        tmp = iteration_dir(self.root, iteration) + ".tmp"
+        try:
+            if rank() == 0:
+                os.makedirs(self.root, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+            barrier()
+            if self.async_save:
+                from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+                request = dist_checkpointing.save(sharded_state_dict, tmp, async_sharded_save=True)
+                request.add_finalize_fn(lambda: self.commit(iteration))
+                if self._queue is None:
+                    self._queue = AsyncCallsQueue()
+                self._queue.schedule_async_request(request)
+                self._pending.append(iteration)
+            else:
+                dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=cpu_save_strategy())
+                barrier()
+                self.commit(iteration)
+                barrier()
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
+            self._failed(iteration, e)
+
+    def _failed(self, iteration: int, e: BaseException):
+        tmp = iteration_dir(self.root, iteration) + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_iteration(self.root) if os.path.isfile(os.path.join(self.root, MARKER)) else None
+        kept = iteration_dir(self.root, kept) if kept is not None else "none was committed"
+        raise CheckpointError(f"saving iteration {iteration} to {tmp} failed ({_reason(e)}); the partial copy was "
+                              f"removed, the last complete checkpoint ({kept}) is kept") from e
+
+    def finalize(self, blocking: bool = False) -> None:
+        """Commit finished asynchronous saves (all ranks must call it at the same points)."""
+        if self._queue is not None and self._pending:
+            try:
+                done = self._queue.maybe_finalize_async_calls(blocking=blocking)
+            except (Exception, CheckpointException) as e:  # noqa: BLE001
+                self._failed(self._pending[0], e)
+            if blocking or done:
+                self._pending = [] if blocking else self._pending[len(done):]
+
+    def commit(self, iteration: int) -> None:
+        """Rank 0: the written ``.tmp`` folder, with its checksums, becomes ``iter_NNNNNNN`` and the
+        marker names it."""
+        if rank() != 0:
+            return
+        final = iteration_dir(self.root, iteration)
+        tmp = final + ".tmp"
+        write_manifest(tmp)
+        if os.path.exists(final):  # re-saving an iteration: the complete old copy stays until swapped
+            if exchange_folders(tmp, final):
+                shutil.rmtree(tmp)
+            else:
+                shutil.rmtree(final + ".old", ignore_errors=True)
+                os.replace(final, final + ".old")
+                os.replace(tmp, final)
+        else:
+            os.replace(tmp, final)
+        marker_tmp = os.path.join(self.root, MARKER + ".tmp")
+        with open(marker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(marker_tmp, os.path.join(self.root, MARKER))
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        if self.keep_last:
+            self.rotate(iteration)
+
+    def rotate(self, committed: int) -> None:
+        """Keep the newest ``keep_last``, the marker's and the protected iterations."""
+        keep = set(committed_iterations(self.root)[-self.keep_last:]) | {committed} | self._protected
+        for it in committed_iterations(self.root):
+            if it not in keep:
+                shutil.rmtree(iteration_dir(self.root, it), ignore_errors=True)
+
+    def newest_at_or_before(self, iteration: int) -> int | None:
+        """The newest committed iteration <= ``iteration`` (e.g. the last good one before skipped steps)."""
+        older = [it for it in committed_iterations(self.root) if it <= iteration]
+        return older[-1] if older else None
