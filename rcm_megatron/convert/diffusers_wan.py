@@ -188,3 +188,63 @@ def _read_folder(path: str):
     else:
         raise FileNotFoundError(f"{path}: no diffusion_pytorch_model.safetensors(.index.json)")
     return cfg, sd
+
+
+# ----------------------------------------------------------------------------- Wan2.2 A14B: two experts
+
+# Subfolders of a diffusers Wan2.2 A14B pipeline folder holding each expert.
+EXPERT_SUBFOLDERS = {"high_noise": "transformer", "low_noise": "transformer_2"}
+MODEL_INDEX = "model_index.json"
+
+
+def load_diffusers_wan_experts(path, dtype: torch.dtype | None = None, boundary_ratio: float | None = None):
+    """``WanExperts`` of a diffusers Wan2.2 A14B pipeline folder: ``transformer/`` (high noise),
+    ``transformer_2/`` (low noise) and the pipeline's ``boundary_ratio`` from model_index.json
+    (or given)."""
+    from ..models.experts import WanExperts
+
+    path = os.fspath(path)
+    missing = [d for d in EXPERT_SUBFOLDERS.values() if not os.path.isdir(os.path.join(path, d))]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a two-expert (Wan2.2 A14B) pipeline folder: no {missing} subfolder")
+    if boundary_ratio is None:
+        index = os.path.join(path, MODEL_INDEX)
+        ratio = None
+        if os.path.isfile(index):
+            with open(index) as f:
+                ratio = json.load(f).get("boundary_ratio")
+        if ratio is None:
+            raise ValueError(f"{path}: {MODEL_INDEX} has no boundary_ratio; pass boundary_ratio "
+                             "(Wan2.2 I2V A14B: 0.9, T2V A14B: 0.875)")
+        boundary_ratio = float(ratio)
+    experts = {k: load_diffusers_wan(os.path.join(path, d), dtype) for k, d in EXPERT_SUBFOLDERS.items()}
+    return WanExperts(experts["high_noise"], experts["low_noise"], boundary_ratio)
+
+
+def save_diffusers_wan(model: WanDiT, out_dir, dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
+    """A single-process model as a diffusers ``WanTransformer3DModel`` folder (``export.py``)."""
+    from .export import export_diffusers
+    from .readers import StateDictSource
+
+    source = StateDictSource(model.config, {k: v.detach() for k, v in model.state_dict().items()},
+                             {"source": "rcm_megatron.WanDiT"})
+    return export_diffusers(source, os.fspath(out_dir), dtype=dtype, overwrite=overwrite)
+
+
+def save_diffusers_wan_experts(experts, out_dir, dtype: torch.dtype | None = None, overwrite: bool = False) -> None:
+    """Write ``transformer/`` and ``transformer_2/`` into ``out_dir`` and record the boundary in its
+    model_index.json (merged into an existing one, e.g. a copy of the base pipeline folder, so
+    diffusers' ``WanImageToVideoPipeline.from_pretrained(out_dir)`` loads the experts)."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    for key, sub in EXPERT_SUBFOLDERS.items():
+        save_diffusers_wan(getattr(experts, key), os.path.join(out_dir, sub), dtype, overwrite)
+    index_path = os.path.join(out_dir, MODEL_INDEX)
+    index = {}
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
+    index.update({sub: ["diffusers", "WanTransformer3DModel"] for sub in EXPERT_SUBFOLDERS.values()})
+    index["boundary_ratio"] = experts.boundary_ratio
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=2)
