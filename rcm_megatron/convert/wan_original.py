@@ -170,6 +170,7 @@ def infer_config_from_shapes(shapes: dict[str, tuple], num_heads: int | None = N
     if len(pe) != 5:
         raise ValueError(f"patch_embedding.weight has shape {tuple(pe)}, expected [dim, in_dim, pt, ph, pw]")
     dim, in_dim, patch = int(pe[0]), int(pe[1]), tuple(int(p) for p in pe[2:])
+    image_dim = image_dim_from_shapes(shapes)
     layers = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(r"^blocks\.(\d+)\.", n)))
     if num_heads is None:
         if dim % WAN_HEAD_DIM:
@@ -182,5 +183,5 @@ def infer_config_from_shapes(shapes: dict[str, tuple], num_heads: int | None = N
         out_channels=int(shapes["head.head.weight"][0]) // math.prod(patch),
         text_dim=int(shapes["text_embedding.0.weight"][1]), freq_dim=int(shapes["time_embedding.0.weight"][1]),
         patch_size=patch, eps=eps, cross_attn_norm="blocks.0.norm3.weight" in shapes,
-        image_dim=image_dim_from_shapes(shapes),
+        image_dim=image_dim,
     )
