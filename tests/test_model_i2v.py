@@ -245,6 +245,10 @@ def test_bad_inputs_name_the_shape():
         ti2v(torch.randn(1, 48, 2, 4, 4), torch.ones(1, 7), ctx)
     with pytest.raises(ValueError, match=r"t_timestep must have the timestep's shape \(1, 8\), got \(1,\)"):
         ti2v.forward_with_tangent(torch.randn(1, 48, 2, 4, 4), torch.ones(1, 8), ctx, None, torch.ones(1))
+    state = i2v.embed(x, t, ctx, image_context=img)
+    state.image_context = None  # a pipeline stage that did not pass the image tokens on
+    with pytest.raises(ValueError, match="StageState.image_context is None"):
+        i2v.run_blocks(state)
     experts = WanExperts.build(tiny("wan2.2-ti2v"), 0.9)
     with pytest.raises(ValueError, match=r"experts are chosen per sample: timestep must be \[B\], got \(1, 8\)"):
         experts(torch.randn(1, 48, 2, 4, 4), torch.ones(1, 8), ctx)

@@ -198,6 +198,9 @@ class WanDiT(nn.Module):
 
     def run_blocks(self, state: StageState) -> StageState:
         c = self.config
+        if c.image_dim is not None and state.image_context is None:
+            raise ValueError("an image-conditioned model's blocks need the embedded image tokens: StageState."
+                             "image_context is None (pipeline stages must pass it on with the text)")
         rope = rope_cos_sin(state.grid, c.head_dim, c.rope_max_seq_len, c.rope_theta, device=state.x.device,
                             dtype=torch.float64 if state.x.dtype == torch.float64 else torch.float32,
                             token_range=cp.token_range(state.seq_len))
