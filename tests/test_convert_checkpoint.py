@@ -126,7 +126,8 @@ def test_original_names_match_diffusers_converter(ref):
     assert set(ours) == set(sd)
     assert original_to_diffusers_name("model.diffusion_model.blocks.3.cross_attn.norm_k.weight") == \
         "blocks.3.attn2.norm_k.weight"
-    assert original_to_diffusers_name("blocks.0.cross_attn.k_img.weight") is None
+    assert original_to_diffusers_name("blocks.0.cross_attn.k_img.weight") == "blocks.0.attn2.add_k_proj.weight"
+    assert original_to_diffusers_name("blocks.0.cross_attn.q_img.weight") is None
 
 
 # ----------------------------------------------------------------------------- TP=2 ranks

@@ -229,7 +229,7 @@ class WanOriginalSource(TensorSource):
         elif config is not None:
             self.config = _config_from_any(config, path)
         elif cfg_dict is not None:
-            self.config = config_from_wan_original(cfg_dict)
+            self.config = config_from_wan_original(cfg_dict, {k: i.shape for k, i in stripped.items()})
         else:
             self.config = infer_config_from_shapes({k: i.shape for k, i in stripped.items()}, num_heads)
         self.tensors, self.unexpected = {}, []

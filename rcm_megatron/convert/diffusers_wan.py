@@ -15,28 +15,51 @@ import torch
 from ..models.config import WanConfig
 from ..models.wan import WanDiT
 
-# (diffusers regex, our replacement); applied in order, first match wins.
-NAME_MAP: list[tuple[str, str]] = [
-    (r"^patch_embedding\.(weight|bias)$", r"patch_embedding.proj.\1"),
-    (r"^condition_embedder\.time_embedder\.(linear_[12])\.", r"time_embedding.\1."),
-    (r"^condition_embedder\.time_proj\.", r"time_embedding.time_proj."),
-    (r"^condition_embedder\.text_embedder\.(linear_[12])\.", r"text_embedding.\1."),
-    (r"^blocks\.(\d+)\.(attn[12])\.to_out\.0\.", r"blocks.\1.\2.to_out."),
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.fc1."),
-    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.fc2."),
-    (r"^(blocks\.\d+\.(attn[12]\.(to_[qkv]|norm_[qk])|norm2)\.(weight|bias))$", r"\1"),
-    (r"^(blocks\.\d+\.scale_shift_table|scale_shift_table|proj_out\.(weight|bias))$", r"\1"),
+# Placeholders of the name templates below and what each matches.
+NAME_FIELDS = {"i": r"\d+", "p": r"weight|bias", "n": r"[12]", "attn": r"attn[12]", "qkv": r"[qkv]", "qk": r"[qk]",
+               "kv": r"[kv]"}
+
+# (diffusers name, our name) templates; a placeholder stands for the same text on both sides.
+# Both directions are compiled from this one table (``NAME_MAP``, ``REVERSE_MAP``).
+NAME_TEMPLATES: list[tuple[str, str]] = [
+    ("patch_embedding.{p}", "patch_embedding.proj.{p}"),
+    ("condition_embedder.time_embedder.linear_{n}.{p}", "time_embedding.linear_{n}.{p}"),
+    ("condition_embedder.time_proj.{p}", "time_embedding.time_proj.{p}"),
+    ("condition_embedder.text_embedder.linear_{n}.{p}", "text_embedding.linear_{n}.{p}"),
+    ("condition_embedder.image_embedder.norm{n}.{p}", "image_embedding.norm{n}.{p}"),
+    ("condition_embedder.image_embedder.ff.net.0.proj.{p}", "image_embedding.fc1.{p}"),
+    ("condition_embedder.image_embedder.ff.net.2.{p}", "image_embedding.fc2.{p}"),
+    ("blocks.{i}.{attn}.to_out.0.{p}", "blocks.{i}.{attn}.to_out.{p}"),
+    ("blocks.{i}.ffn.net.0.proj.{p}", "blocks.{i}.ffn.fc1.{p}"),
+    ("blocks.{i}.ffn.net.2.{p}", "blocks.{i}.ffn.fc2.{p}"),
+    ("blocks.{i}.{attn}.to_{qkv}.{p}", "blocks.{i}.{attn}.to_{qkv}.{p}"),
+    ("blocks.{i}.{attn}.norm_{qk}.weight", "blocks.{i}.{attn}.norm_{qk}.weight"),
+    ("blocks.{i}.attn2.add_{kv}_proj.{p}", "blocks.{i}.attn2.add_{kv}_proj.{p}"),
+    ("blocks.{i}.attn2.norm_added_k.weight", "blocks.{i}.attn2.norm_added_k.weight"),
+    ("blocks.{i}.norm2.{p}", "blocks.{i}.norm2.{p}"),
+    ("blocks.{i}.scale_shift_table", "blocks.{i}.scale_shift_table"),
+    ("scale_shift_table", "scale_shift_table"),
+    ("proj_out.{p}", "proj_out.{p}"),
 ]
-REVERSE_MAP: list[tuple[str, str]] = [
-    (r"^patch_embedding\.proj\.", "patch_embedding."),
-    (r"^time_embedding\.(linear_[12])\.", r"condition_embedder.time_embedder.\1."),
-    (r"^time_embedding\.time_proj\.", "condition_embedder.time_proj."),
-    (r"^text_embedding\.(linear_[12])\.", r"condition_embedder.text_embedder.\1."),
-    (r"^blocks\.(\d+)\.(attn[12])\.to_out\.", r"blocks.\1.\2.to_out.0."),
-    (r"^blocks\.(\d+)\.ffn\.fc1\.", r"blocks.\1.ffn.net.0.proj."),
-    (r"^blocks\.(\d+)\.ffn\.fc2\.", r"blocks.\1.ffn.net.2."),
-    (r"^(.*)$", r"\1"),
-]
+
+
+def compile_name_rules(templates, fields=NAME_FIELDS, reverse: bool = False) -> list[tuple[str, str]]:
+    """(source template, target template) pairs -> anchored (regex, replacement) rules, first match
+    wins; ``reverse`` maps target -> source. Every placeholder ``{x}`` becomes the group ``x``."""
+    def regex(template):
+        parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
+        return "^" + "".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{fields[p]})"
+                             for k, p in enumerate(parts)) + "$"
+
+    def replacement(template):
+        return re.sub(r"\{(\w+)\}", r"\\g<\1>", template)
+
+    pairs = [(b, a) for a, b in templates] if reverse else templates
+    return [(regex(src), replacement(dst)) for src, dst in pairs]
+
+
+NAME_MAP: list[tuple[str, str]] = compile_name_rules(NAME_TEMPLATES)  # diffusers -> ours
+REVERSE_MAP: list[tuple[str, str]] = compile_name_rules(NAME_TEMPLATES, reverse=True)  # ours -> diffusers
 
 
 def _map_name(name: str, rules) -> str | None:
@@ -47,13 +70,18 @@ def _map_name(name: str, rules) -> str | None:
 
 
 def config_from_diffusers(cfg: dict) -> WanConfig:
-    """WanConfig from a diffusers config.json dict; rejects variants we do not model (I2V, no qk-norm)."""
-    if cfg.get("image_dim") is not None or cfg.get("added_kv_proj_dim") is not None:
-        raise ValueError("image-conditioned Wan (image_dim / added_kv_proj_dim set) is not supported; "
-                         "expected a text-to-video WanTransformer3DModel config")
+    """WanConfig from a diffusers config.json dict; rejects variants we do not model (no qk-norm,
+    FLF2V's image position embedding, image K/V projections of another width than the model's)."""
     if cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
         raise ValueError(f"qk_norm={cfg.get('qk_norm')!r} is not supported; expected 'rms_norm_across_heads'")
+    if cfg.get("pos_embed_seq_len") is not None:
+        raise ValueError(f"pos_embed_seq_len={cfg['pos_embed_seq_len']} (Wan FLF2V, first-last-frame) is not "
+                         "supported; expected None (T2V, I2V, TI2V)")
     heads, head_dim = int(cfg.get("num_attention_heads", 40)), int(cfg.get("attention_head_dim", 128))
+    image_dim, added_kv = cfg.get("image_dim"), cfg.get("added_kv_proj_dim")
+    if (image_dim is None) != (added_kv is None) or (added_kv is not None and int(added_kv) != heads * head_dim):
+        raise ValueError(f"image_dim={image_dim}, added_kv_proj_dim={added_kv}: expected both None (text only) or "
+                         f"image_dim with added_kv_proj_dim = heads * head dim = {heads * head_dim} (Wan2.1 I2V)")
     return WanConfig(
         num_layers=int(cfg.get("num_layers", 40)),
         hidden_size=heads * head_dim,
@@ -67,6 +95,7 @@ def config_from_diffusers(cfg: dict) -> WanConfig:
         eps=float(cfg.get("eps", 1e-6)),
         rope_max_seq_len=int(cfg.get("rope_max_seq_len", 1024)),
         cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
+        image_dim=None if image_dim is None else int(image_dim),
     )
 
 
@@ -86,8 +115,8 @@ def diffusers_config(cfg: WanConfig) -> dict:
         "cross_attn_norm": cfg.cross_attn_norm,
         "qk_norm": "rms_norm_across_heads",
         "eps": cfg.eps,
-        "image_dim": None,
-        "added_kv_proj_dim": None,
+        "image_dim": cfg.image_dim,
+        "added_kv_proj_dim": None if cfg.image_dim is None else cfg.hidden_size,
         "rope_max_seq_len": cfg.rope_max_seq_len,
         "pos_embed_seq_len": None,
     }
@@ -159,3 +188,63 @@ def _read_folder(path: str):
     else:
         raise FileNotFoundError(f"{path}: no diffusion_pytorch_model.safetensors(.index.json)")
     return cfg, sd
+
+
+# ----------------------------------------------------------------------------- Wan2.2 A14B: two experts
+
+# Subfolders of a diffusers Wan2.2 A14B pipeline folder holding each expert.
+EXPERT_SUBFOLDERS = {"high_noise": "transformer", "low_noise": "transformer_2"}
+MODEL_INDEX = "model_index.json"
+
+
+def load_diffusers_wan_experts(path, dtype: torch.dtype | None = None, boundary_ratio: float | None = None):
+    """``WanExperts`` of a diffusers Wan2.2 A14B pipeline folder: ``transformer/`` (high noise),
+    ``transformer_2/`` (low noise) and the pipeline's ``boundary_ratio`` from model_index.json
+    (or given)."""
+    from ..models.experts import WanExperts
+
+    path = os.fspath(path)
+    missing = [d for d in EXPERT_SUBFOLDERS.values() if not os.path.isdir(os.path.join(path, d))]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a two-expert (Wan2.2 A14B) pipeline folder: no {missing} subfolder")
+    if boundary_ratio is None:
+        index = os.path.join(path, MODEL_INDEX)
+        ratio = None
+        if os.path.isfile(index):
+            with open(index) as f:
+                ratio = json.load(f).get("boundary_ratio")
+        if ratio is None:
+            raise ValueError(f"{path}: {MODEL_INDEX} has no boundary_ratio; pass boundary_ratio "
+                             "(Wan2.2 I2V A14B: 0.9, T2V A14B: 0.875)")
+        boundary_ratio = float(ratio)
+    experts = {k: load_diffusers_wan(os.path.join(path, d), dtype) for k, d in EXPERT_SUBFOLDERS.items()}
+    return WanExperts(experts["high_noise"], experts["low_noise"], boundary_ratio)
+
+
+def save_diffusers_wan(model: WanDiT, out_dir, dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
+    """A single-process model as a diffusers ``WanTransformer3DModel`` folder (``export.py``)."""
+    from ..checkpointing.diffusers_export import export_diffusers
+    from ..checkpointing.sources import StateDictSource
+
+    source = StateDictSource(model.config, {k: v.detach() for k, v in model.state_dict().items()},
+                             {"source": "rcm_megatron.WanDiT"})
+    return export_diffusers(source, os.fspath(out_dir), dtype=dtype, overwrite=overwrite)
+
+
+def save_diffusers_wan_experts(experts, out_dir, dtype: torch.dtype | None = None, overwrite: bool = False) -> None:
+    """Write ``transformer/`` and ``transformer_2/`` into ``out_dir`` and record the boundary in its
+    model_index.json (merged into an existing one, e.g. a copy of the base pipeline folder, so
+    diffusers' ``WanImageToVideoPipeline.from_pretrained(out_dir)`` loads the experts)."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    for key, sub in EXPERT_SUBFOLDERS.items():
+        save_diffusers_wan(getattr(experts, key), os.path.join(out_dir, sub), dtype, overwrite)
+    index_path = os.path.join(out_dir, MODEL_INDEX)
+    index = {}
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
+    index.update({sub: ["diffusers", "WanTransformer3DModel"] for sub in EXPERT_SUBFOLDERS.values()})
+    index["boundary_ratio"] = experts.boundary_ratio
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=2)

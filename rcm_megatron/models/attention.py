@@ -84,14 +84,34 @@ class SelfAttention(_Attention):
 
 
 class CrossAttention(_Attention):
-    """Queries from the video tokens, keys/values from the text (which has no tangent)."""
+    """Queries from the video tokens, keys/values from the text (which has no tangent).
 
-    def forward(self, x, tx, context, seq_len: int | None = None):
+    With ``image_kv`` (Wan2.1 I2V) the same queries also attend, in a separate softmax, to the
+    embedded image tokens through their own K/V projections (``add_k_proj``, ``add_v_proj``,
+    ``norm_added_k``, diffusers' names); the two results are summed before the output
+    projection. Image tokens carry no tangent either (the zero-K/V tangent path of the kernel).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, eps: float, image_kv: bool = False):
+        super().__init__(hidden_size, num_heads, eps)
+        if image_kv:
+            self.add_k_proj = ColumnParallelLinear(hidden_size, hidden_size)
+            self.add_v_proj = ColumnParallelLinear(hidden_size, hidden_size)
+            self.norm_added_k = QKNorm(hidden_size, eps)
+
+    def forward(self, x, tx, context, seq_len: int | None = None, image_context=None):
         x, tx = tensor_parallel_input(x, tx, chunk_length(seq_len))
-        context = replicated_input(context)
         q, tq = self.norm_q(*self.to_q(x, tx))
-        k, _ = self.norm_k(*self.to_k(context))
-        v, _ = self.to_v(context)
-        q, k, v, tq = map(self._heads, (q, k, v, tq))
-        o, to = self._attend(q, k, v, tq, None, None)
+        q, tq = self._heads(q), self._heads(tq)
+        o, to = self._attend_condition(q, tq, replicated_input(context), self.to_k, self.to_v, self.norm_k)
+        if image_context is not None:
+            oi, toi = self._attend_condition(q, tq, replicated_input(image_context), self.add_k_proj,
+                                             self.add_v_proj, self.norm_added_k)
+            o = o + oi
+            to = None if to is None else to + toi
         return self.to_out(o, to)
+
+    def _attend_condition(self, q, tq, cond, to_k, to_v, norm_k):
+        k, _ = norm_k(*to_k(cond))
+        v, _ = to_v(cond)
+        return self._attend(q, self._heads(k), self._heads(v), tq, None, None)

@@ -35,23 +35,27 @@ class WanBlock(nn.Module):
         self.norm1 = LayerNorm(d, cfg.eps, affine=False)
         self.attn1 = SelfAttention(d, cfg.num_attention_heads, cfg.eps)
         self.norm2 = LayerNorm(d, cfg.eps, affine=cfg.cross_attn_norm)
-        self.attn2 = CrossAttention(d, cfg.num_attention_heads, cfg.eps)
+        self.attn2 = CrossAttention(d, cfg.num_attention_heads, cfg.eps, image_kv=cfg.image_dim is not None)
         self.norm3 = LayerNorm(d, cfg.eps, affine=False)
         self.ffn = FeedForward(d, cfg.ffn_hidden_size)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
-    def forward(self, x, tx, tproj, ttproj, context, rope, seq_len: int | None = None):
-        """x [B,S,D]; tproj [B,6,D] (time projection, fp32) and its tangent; context [B,L,D].
+    def forward(self, x, tx, tproj, ttproj, context, rope, seq_len: int | None = None, image_context=None):
+        """x [B,S,D]; tproj (time projection, fp32) [B,6,D], or per token [B,S,6,D] (sharded
+        like x), and its tangent; context [B,L,D]; image_context [B,L_img,D] or None.
 
         Under context / sequence parallelism x is this rank's chunk / shard of the tokens and
         seq_len the real length of the whole sequence.
         """
-        mod = grad_sum_over_sequence_shards(self.scale_shift_table.to(tproj.dtype) + tproj)
-        shift, scale, gate, c_shift, c_scale, c_gate = mod.unsqueeze(2).unbind(1)
-        if ttproj is not None:
-            t_shift, t_scale, t_gate, t_c_shift, t_c_scale, t_c_gate = ttproj.unsqueeze(2).unbind(1)
+        table = self.scale_shift_table.to(tproj.dtype)
+        if tproj.dim() == 4:  # per-token times: the tokens' own modulation, [B,S,D] each
+            mod = (grad_sum_over_sequence_shards(table).unsqueeze(0) + tproj).unbind(2)
+            tmod = (None,) * 6 if ttproj is None else ttproj.unbind(2)
         else:
-            t_shift = t_scale = t_gate = t_c_shift = t_c_scale = t_c_gate = None
+            mod = grad_sum_over_sequence_shards(table + tproj).unsqueeze(2).unbind(1)
+            tmod = (None,) * 6 if ttproj is None else ttproj.unsqueeze(2).unbind(1)
+        shift, scale, gate, c_shift, c_scale, c_gate = mod
+        t_shift, t_scale, t_gate, t_c_shift, t_c_scale, t_c_gate = tmod
 
         def cast(h, th):
             return h.to(x.dtype), None if th is None else th.to(x.dtype)
@@ -61,7 +65,7 @@ class WanBlock(nn.Module):
         x, tx = gated_residual(x, tx, a, ta, gate, t_gate)
 
         h, th = cast(*self.norm2(x, tx))
-        a, ta = self.attn2(h, th, context, seq_len)
+        a, ta = self.attn2(h, th, context, seq_len, image_context)
         x = x + a
         tx = None if tx is None else tx + ta
 

@@ -1,7 +1,10 @@
-"""Architecture of the Wan2.1 DiT family, one validated dataclass.
+"""Architecture of the Wan DiT family (Wan2.1 T2V / I2V, Wan2.2), one validated dataclass.
 
 Field names follow diffusers' ``WanTransformer3DModel`` config where one exists, so a
-diffusers ``config.json`` maps onto this class by name (see ``convert/``).
+diffusers ``config.json`` maps onto this class by name (see ``convert/``). Image-to-video
+models differ only in ``in_channels`` (noisy latents + condition latents + mask, concatenated
+by the caller) and, for Wan2.1 I2V, ``image_dim`` (CLIP image tokens through added K/V
+projections of cross-attention). Wan2.2's two-expert A14B is two of these (``experts.py``).
 """
 
 from __future__ import annotations
@@ -25,12 +28,17 @@ class WanConfig:
     rope_max_seq_len: int = 1024
     rope_theta: float = 10000.0
     cross_attn_norm: bool = True
+    # Width of the CLIP image tokens (Wan2.1 I2V: 1280); None for text-only cross-attention.
+    # The embedded image tokens are hidden_size wide (diffusers' added_kv_proj_dim = hidden_size).
+    image_dim: int | None = None
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "in_channels", "out_channels", "text_dim", "freq_dim"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"WanConfig.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.image_dim is not None and int(self.image_dim) <= 0:
+            raise ValueError(f"WanConfig.image_dim must be a positive integer or None, got {self.image_dim}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"WanConfig.hidden_size ({self.hidden_size}) must be divisible by "
@@ -87,6 +95,17 @@ PRESETS: dict[str, WanConfig] = {
                           text_dim=4096),
     "wan-14b": WanConfig(num_layers=40, hidden_size=5120, ffn_hidden_size=13824, num_attention_heads=40,
                          text_dim=4096),
+    # Wan2.1 I2V 14B: 480P and 720P releases share the architecture (they differ in training resolution).
+    "wan-i2v-14b-480p": WanConfig(num_layers=40, hidden_size=5120, ffn_hidden_size=13824, num_attention_heads=40,
+                                  in_channels=36, out_channels=16, text_dim=4096, image_dim=1280),
+    "wan-i2v-14b-720p": WanConfig(num_layers=40, hidden_size=5120, ffn_hidden_size=13824, num_attention_heads=40,
+                                  in_channels=36, out_channels=16, text_dim=4096, image_dim=1280),
+    # One expert of Wan2.2 I2V A14B (high- and low-noise experts share it; see experts.py): no CLIP branch.
+    "wan2.2-i2v-a14b": WanConfig(num_layers=40, hidden_size=5120, ffn_hidden_size=13824, num_attention_heads=40,
+                                 in_channels=36, out_channels=16, text_dim=4096),
+    # Wan2.2 TI2V-5B: 48-channel latents of the Wan2.2 VAE; image-to-video through per-token timesteps.
+    "wan2.2-ti2v-5b": WanConfig(num_layers=30, hidden_size=3072, ffn_hidden_size=14336, num_attention_heads=24,
+                                in_channels=48, out_channels=48, text_dim=4096),
 }
 
 

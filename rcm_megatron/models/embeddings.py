@@ -1,8 +1,10 @@
-"""Input embeddings of Wan: 3D patch embedding, time embedding, text embedding.
+"""Input embeddings of Wan: 3D patch embedding, time embedding, text and image embeddings.
 
 The time embedding runs in fp32 (at least) and carries the tangent with respect to the
-timestep, which the sCM tangent pass needs. All of these are replicated under tensor
-parallelism (their gradients are reduced by the parallel layer, see parallel/).
+timestep, which the sCM tangent pass needs; it takes one timestep per sample [B] or one per
+token [B, S] (Wan2.2 TI2V). Text and image tokens are conditions: they carry no tangent. All of
+these are replicated under tensor parallelism (their gradients are reduced by the parallel
+layer, see parallel/).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import WanConfig
-from .layers import silu
+from .layers import compute_dtype, silu
 
 
 def sinusoidal_embedding(t, tt, dim: int, max_period: float = 10000.0):
@@ -48,16 +50,19 @@ class TimeEmbedding(nn.Module):
         self.time_proj = nn.Linear(d, 6 * d)
 
     def forward(self, timestep, t_timestep=None):
-        """Returns (temb [B,D], t_temb, tproj [B,6,D], t_tproj), all in fp32 or fp64."""
-        e, te = sinusoidal_embedding(timestep, t_timestep, self.freq_dim)
+        """timestep [B] or [B, S] -> (temb [..., D], t_temb, tproj [..., 6, D], t_tproj), in fp32 or fp64."""
+        lead = timestep.shape
+        e, te = sinusoidal_embedding(timestep.flatten(), None if t_timestep is None else t_timestep.flatten(),
+                                     self.freq_dim)
         if self.linear_1.weight.dtype == torch.float64:
             e, te = e.double(), None if te is None else te.double()
         h, th = silu(*_linear(e, te, self.linear_1))
         temb, ttemb = _linear(h, th, self.linear_2)
         p, tp = _linear(*silu(temb, ttemb), self.time_proj)
-        p = p.unflatten(1, (6, -1))
-        tp = None if tp is None else tp.unflatten(1, (6, -1))
-        return temb, ttemb, p, tp
+
+        def shaped(y, *tail):
+            return None if y is None else y.reshape(*lead, *tail, -1)
+        return shaped(temb), shaped(ttemb), shaped(p, 6), shaped(tp, 6)
 
 
 class TextEmbedding(nn.Module):
@@ -72,6 +77,33 @@ class TextEmbedding(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(context), approximate="tanh"))
 
 
+class ImageEmbedding(nn.Module):
+    """CLIP image tokens -> model width: LayerNorm -> Linear -> GELU -> Linear -> LayerNorm
+    (diffusers' WanImageEmbedding, the original Wan's ``img_emb``; norms in fp32, eps 1e-5).
+
+    Plain (not sequence-sharded) norms: the image tokens are replicated on every rank.
+    """
+
+    eps = 1e-5
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.image_dim, eps=self.eps)
+        self.fc1 = nn.Linear(cfg.image_dim, cfg.image_dim)
+        self.fc2 = nn.Linear(cfg.image_dim, cfg.hidden_size)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=self.eps)
+
+    @staticmethod
+    def _norm(x, norm: nn.LayerNorm):
+        dt = compute_dtype(x)
+        return F.layer_norm(x.to(dt), norm.normalized_shape, norm.weight.to(dt), norm.bias.to(dt), norm.eps).to(x.dtype)
+
+    def forward(self, image):
+        h = self._norm(image.to(self.fc1.weight.dtype), self.norm1)
+        h = self.fc2(F.gelu(self.fc1(h)))
+        return self._norm(h, self.norm2)
+
+
 class PatchEmbedding(nn.Module):
     """Conv3d with kernel = stride = patch size, i.e. a linear map of each patch."""
 
@@ -80,9 +112,13 @@ class PatchEmbedding(nn.Module):
         self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, x, tx=None):
-        """[B,C,T,H,W] -> tokens [B, S, D] in (t, h, w) order."""
+        """[B,C,T,H,W] -> tokens [B, S, D] in (t, h, w) order.
+
+        The tangent may cover only the leading channels of x (an image-to-video model's noisy
+        latents; the condition channels after them are fixed and carry zero tangent)."""
         y = self.proj(x).flatten(2).transpose(1, 2)
         if tx is None:
             return y, None
-        ty = F.conv3d(tx.to(x.dtype), self.proj.weight, None, stride=self.proj.stride)
+        weight = self.proj.weight[:, :tx.shape[1]]
+        ty = F.conv3d(tx.to(x.dtype), weight, None, stride=self.proj.stride)
         return y, ty.flatten(2).transpose(1, 2)

@@ -1,8 +1,17 @@
-"""The Wan2.1 text-to-video DiT, with a tangent path.
+"""The Wan DiT (Wan2.1 T2V / I2V, Wan2.2 TI2V and each A14B expert), with a tangent path.
 
-``WanDiT(latents, timestep, context)`` computes what diffusers' ``WanTransformer3DModel``
-computes (same parameter names after ``convert/``); ``forward_with_tangent`` is the no-grad
-pass that also returns the derivative along (t_latents, t_timestep), used by the sCM loss.
+``WanDiT(latents, timestep, context, image_context=None)`` computes what diffusers'
+``WanTransformer3DModel`` computes (same parameter names after ``convert/``);
+``forward_with_tangent`` is the no-grad pass that also returns the derivative along
+(t_latents, t_timestep), used by the sCM loss.
+
+Image-to-video conditioning, as diffusers' ``WanImageToVideoPipeline`` feeds it:
+- Wan2.1 I2V / Wan2.2 I2V A14B: latents = [noisy 16 | mask 4 | condition 16] channels,
+  concatenated by the caller; ``t_latents`` may hold only the leading (noisy) channels, the
+  condition channels then carry zero tangent. Wan2.1 I2V also takes ``image_context``, the
+  CLIP image tokens [B, L_img, image_dim], which carry no tangent.
+- Wan2.2 TI2V: ``timestep`` per token [B, S] (``timesteps.expand_timesteps``: 0 on the given
+  first frame); ``t_timestep`` has the same shape (and is 0 where the timestep is given).
 
 For pipeline parallelism a model holds a contiguous range of blocks; ``pre_process`` stages
 own the embeddings, ``post_process`` stages own the head (megatron-core's GPTModel
@@ -32,7 +41,7 @@ from ..parallel.tensor_parallel import (grad_sum_over_sequence_shards, linear_wi
                                         unshard_sequence, validate_tp)
 from .block import WanBlock
 from .config import WanConfig
-from .embeddings import PatchEmbedding, TextEmbedding, TimeEmbedding
+from .embeddings import ImageEmbedding, PatchEmbedding, TextEmbedding, TimeEmbedding
 from .layers import LayerNorm, modulate
 from .recompute import RecomputeConfig, run_blocks_with_recompute
 from .rope import rope_cos_sin
@@ -53,6 +62,7 @@ class StageState:
     ttproj: torch.Tensor | None
     context: torch.Tensor
     grid: tuple[int, int, int]
+    image_context: torch.Tensor | None = None  # embedded image tokens (Wan2.1 I2V)
 
     @property
     def seq_len(self) -> int:
@@ -67,9 +77,9 @@ class _BlockGroup:
     def __init__(self, blocks, seq_len: int):
         self.blocks, self.seq_len = blocks, seq_len
 
-    def __call__(self, x, tx, tproj, ttproj, context, rope):
+    def __call__(self, x, tx, tproj, ttproj, context, rope, image_context=None):
         for block in self.blocks:
-            x, tx = block(x, tx, tproj, ttproj, context, rope, self.seq_len)
+            x, tx = block(x, tx, tproj, ttproj, context, rope, self.seq_len, image_context)
         return x, tx
 
 
@@ -88,6 +98,8 @@ class WanDiT(nn.Module):
         if pre_process:
             self.patch_embedding = PatchEmbedding(config)
             self.text_embedding = TextEmbedding(config)
+            if config.image_dim is not None:
+                self.image_embedding = ImageEmbedding(config)
         # Every stage needs the time embedding (it conditions every block); it is tiny.
         self.time_embedding = TimeEmbedding(config)
         self.blocks = nn.ModuleDict({str(i): WanBlock(config) for i in range(first, last)})
@@ -128,7 +140,7 @@ class WanDiT(nn.Module):
         return self
 
     # ----------------------------------------------------------------- validation
-    def check_inputs(self, latents, timestep, context):
+    def check_inputs(self, latents, timestep, context, image_context=None, t_latents=None, t_timestep=None):
         c = self.config
         if latents.dim() != 5:
             raise ValueError(f"latents must be [B, C, T, H, W], got shape {tuple(latents.shape)}")
@@ -138,28 +150,57 @@ class WanDiT(nn.Module):
         for size, p, axis in zip((t, h, w), c.patch_size, ("T", "H", "W")):
             if size % p:
                 raise ValueError(f"latent {axis}={size} is not divisible by the patch size {p} (shape {tuple(latents.shape)})")
-        if timestep.shape != (b,):
-            raise ValueError(f"timestep must have shape [{b}], got {tuple(timestep.shape)}")
+        seq = (t // c.patch_size[0]) * (h // c.patch_size[1]) * (w // c.patch_size[2])
+        if timestep.shape not in ((b,), (b, seq)):
+            raise ValueError(f"timestep must have shape [{b}] or per token [{b}, {seq}], got {tuple(timestep.shape)}")
         if context.dim() != 3 or context.shape[0] != b or context.shape[2] != c.text_dim:
             raise ValueError(f"text context must be [B={b}, L, text_dim={c.text_dim}], got {tuple(context.shape)}")
+        if c.image_dim is None and image_context is not None:
+            raise ValueError("image_context given to a model without image conditioning (image_dim is None)")
+        if c.image_dim is not None and (image_context is None or image_context.dim() != 3
+                                        or image_context.shape[0] != b or image_context.shape[2] != c.image_dim):
+            got = None if image_context is None else tuple(image_context.shape)
+            raise ValueError(f"image_context must be [B={b}, L_img, image_dim={c.image_dim}], got {got}")
+        if t_latents is not None and (t_latents.shape[1] not in (ch, c.out_channels)
+                                      or t_latents.shape[2:] != latents.shape[2:] or t_latents.shape[0] != b):
+            raise ValueError(f"t_latents must be [B, in_channels={ch} or out_channels={c.out_channels}, "
+                             f"{t}, {h}, {w}], got {tuple(t_latents.shape)}")
+        if t_timestep is not None and t_timestep.shape != timestep.shape:
+            raise ValueError(f"t_timestep must have the timestep's shape {tuple(timestep.shape)}, "
+                             f"got {tuple(t_timestep.shape)}")
 
     # ----------------------------------------------------------------- stages
-    def embed(self, latents, timestep, context, t_latents=None, t_timestep=None) -> StageState:
+    def embed(self, latents, timestep, context, t_latents=None, t_timestep=None, image_context=None) -> StageState:
         c = self.config
         pt, ph, pw = c.patch_size
         grid = (latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
         x, tx = shard_sequence(*cp.split_sequence(*self.patch_embedding(latents, t_latents)))
-        temb, ttemb, tproj, ttproj = self.time_embedding(timestep, t_timestep)
         ctx = self.text_embedding(context.to(self.text_embedding.linear_1.weight.dtype))
-        return StageState(x, tx, temb, ttemb, tproj, ttproj, ctx, grid)
+        img = None if image_context is None else self.image_embedding(image_context)
+        state = StageState(x, tx, None, None, None, None, ctx, grid, img)
+        return self.time_conditioning(state, timestep, t_timestep)
 
     def time_conditioning(self, state: StageState, timestep, t_timestep=None):
-        """Non-first pipeline stages recompute the (cheap) time embedding locally."""
-        state.temb, state.ttemb, state.tproj, state.ttproj = self.time_embedding(timestep, t_timestep)
+        """The time embedding of every stage (non-first pipeline stages recompute it, it is cheap).
+
+        Per-token timesteps [B, S] are split over context / sequence parallelism like the tokens:
+        the embedding is computed for this rank's context-parallel chunk only, then sharded.
+        """
+        per_token = timestep.dim() == 2
+        if per_token:
+            timestep, t_timestep = cp.split_sequence(timestep, t_timestep)
+        temb, ttemb, tproj, ttproj = self.time_embedding(timestep, t_timestep)
+        if per_token:
+            temb, ttemb = shard_sequence(temb, ttemb)
+            tproj, ttproj = shard_sequence(tproj, ttproj)
+        state.temb, state.ttemb, state.tproj, state.ttproj = temb, ttemb, tproj, ttproj
         return state
 
     def run_blocks(self, state: StageState) -> StageState:
         c = self.config
+        if c.image_dim is not None and state.image_context is None:
+            raise ValueError("an image-conditioned model's blocks need the embedded image tokens: StageState."
+                             "image_context is None (pipeline stages must pass it on with the text)")
         rope = rope_cos_sin(state.grid, c.head_dim, c.rope_max_seq_len, c.rope_theta, device=state.x.device,
                             dtype=torch.float64 if state.x.dtype == torch.float64 else torch.float32,
                             token_range=cp.token_range(state.seq_len))
@@ -167,11 +208,11 @@ class WanDiT(nn.Module):
         if not (self.recompute.enabled and torch.is_grad_enabled()):
             for block in blocks:
                 state.x, state.tx = block(state.x, state.tx, state.tproj, state.ttproj, state.context, rope,
-                                          state.seq_len)
+                                          state.seq_len, state.image_context)
             return state
         state.x, state.tx = run_blocks_with_recompute(
             self.recompute, blocks, lambda group, *a: _BlockGroup(group, state.seq_len)(*a),
-            state.x, state.tx, state.tproj, state.ttproj, state.context, rope)
+            state.x, state.tx, state.tproj, state.ttproj, state.context, rope, state.image_context)
         return state
 
     def quantize_fp8(self) -> int:
@@ -208,11 +249,14 @@ class WanDiT(nn.Module):
 
     def head(self, state: StageState, out_shape):
         c = self.config
-        mod = grad_sum_over_sequence_shards(self.scale_shift_table.to(state.temb.dtype) + state.temb.unsqueeze(1))
-        shift, scale = mod.unsqueeze(2).unbind(1)
-        t_shift = t_scale = None
-        if state.ttemb is not None:
-            t_shift = t_scale = state.ttemb.unsqueeze(1)
+        table = self.scale_shift_table.to(state.temb.dtype)
+        if state.temb.dim() == 3:  # per-token times [B, S, D], sharded like the tokens
+            shift, scale = (grad_sum_over_sequence_shards(table).unsqueeze(0) + state.temb.unsqueeze(2)).unbind(2)
+            t_shift = t_scale = state.ttemb
+        else:
+            mod = grad_sum_over_sequence_shards(table + state.temb.unsqueeze(1))
+            shift, scale = mod.unsqueeze(2).unbind(1)
+            t_shift = t_scale = None if state.ttemb is None else state.ttemb.unsqueeze(1)
         n, tn = self.norm_out(state.x, state.tx)
         h, th = modulate(n, tn, shift, t_shift, scale, t_scale)
         h = h.to(state.x.dtype)
@@ -231,23 +275,25 @@ class WanDiT(nn.Module):
         return y.reshape(b, -1, f * pt, h * ph, w * pw)
 
     # ----------------------------------------------------------------- single-stage API
-    def _run(self, latents, timestep, context, t_latents, t_timestep):
+    def _run(self, latents, timestep, context, t_latents, t_timestep, image_context):
         if not (self.pre_process and self.post_process):
             raise RuntimeError("forward() of a single pipeline stage: use embed/run_blocks/head")
-        self.check_inputs(latents, timestep, context)
-        state = self.run_blocks(self.embed(latents, timestep, context, t_latents, t_timestep))
-        return self.head(state, latents.shape)
+        self.check_inputs(latents, timestep, context, image_context, t_latents, t_timestep)
+        state = self.run_blocks(self.embed(latents, timestep, context, t_latents, t_timestep, image_context))
+        return self.head(state, (latents.shape[0], self.config.out_channels, *latents.shape[2:]))
 
-    def forward(self, latents, timestep, context):
-        """Velocity prediction, same shape as latents. timestep on diffusers' 0..1000 scale."""
-        return self._run(latents, timestep, context, None, None)[0]
+    def forward(self, latents, timestep, context, image_context=None):
+        """Velocity prediction [B, out_channels, T, H, W]. timestep on diffusers' 0..1000 scale,
+        [B] or per token [B, S]; image_context: CLIP image tokens (Wan2.1 I2V)."""
+        return self._run(latents, timestep, context, None, None, image_context)[0]
 
     @torch.no_grad()
-    def forward_with_tangent(self, latents, timestep, context, t_latents, t_timestep):
-        """(v, dv) with dv the derivative of v along (t_latents, t_timestep); no autograd graph."""
+    def forward_with_tangent(self, latents, timestep, context, t_latents, t_timestep, image_context=None):
+        """(v, dv) with dv the derivative of v along (t_latents, t_timestep); no autograd graph.
+        The conditions (text, image tokens, condition channels beyond t_latents') carry no tangent."""
         if t_timestep is None:
             t_timestep = torch.zeros_like(timestep)
-        return self._run(latents, timestep, context, t_latents, t_timestep)
+        return self._run(latents, timestep, context, t_latents, t_timestep, image_context)
 
 
 def _stable_seed(seed: int, name: str) -> int:
