@@ -233,7 +233,14 @@ class WanDiT(nn.Module):
         (norms, adaLN modulation, RoPE, GELU, gated residuals and their tangents) into few kernels.
         Identical blocks share the compiled code; the fused attention-with-tangent kernel runs
         as it is (a graph break). For single-GPU-per-model layouts (no TP/CP collectives inside
-        blocks); the trainer decides when (``--compile-blocks``)."""
+        blocks); the trainer decides when (``--compile-blocks``).
+
+        One rCM iteration calls the blocks in up to ~12 variants (grad on/off, with/without tangent,
+        bf16 teacher or fp32-master weights, a bf16 residual stream in the first block and fp32 after
+        it): dynamo's default recompile limit of 8 sent the rest back to eager code, so it is raised."""
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         for block in self.blocks.values():
             block.compile(dynamic=False)
 

@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8-teacher", action="store_true",
                    help="quantize the frozen teacher's block linears to FP8 (e4m3, row-wise scales) once and run "
                         "them through torch._scaled_mm; the trained models stay bf16")
-    g.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="auto",
+    g.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="off",
                    help="regional torch.compile of the DiT blocks (fused elementwise work); auto: on for CUDA "
-                        "without tensor or context parallelism and without selective recompute")
+                        "without tensor or context parallelism and without selective recompute. Off by default "
+                        "until its speed is measured through the trainer on a GPU (docs/performance.md)")
     g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=["elementwise"],
                    help="selective: what is recomputed; core_attn also recomputes attention")
     g.add_argument("--mode", choices=("distill", "teacher"), default="distill",
