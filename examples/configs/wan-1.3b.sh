@@ -11,6 +11,11 @@ TRAIN_ARGS=(
   --teacher-checkpoint "$TEACHER"
   --data "$DATA"
   --bf16
+  # activations: keep one block's input per block and recompute it in backward (without it the
+  # with-grad passes need ~140 GiB at 32,760 tokens); optimizer state sharded over the 8 GPUs
+  --recompute-granularity full
+  --recompute-num-layers 1
+  --use-distributed-optimizer
   --method rcm
   # batch: 64 samples per iteration = 8 GPUs x 8 micro-batches of 1
   --micro-batch-size 1
@@ -25,6 +30,7 @@ TRAIN_ARGS=(
   --cfg-scale 5
   --rollout-steps 4
   --ema-width 0.1
+  --tangent-warmup 1000
   # checkpoint often enough that one interval fits in the 300 s requeue lead (--signal)
   --save-interval 50
   --keep-last 3
