@@ -31,6 +31,13 @@ TOY_DEFAULTS = {"cfg_scale": 2.0, "lr_student": 3e-4, "lr_fake_score": 3e-4, "st
                 "tangent_warmup_iters": 0}
 TOY_TRAIN_DEFAULTS = {"train_iters": 300, "micro_batch_size": 16}
 
+# Flags named after the field they set where Megatron-LM has no name for it; the earlier
+# spellings stay accepted (examples and recorded session scripts use them) but are not listed.
+RENAMED_FLAGS = {"--fake-score-lr": "--lr-fake-score", "--tangent-warmup": "--tangent-warmup-iters",
+                 "--rollout-steps": "--rollout-max-steps", "--ema-width": "--ema-sigma-rel"}
+_RENAMED_TYPES = {"--lr-fake-score": float, "--tangent-warmup-iters": int, "--rollout-max-steps": int,
+                  "--ema-sigma-rel": float}
+
 
 @dataclass
 class TrainingConfig:
@@ -88,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default {TOY_TRAIN_DEFAULTS['micro_batch_size']} on --data toy, else 2")
     g.add_argument("--global-batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None, help="student lr (default: method preset)")
-    g.add_argument("--fake-score-lr", type=float, default=None, help="fake score lr (default: method preset)")
+    g.add_argument("--lr-fake-score", type=float, default=None, help="fake score lr (default: method preset)")
     g.add_argument("--teacher-lr", type=float, default=1e-3, help="lr of --mode teacher")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--lr-decay-style", choices=DECAY_STYLES, default="constant",
@@ -137,13 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=MODES, default="rcm", help="rcm, or the scm / dmd / dcm baselines")
     g.add_argument("--cfg-scale", type=float, default=None)
     g.add_argument("--student-update-freq", type=int, default=None)
-    g.add_argument("--tangent-warmup", type=int, default=None, help="iterations of sCM tangent warmup")
+    g.add_argument("--tangent-warmup-iters", type=int, default=None, help="iterations of sCM tangent warmup")
     g.add_argument("--scm-loss-scale", type=float, default=None)
     g.add_argument("--dmd-loss-scale", type=float, default=None)
     g.add_argument("--p-g", default=None, help="sCM time sampler, e.g. 'lognormal(0.7,1.6)'")
     g.add_argument("--p-d", default=None, help="DMD/critic/rollout time sampler, e.g. 'uniform_shift(5)'")
-    g.add_argument("--rollout-steps", type=int, default=None, help="max student rollout steps (1..4)")
-    g.add_argument("--ema-width", type=float, default=None, help="power-EMA relative width (0.1 official, 0.05 paper)")
+    g.add_argument("--rollout-max-steps", type=int, default=None, help="max student rollout steps (1..4)")
+    g.add_argument("--ema-sigma-rel", type=float, default=None,
+                   help="power-EMA relative width (0.1 official, 0.05 paper)")
+    for old, new in RENAMED_FLAGS.items():  # earlier spellings, still accepted, not in --help
+        p.add_argument(old, dest=new[2:].replace("-", "_"), type=_RENAMED_TYPES[new], default=None,
+                       help=argparse.SUPPRESS)
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
@@ -237,10 +248,10 @@ def parse_args(argv=None):
     preset_name = "wan-14b" if (args.model == "wan-14b") else "wan-1.3b"
     overrides = {k: v for k, v in {
         "mode": args.method, "seed": args.seed, "cfg_scale": args.cfg_scale,
-        "student_update_freq": args.student_update_freq, "tangent_warmup_iters": args.tangent_warmup,
+        "student_update_freq": args.student_update_freq, "tangent_warmup_iters": args.tangent_warmup_iters,
         "scm_loss_scale": args.scm_loss_scale, "dmd_loss_scale": args.dmd_loss_scale, "p_g": args.p_g,
-        "p_d": args.p_d, "rollout_max_steps": args.rollout_steps, "ema_sigma_rel": args.ema_width,
-        "lr_student": args.lr, "lr_fake_score": args.fake_score_lr, "weight_decay": args.weight_decay,
+        "p_d": args.p_d, "rollout_max_steps": args.rollout_max_steps, "ema_sigma_rel": args.ema_sigma_rel,
+        "lr_student": args.lr, "lr_fake_score": args.lr_fake_score, "weight_decay": args.weight_decay,
         "grad_clip_norm": args.clip_grad if args.clip_grad > 0 else None,
     }.items() if v is not None}
     if args.clip_grad == 0:
