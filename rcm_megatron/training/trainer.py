@@ -1,14 +1,15 @@
-"""The training loop: builds teacher, student and fake score, and runs the rCM schedule
-(or flow-matching teacher pretraining) with logging, sharded checkpoints and exact resume.
+"""The training loop: per iteration the step plan (which model trains, its micro-batches'
+losses), the step, the metrics, and saves; the rCM schedule or flow-matching teacher
+pretraining, with sharded checkpoints and exact resume.
 
 Per iteration: the schedule names the trained model; every DP rank takes its slice of the
-layout-independent global batch, accumulates gradients over micro-batches (losses are sums
-over samples divided by the *global* batch size, so data-parallel gradients simply add),
-reduces gradients over DP x CP, skips the step if they are non-finite, steps the optimizer
-and, on student steps, the power EMA (each DP x CP rank keeps its size-balanced share of the
-shadow tensors), then advances both learning-rate schedulers (``lr_schedule.py``). On GPU
-``--use-distributed-optimizer`` hands gradient reduction and the optimizers to megatron-core
-(``megatron_dp.py``); the CPU path has the same semantics.
+layout-independent global batch (``batches.py``), accumulates gradients over micro-batches
+(losses are sums over samples divided by the *global* batch size, so data-parallel gradients
+simply add), and the model's ``TrainedModel`` backend (``trained_model.py``: ``local_dp.py``,
+or megatron-core's DDP + distributed optimizer in ``megatron_dp.py``) reduces gradients over
+DP x CP, skips the step if they are non-finite, clips and steps; on student steps the power
+EMA follows (each DP x CP rank keeps its size-balanced share of the shadow tensors), then both
+learning-rate schedulers advance (``lr_schedule.py``).
 
 With ``--pipeline-model-parallel-size`` > 1 each rank builds its stage of every model
 (equal numbers of blocks; embeddings on the first stage, the head on the last) and an
@@ -20,8 +21,14 @@ sequence chunk) with the same rank of the neighbouring stages, and gradients are
 DP x CP on every stage as without PP. The time embedding, held by every stage, has its
 gradient summed over the stages; the gradient norm sums squares over TP, PP and counts every
 parameter once; the losses, computed on the last stage (alike on its CP ranks), are broadcast
-over the pipeline so global rank 0 logs them. SIGTERM / SIGUSR1 (SLURM pre-emption) and
-``--exit-duration-in-mins`` end the run after a save at an iteration boundary.
+over the pipeline so global rank 0 logs them. SIGTERM / SIGUSR1 (SLURM pre-emption,
+``signals.py``) and ``--exit-duration-in-mins`` end the run after a save at an iteration
+boundary.
+
+Elsewhere: checks before anything is built and resume compatibility (here and in
+``train_state.py``, which also says what a checkpoint holds), distributed init and rank
+agreement (``rank_context.py``), the models and their optimizers (``model_building.py``),
+TensorBoard sample grids (``sample_images.py``).
 """
 
 from __future__ import annotations
