@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from ..cli import ArgumentParser
 
 from ..models.config import PRESETS, WanConfig, preset
 from ..parallel.config import CP_COMM_TYPES, ParallelConfig
 from ..rcm.config import MODES, RCMConfig
 from .lr_schedule import DECAY_STYLES, WSD_DECAY_STYLES, LRScheduleConfig
+from .flag_names import METHOD_FLAGS, RENAMED_FLAGS, RENAMED_TYPES, flag_error
+from .memory_estimate import check_host_memory
 
 
 class ArgumentError(ValueError):
@@ -30,14 +34,7 @@ DEFAULT_TEACHER = os.path.join(REPO_ROOT, "assets", "toy_teacher.pt")
 TOY_DEFAULTS = {"cfg_scale": 2.0, "lr_student": 3e-4, "lr_fake_score": 3e-4, "student_update_freq": 3,
                 "tangent_warmup_iters": 0}
 TOY_TRAIN_DEFAULTS = {"train_iters": 300, "micro_batch_size": 16}
-
-# Flags named after the field they set where Megatron-LM has no name for it; the earlier
-# spellings stay accepted (examples and recorded session scripts use them) but are not listed.
-RENAMED_FLAGS = {"--fake-score-lr": "--lr-fake-score", "--tangent-warmup": "--tangent-warmup-iters",
-                 "--rollout-steps": "--rollout-max-steps", "--ema-width": "--ema-sigma-rel"}
-_RENAMED_TYPES = {"--lr-fake-score": float, "--tangent-warmup-iters": int, "--rollout-max-steps": int,
-                  "--ema-sigma-rel": float}
-
+MAX_CONSECUTIVE_SKIPPED_STEPS = 10  # a diverged run stops within this many steps instead of running on
 
 @dataclass
 class TrainingConfig:
@@ -66,10 +63,12 @@ class TrainingConfig:
     optimizer_cpu_offload: bool = False
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
     recompute_num_layers: int = 0  # 0: no activation checkpointing
+    implied: dict = field(default_factory=dict)  # flag -> value a preset or the teacher chose (printed at start)
+    implied_by: str = ""  # what chose them
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="pretrain_rcm.py",
         description="rCM distillation of Wan2.1 DiTs (with no flags: a tiny model on built-in data, on CPU).")
     g = p.add_argument_group("model")
@@ -136,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from the newest complete checkpoint in --save if there is one (SLURM requeue)")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="save and exit cleanly after this many minutes (job time limits)")
-    g.add_argument("--max-consecutive-skipped-steps", type=int, default=None,
-                   help="abort after this many consecutive steps with non-finite gradients (default: never)")
+    g.add_argument("--max-consecutive-skipped-steps", type=int, default=MAX_CONSECUTIVE_SKIPPED_STEPS,
+                   help="abort (exit 1, no save) after this many consecutive steps with non-finite gradients "
+                        f"(default {MAX_CONSECUTIVE_SKIPPED_STEPS}; 0: never)")
     g.add_argument("--log-images-interval", type=int, default=None,
                    help="write a TensorBoard grid of latent frames every N iterations")
     g = p.add_argument_group("method (rCM)")
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-sigma-rel", type=float, default=None,
                    help="power-EMA relative width (0.1 official, 0.05 paper)")
     for old, new in RENAMED_FLAGS.items():  # earlier spellings, still accepted, not in --help
-        p.add_argument(old, dest=new[2:].replace("-", "_"), type=_RENAMED_TYPES[new], default=None,
+        p.add_argument(old, dest=new[2:].replace("-", "_"), type=RENAMED_TYPES[new], default=None,
                        help=argparse.SUPPRESS)
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -189,7 +189,7 @@ def parse_args(argv=None):
     after the file was checked to exist here).
     """
     args = build_parser().parse_args(argv)
-    _apply_toy_defaults(args)
+    implied, implied_by = _apply_toy_defaults(args)
     _positive("--train-iters", args.train_iters)
     _positive("--micro-batch-size", args.micro_batch_size)
     _positive("--global-batch-size", args.global_batch_size, allow_none=True)
@@ -197,7 +197,13 @@ def parse_args(argv=None):
     _positive("--recompute-num-layers", args.recompute_num_layers)
     _positive("--save-interval", args.save_interval, allow_none=True)
     _positive("--keep-last", args.keep_last, allow_none=True)
-    _positive("--max-consecutive-skipped-steps", args.max_consecutive_skipped_steps, allow_none=True)
+    if args.max_consecutive_skipped_steps < 0:
+        raise ArgumentError(f"--max-consecutive-skipped-steps must be >= 0 (0: never abort), got "
+                            f"{args.max_consecutive_skipped_steps}")
+    if args.clip_grad < 0:
+        raise ArgumentError(f"--clip-grad must be >= 0 (0: no clipping), got {args.clip_grad:g}")
+    if args.mode == "teacher" and not args.teacher_lr > 0:
+        raise ArgumentError(f"--teacher-lr must be > 0, got {args.teacher_lr:g}")
     _positive("--log-images-interval", args.log_images_interval, allow_none=True)
     if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
         raise ArgumentError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
@@ -232,6 +238,14 @@ def parse_args(argv=None):
     if args.latent_shape is not None and min(args.latent_shape) < 1:
         raise ArgumentError(f"--latent-shape must be four positive ints, got {args.latent_shape}")
 
+    sizes = {"--tensor-model-parallel-size": args.tensor_model_parallel_size,
+             "--context-parallel-size": args.context_parallel_size,
+             "--pipeline-model-parallel-size": args.pipeline_model_parallel_size}
+    procs = sizes["--tensor-model-parallel-size"] * sizes["--context-parallel-size"] * sizes["--pipeline-model-parallel-size"]
+    if procs > 1 and "WORLD_SIZE" not in os.environ:
+        given = " ".join(f"{k} {v}" for k, v in sizes.items() if v > 1)
+        raise ArgumentError(f"{given} needs {procs} processes (or a multiple): launch with torchrun "
+                            f"--nproc-per-node {procs} pretrain_rcm.py ...")
     try:
         par = ParallelConfig(
             tensor_model_parallel_size=args.tensor_model_parallel_size, sequence_parallel=args.sequence_parallel,
@@ -258,6 +272,7 @@ def parse_args(argv=None):
         overrides["grad_clip_norm"] = None
     if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
         raise ArgumentError("--lr-warmup-fraction and --lr-warmup-iters exclude each other")
+    given = set(overrides)
     if args.data == "toy" and args.mode == "distill":
         for key, value in TOY_DEFAULTS.items():
             overrides.setdefault(key, value)
@@ -268,7 +283,16 @@ def parse_args(argv=None):
     try:
         rcm_cfg = RCMConfig.preset(preset_name, **overrides)
     except ValueError as e:
-        raise ArgumentError(str(e).replace("RCMConfig.", "method setting ")) from e
+        raise ArgumentError(flag_error(str(e), given)) from e
+    if args.mode == "distill":
+        implied.update({flag: getattr(rcm_cfg, f) for f, flag in METHOD_FLAGS.items() if f not in given})
+    if model_cfg is not None and device == "cpu":
+        try:
+            check_host_memory(model_cfg, f"--model {args.model or 'tiny'}", distill=args.mode == "distill",
+                              uses_fake_score=rcm_cfg.uses_fake_score, bf16=args.bf16,
+                              model_shards=par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from e
 
     peak_lr = args.teacher_lr if args.mode == "teacher" else rcm_cfg.lr_student
     decay_iters = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters
@@ -296,12 +320,25 @@ def parse_args(argv=None):
         max_consecutive_skipped_steps=args.max_consecutive_skipped_steps, log_images_interval=args.log_images_interval,
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
-        lr_schedule=schedule, recompute_num_layers=args.recompute_num_layers if args.recompute_granularity else 0)
+        lr_schedule=schedule, recompute_num_layers=args.recompute_num_layers if args.recompute_granularity else 0,
+        implied=implied, implied_by=implied_by)
     return train, model_cfg, rcm_cfg, par
 
 
-def _apply_toy_defaults(args) -> None:
-    """Resolve the defaults that depend on the embedded toy task (see TOY_DEFAULTS)."""
+def _apply_toy_defaults(args) -> tuple[dict, str]:
+    """Resolve the defaults that depend on the embedded toy task (see TOY_DEFAULTS); returns the
+    settings chosen here (flag -> value) and what chose them."""
+    if args.model is not None and args.teacher_checkpoint is not None:
+        raise ArgumentError(f"--model {args.model} would be ignored: the architecture comes from --teacher-checkpoint "
+                            f"{args.teacher_checkpoint}; give one of them")
+    if args.teacher_checkpoint is not None and args.mode == "distill" and os.path.isfile(DEFAULT_TEACHER) \
+            and os.path.exists(args.teacher_checkpoint) and os.path.samefile(args.teacher_checkpoint, DEFAULT_TEACHER):
+        args.teacher_checkpoint = None  # naming the shipped teacher is the default run
+    before = {k: getattr(args, k) for k in ("teacher_checkpoint", "model", "save", "data", "train_iters",
+                                            "micro_batch_size")}
+    implied_by = (f"--model {args.model}" if args.model else f"--teacher-checkpoint {args.teacher_checkpoint}"
+                  if args.teacher_checkpoint else "the default run (the shipped toy teacher, the toy video task)"
+                  if args.mode == "distill" else "the default run of --mode teacher (the toy preset and task)")
     if args.model is None and args.teacher_checkpoint is None:
         if args.mode == "distill":
             if not os.path.isfile(DEFAULT_TEACHER):
@@ -322,20 +359,8 @@ def _apply_toy_defaults(args) -> None:
         args.train_iters = TOY_TRAIN_DEFAULTS["train_iters"] if toy and args.mode == "distill" else 100
     if args.micro_batch_size is None:
         args.micro_batch_size = TOY_TRAIN_DEFAULTS["micro_batch_size"] if toy else 2
-
-
-def check_data_against_model(dataset, cfg: WanConfig, source: str) -> None:
-    """Latent channels, patch divisibility and text width of the data vs the model."""
-    c, t, h, w = dataset.latent_shape
-    if c != cfg.in_channels:
-        raise ArgumentError(f"{source}: latents have {c} channels, the model expects in_channels={cfg.in_channels}")
-    for size, p, axis in zip((t, h, w), cfg.patch_size, ("T", "H", "W")):
-        if size % p:
-            raise ArgumentError(f"{source}: latent {axis}={size} is not divisible by the patch size {p} "
-                                f"(latent shape {(c, t, h, w)}, patch {cfg.patch_size})")
-    if dataset.text_dim != cfg.text_dim:
-        raise ArgumentError(f"{source}: text embeddings have width {dataset.text_dim}, the model expects "
-                            f"text_dim={cfg.text_dim}")
+    implied = {"--" + k.replace("_", "-"): getattr(args, k) for k, v in before.items() if getattr(args, k) != v}
+    return implied, implied_by
 
 
 def _cuda() -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..data import build_dataset, global_batch_indices, local_slice
 from ..models import WanConfig
 from ..rcm import Batch
-from .arguments import TrainingConfig
+from .arguments import ArgumentError, TrainingConfig
 from .rank_context import RankContext
 
 
@@ -22,6 +22,20 @@ def open_dataset(train: TrainingConfig, cfg: WanConfig):
     if is_shard_spec(train.data):
         return ShardDataset(train.data)
     return build_dataset(train.data, cfg.in_channels, cfg.text_dim, train.latent_shape, seed=train.seed)
+
+
+def check_data_against_model(dataset, cfg: WanConfig, source: str) -> None:
+    """Latent channels, patch divisibility and text width of the data vs the model."""
+    c, t, h, w = dataset.latent_shape
+    if c != cfg.in_channels:
+        raise ArgumentError(f"{source}: latents have {c} channels, the model expects in_channels={cfg.in_channels}")
+    for size, p, axis in zip((t, h, w), cfg.patch_size, ("T", "H", "W")):
+        if size % p:
+            raise ArgumentError(f"{source}: latent {axis}={size} is not divisible by the patch size {p} "
+                                f"(latent shape {(c, t, h, w)}, patch {cfg.patch_size})")
+    if dataset.text_dim != cfg.text_dim:
+        raise ArgumentError(f"{source}: text embeddings have width {dataset.text_dim}, the model expects "
+                            f"text_dim={cfg.text_dim}")
 
 
 class BatchSource:

@@ -136,7 +136,9 @@ class CheckpointManager:
         self._queue = None
         self._pending: list[int] = []
 
-    def save(self, iteration: int, sharded_state_dict: dict) -> None:
+    def save(self, iteration: int, sharded_state_dict: dict, protect=()) -> None:
+        """``protect``: iterations that --keep-last rotation must not delete (the trainer's last
+        checkpoint before a run of skipped non-finite steps)."""
         from megatron.core import dist_checkpointing
 
         self.finalize(blocking=True)  # one save in flight at a time
@@ -151,7 +153,7 @@ class CheckpointManager:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             request = dist_checkpointing.save(sharded_state_dict, tmp, async_sharded_save=True)
-            request.add_finalize_fn(lambda: self._commit(iteration))
+            request.add_finalize_fn(lambda: self._commit(iteration, protect))
             if self._queue is None:
                 self._queue = AsyncCallsQueue()
             self._queue.schedule_async_request(request)
@@ -159,7 +161,7 @@ class CheckpointManager:
         else:
             dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=_CPUSaveStrategy())
             _barrier()
-            self._commit(iteration)
+            self._commit(iteration, protect)
             _barrier()
 
     def finalize(self, blocking: bool = False) -> None:
@@ -169,7 +171,7 @@ class CheckpointManager:
             if blocking or done:
                 self._pending = [] if blocking else self._pending[len(done):]
 
-    def _commit(self, iteration: int) -> None:
+    def _commit(self, iteration: int, protect=()) -> None:
         if _rank() != 0:
             return
         final = iteration_dir(self.root, iteration)
@@ -187,7 +189,8 @@ class CheckpointManager:
         shutil.rmtree(final + ".old", ignore_errors=True)
         if self.keep_last:
             done = sorted(d for d in os.listdir(self.root) if d.startswith("iter_") and d[5:].isdigit())
-            for old in done[:-self.keep_last]:
+            kept = {os.path.basename(iteration_dir(self.root, i)) for i in protect}
+            for old in (d for d in done[:-self.keep_last] if d not in kept):
                 shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
 
 

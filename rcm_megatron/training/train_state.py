@@ -72,7 +72,7 @@ def checkpoint_meta(trainer) -> dict:
     t, ctx = trainer, trainer.ctx
     return {"format": "rcm-megatron-train", "version": CHECKPOINT_VERSION, "iteration": t.iteration,
             "student_steps": t.student_steps, "skipped_steps": t.skipped_steps,
-            "consecutive_skips": t.consecutive_skips, "mode": t.train.mode,
+            "consecutive_skips": t.consecutive_skips, "last_good_save": t.last_good_save, "mode": t.train.mode,
             "method": t.rcm.mode if t.train.mode == "distill" else None,
             "model_config": t.model_cfg.to_dict(), "rcm_config": t.rcm.to_dict(),
             "teacher": t.teacher_meta, "world_size": ctx.world_size,
@@ -131,6 +131,8 @@ def load_into(trainer, path: str, meta: dict) -> None:
     t.iteration, t.student_steps = int(meta["iteration"]), int(meta["student_steps"])
     t.skipped_steps = int(meta.get("skipped_steps", 0))
     t.consecutive_skips = int(meta.get("consecutive_skips", 0))
+    # The loaded checkpoint itself when no skipped step was pending at its save, else the one before.
+    t.last_good_save = t.iteration if t.consecutive_skips == 0 else meta.get("last_good_save")
     pos = meta.get("data_position", {})
     if pos.get("global_batch") != t.ctx.global_batch or pos.get("seed") != t.train.seed:
         raise ArgumentError(f"--load {path}: checkpoint used global batch {pos.get('global_batch')} and seed "

@@ -45,10 +45,11 @@ from ..parallel.pipeline import stage_layer_range
 from ..parallel.tensor_parallel import validate_tp
 from ..rcm import RCMConfig, critic_step, phase, student_step
 from . import pipeline_step, train_state
-from .arguments import ArgumentError, TrainingConfig, check_data_against_model
-from .batches import BatchSource, open_dataset
+from .arguments import ArgumentError, TrainingConfig
+from .batches import BatchSource, check_data_against_model, open_dataset
 from .checkpoint import CheckpointManager
 from .flow_matching import flow_matching_loss
+from .memory_estimate import check_host_memory
 from .metrics import MetricsLogger
 from .model_building import build_models, build_trained_models, peak_lrs, sharded_ema
 from .rank_context import RankContext
@@ -61,6 +62,14 @@ CHECKPOINT_VERSION = train_state.CHECKPOINT_VERSION
 
 class TrainingAborted(RuntimeError):
     """A run that must stop without saving (e.g. too many consecutive non-finite steps)."""
+
+
+def non_finite_losses(losses: dict, totals: dict) -> dict:
+    """A skipped step's loss terms: a term with invalid samples (``X_valid_frac`` < 1) is nan, not
+    the masked sum over the valid ones (the method counts a non-finite sample as 0, which would
+    read as a perfect step)."""
+    return {k: float("nan") if totals.get(f"{k[len('loss_'):]}_valid_frac", 1.0) < 1.0 else v
+            for k, v in losses.items()}
 
 
 class Trainer:
@@ -76,6 +85,11 @@ class Trainer:
                 raise ArgumentError(f"--teacher-checkpoint {train.teacher_checkpoint}: {e}") from e
         self.model_cfg = model_cfg
         try:
+            if train.teacher_checkpoint and self.device.type == "cpu":
+                check_host_memory(model_cfg, f"--teacher-checkpoint {train.teacher_checkpoint}",
+                                  distill=train.mode == "distill", uses_fake_score=rcm_cfg.uses_fake_score,
+                                  bf16=train.bf16,
+                                  model_shards=par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
             self.dataset = open_dataset(train, model_cfg)
             validate_tp(model_cfg, par.tensor_model_parallel_size)
             if par.context_parallel_size > 1:
@@ -103,6 +117,7 @@ class Trainer:
         self.ema = sharded_ema(self.student, self.rcm.ema_sigma_rel, ctx.dp_cp_group)
         self.batches = BatchSource(self.dataset, self.train, self.par.micro_batch_size, ctx)
         self.iteration, self.student_steps, self.skipped_steps, self.consecutive_skips = 0, 0, 0, 0
+        self.last_good_save: int | None = None  # the newest checkpoint saved with no skipped step pending
         self.checkpoints = CheckpointManager(self.train.save, self.train.keep_last) if self.train.save else None
         if self.load_path is not None:
             train_state.load_into(self, self.load_path, self.resume_meta)
@@ -114,8 +129,13 @@ class Trainer:
         self.tokens = num_tokens(self.model_cfg, tuple(self.dataset.latent_shape))
 
     def save(self) -> None:
+        """All checkpoint writes go through here. --keep-last rotation keeps the last checkpoint
+        saved before the current run of skipped (non-finite) steps."""
         if self.checkpoints is not None:
-            self.checkpoints.save(self.iteration, train_state.sharded_state_dict(self))
+            protect = [self.last_good_save] if self.consecutive_skips and self.last_good_save is not None else []
+            self.checkpoints.save(self.iteration, train_state.sharded_state_dict(self), protect=protect)
+            if self.consecutive_skips == 0:
+                self.last_good_save = self.iteration
             if self.rank == 0:
                 print(f"saved checkpoint at iteration {self.iteration} to {self.train.save}", flush=True)
 
@@ -189,14 +209,17 @@ class Trainer:
             tm.scheduler.step(1)
         elapsed = time.perf_counter() - t0
         losses = {k: v for k, v in totals.items() if k.startswith("loss")}
+        if not stepped:
+            losses = non_finite_losses(losses, totals)
         record.update(losses)
-        record["loss"] = sum(losses.values())
+        record["loss"] = sum(losses.values()) if stepped else float("nan")
         record.update({k: v for k, v in totals.items() if not k.startswith("loss")})
         flops = phase_flops(self.model_cfg, self.tokens, self.dataset.text_len, "teacher" if not distill else ph,
                             self.rcm.rollout_max_steps, self.rcm.rollout_random_steps)["total"] * ctx.global_batch
         record.update({"grad_norm": float(grad_norm), "lr": lr_used,
                        "samples_per_sec": ctx.global_batch / max(elapsed, 1e-9),
-                       "skipped_steps": self.skipped_steps, "student_steps": self.student_steps})
+                       "skipped_steps": self.skipped_steps, "consecutive_skipped_steps": self.consecutive_skips,
+                       "student_steps": self.student_steps})
         record.update(throughput_metrics(flops, elapsed, ctx.world_size, tokens=self.tokens * ctx.global_batch))
         if self.device.type == "cuda":
             record.update(memory_metrics(self.device, reset=True))
@@ -212,8 +235,9 @@ class Trainer:
     def run(self) -> dict:
         self.build()
         start, last, saved_at = time.time(), {}, None
+        self.stop = stop = StopRequests()
         try:
-            with StopRequests() as stop:
+            with stop:
                 while self.iteration < self.train.train_iters:
                     last = self._one_iteration(self.iteration)
                     self.iteration += 1
