@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from test_checkpoint_faults import BASE, ROOT, pretrain, run_script
+from test_checkpoint_faults import BASE, ROOT, run_script
 
 
 def _start(code: str, out, err) -> subprocess.Popen:

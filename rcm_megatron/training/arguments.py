@@ -241,7 +241,7 @@ def parse_args(argv=None):
     sizes = {"--tensor-model-parallel-size": args.tensor_model_parallel_size,
              "--context-parallel-size": args.context_parallel_size,
              "--pipeline-model-parallel-size": args.pipeline_model_parallel_size}
-    procs = sizes["--tensor-model-parallel-size"] * sizes["--context-parallel-size"] * sizes["--pipeline-model-parallel-size"]
+    procs = args.tensor_model_parallel_size * args.context_parallel_size * args.pipeline_model_parallel_size
     if procs > 1 and "WORLD_SIZE" not in os.environ:
         given = " ".join(f"{k} {v}" for k, v in sizes.items() if v > 1)
         raise ArgumentError(f"{given} needs {procs} processes (or a multiple): launch with torchrun "
