@@ -21,7 +21,7 @@ from ..rcm.ema import partition_names
 from . import lr_schedule
 from .arguments import TrainingConfig
 from .rank_context import RankContext
-from .trained_model import OptimizerSettings, TrainedModel, backend_name, build_trained_model
+from .trained_model import BackendContext, OptimizerSettings, TrainedModel, backend_name, build_trained_model
 
 TEACHER_PRETRAINING_BETAS = (0.9, 0.99)
 
@@ -93,16 +93,16 @@ def build_trained_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, 
             if m is not None:
                 m.to_dtype(torch.bfloat16)
     lr_student, _ = peak_lrs(train, rcm)
+    backend_ctx = BackendContext(pipe=ctx.pipe, grad_group=ctx.grad_group, model_cfg=cfg, par=par, bf16=train.bf16,
+                                 overlap_grad_reduce=train.overlap_grad_reduce,
+                                 overlap_param_gather=train.overlap_param_gather,
+                                 cpu_offload=train.optimizer_cpu_offload)
     trained = {}
     for name, module in named.items():
         if module is None:
             continue
         opt = optimizer_settings(train, rcm, name)
-        tm = build_trained_model(backend, module, opt, pipe=ctx.pipe, grad_group=ctx.grad_group, model_cfg=cfg,
-                                 par=par, bf16=train.bf16, overlap_grad_reduce=train.overlap_grad_reduce,
-                                 overlap_param_gather=train.overlap_param_gather,
-                                 cpu_offload=train.optimizer_cpu_offload)
-        trained[name] = tm
+        trained[name] = build_trained_model(backend, module, opt, backend_ctx)
     for name, tm in trained.items():
         peak = optimizer_settings(train, rcm, name).lr
         tm.scheduler = lr_schedule.build_scheduler(tm.optimizer, train.lr_schedule, max_lr=peak,

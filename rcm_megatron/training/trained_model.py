@@ -15,7 +15,10 @@ teacher being pretrained) the same way:
 Backends: ``LocalDataParallel`` (``local_dp.py``; torch AdamW with torch.distributed
 reductions, any device, the CPU path) and ``MegatronDP`` (``megatron_dp.py``; megatron-core
 DDP + distributed optimizer, ``--use-distributed-optimizer``). A parameter-sharding backend
-(FSDP2) plugs in by subclassing ``TrainedModel`` and adding its name to ``BACKENDS``.
+(FSDP2) plugs in by subclassing ``TrainedModel`` and adding a builder to ``BACKENDS``: it gets
+the module (this rank's pipeline stage), its ``OptimizerSettings`` and a ``BackendContext``;
+its ``net`` may be the sharded module itself, ``optimizer`` must have ``param_groups`` (the
+lr scheduler drives them) and ``optimizer_format`` names its checkpoint layout.
 """
 
 from __future__ import annotations
@@ -70,26 +73,45 @@ class TrainedModel:
         raise NotImplementedError
 
 
-BACKENDS = ("local", "megatron")
+@dataclass(frozen=True)
+class BackendContext:
+    """What a backend may need besides the module and its optimizer settings."""
+
+    pipe: object  # parallel.pipeline.PipelineLayout of this rank
+    grad_group: object | None  # DP x CP process group, None when this rank is alone in it
+    model_cfg: object = None  # models.WanConfig
+    par: object = None  # parallel.config.ParallelConfig
+    bf16: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    cpu_offload: bool = False
+
+
+def _local(module, opt: OptimizerSettings, ctx: BackendContext) -> TrainedModel:
+    from .local_dp import LocalDataParallel
+
+    return LocalDataParallel(module, opt, grad_group=ctx.grad_group, pipe=ctx.pipe)
+
+
+def _megatron(module, opt: OptimizerSettings, ctx: BackendContext) -> TrainedModel:
+    from .megatron_dp import MegatronDP
+
+    return MegatronDP(module, ctx.model_cfg, ctx.par, lr=opt.lr, min_lr=opt.min_lr, betas=opt.betas, eps=opt.eps,
+                      weight_decay=opt.weight_decay, clip_grad=opt.clip_grad, bf16=ctx.bf16,
+                      overlap_grad_reduce=ctx.overlap_grad_reduce, overlap_param_gather=ctx.overlap_param_gather,
+                      cpu_offload=ctx.cpu_offload, pipeline_first_stage=ctx.pipe.is_first)
+
+
+# name -> builder(module, OptimizerSettings, BackendContext) -> TrainedModel; a new backend adds one entry.
+BACKENDS = {"local": _local, "megatron": _megatron}
 
 
 def backend_name(use_distributed_optimizer: bool) -> str:
     return "megatron" if use_distributed_optimizer else "local"
 
 
-def build_trained_model(backend: str, module, opt: OptimizerSettings, *, pipe, grad_group, model_cfg=None,
-                        par=None, bf16: bool = False, overlap_grad_reduce: bool = False,
-                        overlap_param_gather: bool = False, cpu_offload: bool = False) -> TrainedModel:
+def build_trained_model(backend: str, module, opt: OptimizerSettings, ctx: BackendContext) -> TrainedModel:
     """The backend's TrainedModel for ``module`` (this rank's pipeline stage of the model)."""
-    if backend == "local":
-        from .local_dp import LocalDataParallel
-
-        return LocalDataParallel(module, opt, grad_group=grad_group, pipe=pipe)
-    if backend == "megatron":
-        from .megatron_dp import MegatronDP
-
-        return MegatronDP(module, model_cfg, par, lr=opt.lr, min_lr=opt.min_lr, betas=opt.betas, eps=opt.eps,
-                          weight_decay=opt.weight_decay, clip_grad=opt.clip_grad, bf16=bf16,
-                          overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather,
-                          cpu_offload=cpu_offload, pipeline_first_stage=pipe.is_first)
-    raise ValueError(f"unknown trained-model backend {backend!r} (expected one of {BACKENDS})")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown trained-model backend {backend!r} (expected one of {sorted(BACKENDS)})")
+    return BACKENDS[backend](module, opt, ctx)
