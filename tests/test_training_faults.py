@@ -250,11 +250,14 @@ def test_renamed_flags_keep_their_earlier_spelling():
     assert new[2] == old[2] and new[2].tangent_warmup_iters == 3 and new[2].lr_fake_score == 2e-4
 
 
-def test_model_next_to_teacher_checkpoint_is_an_error_and_the_default_teacher_is_the_default_run():
+def test_ignored_flags_are_errors_and_the_default_teacher_is_the_default_run(tmp_path):
     from rcm_megatron.training import arguments as A
 
     with pytest.raises(A.ArgumentError, match=r"^--model tiny would be ignored: .*--teacher-checkpoint"):
         A.parse_args(["--model", "tiny", "--teacher-checkpoint", A.DEFAULT_TEACHER])
+    (tmp_path / "latents.pt").write_bytes(b"")
+    with pytest.raises(A.ArgumentError, match=r"^--latent-shape would be ignored: --data .*latents.pt"):
+        A.parse_args(["--model", "tiny", "--data", str(tmp_path / "latents.pt"), "--latent-shape", "16", "3", "8", "8"])
     default = A.parse_args([])
     rel = os.path.relpath(A.DEFAULT_TEACHER)
     assert A.parse_args(["--teacher-checkpoint", rel]) == default

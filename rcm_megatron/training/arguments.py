@@ -18,7 +18,6 @@ from ..parallel.config import CP_COMM_TYPES, ParallelConfig
 from ..rcm.config import MODES, RCMConfig
 from .lr_schedule import DECAY_STYLES, WSD_DECAY_STYLES, LRScheduleConfig
 from .flag_names import METHOD_FLAGS, RENAMED_FLAGS, RENAMED_TYPES, flag_error
-from .memory_estimate import check_host_memory
 
 
 class ArgumentError(ValueError):
@@ -237,6 +236,8 @@ def parse_args(argv=None):
         model_cfg = preset(args.model or "tiny")
     if args.latent_shape is not None and min(args.latent_shape) < 1:
         raise ArgumentError(f"--latent-shape must be four positive ints, got {args.latent_shape}")
+    if args.latent_shape is not None and args.data not in (None, "synthetic", "toy"):
+        raise ArgumentError(f"--latent-shape would be ignored: --data {args.data} has its own latent shape")
 
     sizes = {"--tensor-model-parallel-size": args.tensor_model_parallel_size,
              "--context-parallel-size": args.context_parallel_size,
@@ -286,13 +287,6 @@ def parse_args(argv=None):
         raise ArgumentError(flag_error(str(e), given)) from e
     if args.mode == "distill":
         implied.update({flag: getattr(rcm_cfg, f) for f, flag in METHOD_FLAGS.items() if f not in given})
-    if model_cfg is not None and device == "cpu":
-        try:
-            check_host_memory(model_cfg, f"--model {args.model or 'tiny'}", distill=args.mode == "distill",
-                              uses_fake_score=rcm_cfg.uses_fake_score, bf16=args.bf16,
-                              model_shards=par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
-        except ValueError as e:
-            raise ArgumentError(str(e)) from e
 
     peak_lr = args.teacher_lr if args.mode == "teacher" else rcm_cfg.lr_student
     decay_iters = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters

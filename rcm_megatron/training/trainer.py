@@ -40,6 +40,7 @@ import torch
 
 from ..convert.sources import read_model_source
 from ..models import WanConfig
+from ..models.config import PRESETS, preset
 from ..parallel.config import ParallelConfig
 from ..parallel.pipeline import stage_layer_range
 from ..parallel.tensor_parallel import validate_tp
@@ -58,6 +59,11 @@ from .signals import StopRequests
 from .throughput import memory_metrics, num_tokens, phase_flops, throughput_metrics
 
 CHECKPOINT_VERSION = train_state.CHECKPOINT_VERSION
+
+
+def model_cfg_name(cfg: WanConfig) -> str:
+    """The preset's name of an architecture (for messages), else 'custom'."""
+    return next((name for name in sorted(PRESETS) if preset(name) == cfg), "custom")
 
 
 class TrainingAborted(RuntimeError):
@@ -85,11 +91,6 @@ class Trainer:
                 raise ArgumentError(f"--teacher-checkpoint {train.teacher_checkpoint}: {e}") from e
         self.model_cfg = model_cfg
         try:
-            if train.teacher_checkpoint and self.device.type == "cpu":
-                check_host_memory(model_cfg, f"--teacher-checkpoint {train.teacher_checkpoint}",
-                                  distill=train.mode == "distill", uses_fake_score=rcm_cfg.uses_fake_score,
-                                  bf16=train.bf16,
-                                  model_shards=par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
             self.dataset = open_dataset(train, model_cfg)
             validate_tp(model_cfg, par.tensor_model_parallel_size)
             if par.context_parallel_size > 1:
@@ -106,6 +107,15 @@ class Trainer:
         if self.load_path is not None:
             self.resume_meta = train_state.check_resume_compatible(self.load_path, train, rcm_cfg, model_cfg,
                                                                    peak_lrs(train, rcm_cfg))
+        if self.device.type == "cpu":  # the last check: the models are built next
+            source = f"--teacher-checkpoint {train.teacher_checkpoint}" if train.teacher_checkpoint else \
+                f"--model {model_cfg_name(model_cfg)}"
+            try:
+                check_host_memory(model_cfg, source, distill=train.mode == "distill",
+                                  uses_fake_score=rcm_cfg.uses_fake_score, bf16=train.bf16,
+                                  model_shards=par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
+            except ValueError as e:
+                raise ArgumentError(str(e)) from e
 
     # ------------------------------------------------------------------ setup
     def build(self) -> None:
