@@ -25,8 +25,8 @@ over the pipeline so global rank 0 logs them. SIGTERM / SIGUSR1 (SLURM pre-empti
 ``signals.py``) and ``--exit-duration-in-mins`` end the run after a save at an iteration
 boundary.
 
-Elsewhere: checks before anything is built and resume compatibility (here and in
-``train_state.py``, which also says what a checkpoint holds), distributed init and rank
+Elsewhere: checks before anything is built (``preflight.py``; resume compatibility and what a
+checkpoint holds in ``train_state.py``), distributed init and rank
 agreement (``rank_context.py``), the models and their optimizers (``model_building.py``),
 TensorBoard sample grids (``sample_images.py``).
 """
@@ -38,32 +38,23 @@ import time
 
 import torch
 
-from ..convert.sources import read_model_source
 from ..models import WanConfig
-from ..models.config import PRESETS, preset
 from ..parallel.config import ParallelConfig
-from ..parallel.pipeline import stage_layer_range
-from ..parallel.tensor_parallel import validate_tp
 from ..rcm import RCMConfig, critic_step, phase, student_step
 from . import pipeline_step, train_state
-from .arguments import ArgumentError, TrainingConfig
-from .batches import BatchSource, check_data_against_model, open_dataset
+from .arguments import TrainingConfig
+from .batches import BatchSource
 from .checkpoint import CheckpointManager
 from .flow_matching import flow_matching_loss
-from .memory_estimate import check_host_memory
 from .metrics import MetricsLogger
-from .model_building import build_models, build_trained_models, peak_lrs, sharded_ema
+from .model_building import build_models, build_trained_models, sharded_ema
+from .preflight import preflight
 from .rank_context import RankContext
 from .sample_images import log_samples, sampling_net
 from .signals import StopRequests
 from .throughput import memory_metrics, num_tokens, phase_flops, throughput_metrics
 
 CHECKPOINT_VERSION = train_state.CHECKPOINT_VERSION
-
-
-def model_cfg_name(cfg: WanConfig) -> str:
-    """The preset's name of an architecture (for messages), else 'custom'."""
-    return next((name for name in sorted(PRESETS) if preset(name) == cfg), "custom")
 
 
 class TrainingAborted(RuntimeError):
@@ -82,40 +73,10 @@ class Trainer:
     def __init__(self, train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMConfig, par: ParallelConfig):
         self.train, self.rcm, self.par = train, rcm_cfg, par
         self.device = torch.device(train.device)
-        # Everything that can fail on a user's input is checked before distributed init or allocation.
-        self.teacher_weights, self.teacher_meta = None, {"source": "random-init", "seed": train.seed}
-        if train.teacher_checkpoint:
-            try:
-                model_cfg, self.teacher_weights, self.teacher_meta = read_model_source(train.teacher_checkpoint)
-            except (OSError, ValueError, KeyError) as e:
-                raise ArgumentError(f"--teacher-checkpoint {train.teacher_checkpoint}: {e}") from e
-        self.model_cfg = model_cfg
-        try:
-            self.dataset = open_dataset(train, model_cfg)
-            validate_tp(model_cfg, par.tensor_model_parallel_size)
-            if par.context_parallel_size > 1:
-                from ..parallel.context_parallel import validate_cp
-
-                validate_cp(model_cfg, par.tensor_model_parallel_size, par.context_parallel_size, par.cp_comm_type,
-                            par.hierarchical_context_parallel_sizes)
-            if par.pipeline_model_parallel_size > 1:
-                stage_layer_range(model_cfg.num_layers, par.pipeline_model_parallel_size, 0)
-        except (OSError, ValueError) as e:
-            raise ArgumentError(str(e)) from e
-        check_data_against_model(self.dataset, model_cfg, f"--data {train.data or 'synthetic'}")
-        self.load_path = train_state.resolve_load(train)
-        if self.load_path is not None:
-            self.resume_meta = train_state.check_resume_compatible(self.load_path, train, rcm_cfg, model_cfg,
-                                                                   peak_lrs(train, rcm_cfg))
-        if self.device.type == "cpu":  # the last check: the models are built next
-            source = f"--teacher-checkpoint {train.teacher_checkpoint}" if train.teacher_checkpoint else \
-                f"--model {model_cfg_name(model_cfg)}"
-            try:
-                check_host_memory(model_cfg, source, distill=train.mode == "distill",
-                                  uses_fake_score=rcm_cfg.uses_fake_score, bf16=train.bf16,
-                                  model_shards=par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
-            except ValueError as e:
-                raise ArgumentError(str(e)) from e
+        checked = preflight(train, model_cfg, rcm_cfg, par)  # before distributed init or any allocation
+        self.model_cfg, self.dataset = checked.model_cfg, checked.dataset
+        self.teacher_weights, self.teacher_meta = checked.teacher_weights, checked.teacher_meta
+        self.load_path, self.resume_meta = checked.load_path, checked.resume_meta
 
     # ------------------------------------------------------------------ setup
     def build(self) -> None:
