@@ -354,6 +354,8 @@ def _apply_toy_defaults(args) -> tuple[dict, str]:
     if args.micro_batch_size is None:
         args.micro_batch_size = TOY_TRAIN_DEFAULTS["micro_batch_size"] if toy else 2
     implied = {"--" + k.replace("_", "-"): getattr(args, k) for k, v in before.items() if getattr(args, k) != v}
+    if args.data is None:
+        implied["--data"] = "synthetic"
     return implied, implied_by
 
 
