@@ -243,10 +243,6 @@ def parse_args(argv=None):
              "--context-parallel-size": args.context_parallel_size,
              "--pipeline-model-parallel-size": args.pipeline_model_parallel_size}
     procs = args.tensor_model_parallel_size * args.context_parallel_size * args.pipeline_model_parallel_size
-    if procs > 1 and "WORLD_SIZE" not in os.environ:
-        given = " ".join(f"{k} {v}" for k, v in sizes.items() if v > 1)
-        raise ArgumentError(f"{given} needs {procs} processes (or a multiple): launch with torchrun "
-                            f"--nproc-per-node {procs} pretrain_rcm.py ...")
     try:
         par = ParallelConfig(
             tensor_model_parallel_size=args.tensor_model_parallel_size, sequence_parallel=args.sequence_parallel,
@@ -258,7 +254,12 @@ def parse_args(argv=None):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         par.resolve_batch(world)
     except ValueError as e:
-        raise ArgumentError(str(e)) from e
+        hint = ""
+        if procs > 1 and "WORLD_SIZE" not in os.environ:  # a plain `python pretrain_rcm.py`: say how to launch
+            given = " ".join(f"{k} {v}" for k, v in sizes.items() if v > 1)
+            hint = (f"; {given} needs {procs} processes (or a multiple): launch with torchrun --nproc-per-node "
+                    f"{procs} pretrain_rcm.py ...")
+        raise ArgumentError(str(e) + hint) from e
 
     preset_name = "wan-14b" if (args.model == "wan-14b") else "wan-1.3b"
     overrides = {k: v for k, v in {
