@@ -253,8 +253,12 @@ def test_renamed_flags_keep_their_earlier_spelling():
 def test_ignored_flags_are_errors_and_the_default_teacher_is_the_default_run(tmp_path):
     from rcm_megatron.training import arguments as A
 
-    with pytest.raises(A.ArgumentError, match=r"^--model tiny would be ignored: .*--teacher-checkpoint"):
-        A.parse_args(["--model", "tiny", "--teacher-checkpoint", A.DEFAULT_TEACHER])
+    from rcm_megatron.training.trainer import Trainer
+
+    with pytest.raises(A.ArgumentError, match=r"^--model tiny does not match --teacher-checkpoint .*toy_teacher.pt, "
+                                              r"whose architecture has .*'num_layers': 4.* \(--model toy\)"):
+        Trainer(*A.parse_args(["--model", "tiny", "--teacher-checkpoint", A.DEFAULT_TEACHER]))
+    Trainer(*A.parse_args(["--model", "toy", "--teacher-checkpoint", A.DEFAULT_TEACHER]))  # names it: the 1.3B method
     (tmp_path / "latents.pt").write_bytes(b"")
     with pytest.raises(A.ArgumentError, match=r"^--latent-shape would be ignored: --data .*latents.pt"):
         A.parse_args(["--model", "tiny", "--data", str(tmp_path / "latents.pt"), "--latent-shape", "16", "3", "8", "8"])

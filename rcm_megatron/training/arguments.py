@@ -62,6 +62,7 @@ class TrainingConfig:
     optimizer_cpu_offload: bool = False
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
     recompute_num_layers: int = 0  # 0: no activation checkpointing
+    model: str | None = None  # --model: the architecture preset (checked against --teacher-checkpoint's)
     implied: dict = field(default_factory=dict)  # flag -> value a preset or the teacher chose (printed at start)
     implied_by: str = ""  # what chose them
 
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(PRESETS), default=None,
                    help="architecture preset with a random-init teacher (default: the shipped toy teacher "
-                        "assets/toy_teacher.pt; taken from --teacher-checkpoint when given)")
+                        "assets/toy_teacher.pt); with --teacher-checkpoint it must name the checkpoint's "
+                        "architecture (it then only selects the method preset)")
     g.add_argument("--teacher-checkpoint", default=None,
                    help="diffusers WanTransformer3DModel folder, original Wan2.1 .pth/.safetensors, an rcm-megatron "
                         "checkpoint directory (tools/convert_checkpoint.py import, or a --save dir: its EMA) or model file; "
@@ -316,17 +318,15 @@ def parse_args(argv=None):
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
         lr_schedule=schedule, recompute_num_layers=args.recompute_num_layers if args.recompute_granularity else 0,
-        implied=implied, implied_by=implied_by)
+        model=args.model, implied=implied, implied_by=implied_by)
     return train, model_cfg, rcm_cfg, par
 
 
 def _apply_toy_defaults(args) -> tuple[dict, str]:
     """Resolve the defaults that depend on the embedded toy task (see TOY_DEFAULTS); returns the
     settings chosen here (flag -> value) and what chose them."""
-    if args.model is not None and args.teacher_checkpoint is not None:
-        raise ArgumentError(f"--model {args.model} would be ignored: the architecture comes from --teacher-checkpoint "
-                            f"{args.teacher_checkpoint}; give one of them")
-    if args.teacher_checkpoint is not None and args.mode == "distill" and os.path.isfile(DEFAULT_TEACHER) \
+    if args.teacher_checkpoint is not None and args.model is None and args.mode == "distill" \
+            and os.path.isfile(DEFAULT_TEACHER) \
             and os.path.exists(args.teacher_checkpoint) and os.path.samefile(args.teacher_checkpoint, DEFAULT_TEACHER):
         args.teacher_checkpoint = None  # naming the shipped teacher is the default run
     before = {k: getattr(args, k) for k in ("teacher_checkpoint", "model", "save", "data", "train_iters",
