@@ -41,7 +41,7 @@ def optimizer_settings(train: TrainingConfig, rcm: RCMConfig, name: str) -> Opti
     lr = lr_student if name == "student" else lr_fake
     local = not train.use_distributed_optimizer
     return OptimizerSettings(
-        lr=lr, min_lr=train.lr_schedule.min_lr * lr / lr_student,
+        lr=lr, min_lr=train.lr_schedule.min_lr if name == "student" else train.lr_schedule.min_lr * lr / lr_student,
         betas=tuple(rcm.adam_betas) if distill else TEACHER_PRETRAINING_BETAS, eps=rcm.adam_eps,
         weight_decay=rcm.weight_decay, clip_grad=rcm.grad_clip_norm if (distill or not local) else None)
 

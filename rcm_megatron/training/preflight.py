@@ -47,9 +47,10 @@ def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMCo
         if train.model is not None and preset(train.model) != model_cfg:
             want, got = preset(train.model).to_dict(), model_cfg.to_dict()
             diff = {k: got[k] for k in want if want[k] != got[k]}
-            raise ArgumentError(f"--model {train.model} does not match --teacher-checkpoint {train.teacher_checkpoint}, "
-                                f"whose architecture has {diff} (--model {model_cfg_name(model_cfg)}); the architecture "
-                                "comes from the checkpoint: drop --model or name the matching preset")
+            raise ArgumentError(f"--model {train.model} does not match --teacher-checkpoint "
+                                f"{train.teacher_checkpoint}, whose architecture has {diff} (--model "
+                                f"{model_cfg_name(model_cfg)}); the architecture comes from the checkpoint: drop "
+                                "--model or name the matching preset")
     try:
         dataset = open_dataset(train, model_cfg)
         validate_tp(model_cfg, par.tensor_model_parallel_size)
