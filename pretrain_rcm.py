@@ -5,19 +5,29 @@
     torchrun --nproc-per-node 8 pretrain_rcm.py --teacher-checkpoint WAN_DIR --bf16 ...
 
 Configuration errors print one line naming the flag, file or shape and exit with code 2,
-before any model is built.
+before any model is built. SIGTERM / SIGUSR1 save and exit 0; Ctrl-C saves and exits 130
+(a second Ctrl-C aborts without saving). Under torchrun a worker whose launcher is gone stops.
 """
 
+import os
 import sys
 import warnings
 
 
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    from rcm_megatron.parallel.initialize import launched_by_torchrun
     from rcm_megatron.training.arguments import ArgumentError, parse_args
+    from rcm_megatron.training.flag_names import format_implied
 
+    if launched_by_torchrun():
+        from rcm_megatron.training.launcher_watch import exit_when_launcher_dies
+
+        exit_when_launcher_dies()
     try:
         train, model_cfg, rcm_cfg, par = parse_args(argv)
+        if train.implied and os.environ.get("RANK", "0") == "0":
+            print(format_implied(train), flush=True)
         from rcm_megatron.training.trainer import Trainer
 
         trainer = Trainer(train, model_cfg, rcm_cfg, par)
@@ -35,6 +45,10 @@ def main(argv=None) -> int:
     except TrainingAborted as e:
         print(f"pretrain_rcm.py: aborted: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (building, loading): nothing to save yet
+        teardown = False
+        print("pretrain_rcm.py: interrupted before training started; nothing saved", file=sys.stderr)
+        return 130
     except Exception:
         # An unexpected failure, possibly on this rank alone while the others wait inside a
         # collective for it: say so now, and skip the process-group teardown, which under NCCL
@@ -54,7 +68,7 @@ def main(argv=None) -> int:
             from rcm_megatron.parallel.initialize import destroy_distributed
 
             destroy_distributed()
-    return 0
+    return trainer.stop.exit_code
 
 
 if __name__ == "__main__":

@@ -23,18 +23,25 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rcm_megatron.training.arguments import parse_args  # noqa: E402
+from rcm_megatron.training.megatron_compat import inner_optimizers  # noqa: E402
 from rcm_megatron.training.trainer import Trainer  # noqa: E402
 
 COMMON = ["--model", "tiny", "--bf16", "--use-distributed-optimizer", "--micro-batch-size", "1",
-          "--global-batch-size", "4", "--student-update-freq", "2", "--rollout-steps", "2", "--lr-decay-style",
+          "--global-batch-size", "4", "--student-update-freq", "2", "--rollout-max-steps", "2", "--lr-decay-style",
           "cosine", "--lr-warmup-iters", "1", "--lr-decay-iters", "6", "--min-lr", "1e-5", "--log-interval", "1"]
 
 
-def optimizer_tensors(dp, plain=None) -> dict:
-    """Every tensor of the inner (torch) optimizers; ``plain``: the CPU path's AdamW instead."""
+def inner_torch_optimizers(trained) -> list:
+    """The torch optimizers of a TrainedModel (megatron-core's inner ones, or the local AdamW)."""
+    if trained.optimizer_format != "megatron-distributed":
+        return [trained.optimizer]
+    return [o.optimizer for o in inner_optimizers(trained.optimizer)]
+
+
+def optimizer_tensors(trained) -> dict:
+    """Every tensor of a TrainedModel's inner (torch) optimizers."""
     out = {}
-    inners = [plain] if dp is None else [o.optimizer for o in getattr(dp.optimizer, "chained_optimizers",
-                                                                          [dp.optimizer])]
+    inners = inner_torch_optimizers(trained)
     for i, inner in enumerate(inners):
         for g, group in enumerate(inner.param_groups):
             out[f"{i}.{g}.lr"] = torch.tensor(group["lr"])
@@ -52,8 +59,8 @@ def model_tensors(model) -> dict:
 
 def snapshot(trainer) -> dict:
     """CPU copies of both models and both optimizers' state."""
-    return {"student_opt": optimizer_tensors(trainer.student_dp, trainer.opt_student),
-            "fake_opt": optimizer_tensors(trainer.fake_dp, trainer.opt_fake),
+    return {"student_opt": optimizer_tensors(trainer.trained["student"]),
+            "fake_opt": optimizer_tensors(trainer.trained["fake_score"]),
             "student": model_tensors(trainer.student), "fake": model_tensors(trainer.fake)}
 
 
@@ -88,11 +95,9 @@ def main():
     report = {k: compare(saved[k], loaded[k]) for k in saved}
     steps = {k: sorted({float(v) for n, v in loaded[k].items() if n.endswith(".step")}) for k in ("student_opt", "fake_opt")}
     steps_saved = {k: sorted({float(v) for n, v in saved[k].items() if n.endswith(".step")}) for k in ("student_opt", "fake_opt")}
-    shared = {k: len({v.data_ptr() for o in (getattr(getattr(second, d).optimizer, "chained_optimizers",
-                                                          [getattr(second, d).optimizer]) if getattr(second, d)
-                                             else [])
-                      for v in [st["step"] for st in o.optimizer.state.values()]})
-              for k, d in (("student_steps_tensors", "student_dp"), ("fake_steps_tensors", "fake_dp"))}
+    shared = {k: len({st["step"].data_ptr() for o in inner_torch_optimizers(second.trained[d])
+                      for st in o.state.values()})
+              for k, d in (("student_steps_tensors", "student"), ("fake_steps_tensors", "fake_score"))}
     # then: the resumed run to iteration 6 against a straight run to 6, same processes
     second.run()
     third = Trainer(*parse_args([*common, "--train-iters", "6", "--log-dir", os.path.join(a.out, "straight")]))

@@ -27,7 +27,7 @@ mem() {  # NAME NPROC FLAGS...
   [ $rc = 0 ] || grep -m1 -B2 -A45 "Traceback" "$OUT/logs/$name.log" | grep -v "^\s*$" | tail -30
 }
 COMMON=(--model tiny --bf16 --use-distributed-optimizer --overlap-grad-reduce --log-interval 1
-        --micro-batch-size 1 --global-batch-size 4 --student-update-freq 2 --rollout-steps 2
+        --micro-batch-size 1 --global-batch-size 4 --student-update-freq 2 --rollout-max-steps 2
         --lr-decay-style cosine --lr-warmup-iters 1 --lr-decay-iters 6 --min-lr 1e-5)
 if [ "${SKIP_LAYOUTS:-0}" != 1 ]; then  # the same losses at every layout
   run dp1 1 "${COMMON[@]}" --train-iters 6 --log-dir "$OUT/dp1"

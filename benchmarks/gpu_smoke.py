@@ -39,7 +39,7 @@ LATENT = ["16", "21", "60", "104"]
 MICRO_BATCH = 2  # pretrain_rcm.py's default off the toy task
 BASE_FLAGS = ["--model", "wan-1.3b", "--bf16", "--micro-batch-size", str(MICRO_BATCH), "--data", "synthetic", "--latent-shape", *LATENT,
               "--recompute-granularity", "full", "--recompute-num-layers", "1", "--train-iters", "4",
-              "--student-update-freq", "2", "--tangent-warmup", "0", "--log-interval", "1"]
+              "--student-update-freq", "2", "--tangent-warmup-iters", "0", "--log-interval", "1"]
 PATHS = {"plain": [], "distributed-optimizer": ["--use-distributed-optimizer"]}
 STUDENT_SLACK = 1.20  # student step time <= its FLOPs / critic TFLOP/s x this
 REGRESSION = 0.15

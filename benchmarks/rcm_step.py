@@ -7,7 +7,7 @@ synthetic data, full activation recompute unless ``--recompute-num-layers 0``) a
 named training pass (``kernels.dispatch.training_pass``: teacher CFG, student tangent, with-grad
 forwards and their backwards, rollouts, fake score) with CUDA events. Network calls per pass are
 counted with a module forward hook, so each pass's model FLOPs are exact (rollout lengths are
-random). Schedule: ``--tangent-warmup 1`` makes iteration 1 an sCM-only student step that warms
+random). Schedule: ``--tangent-warmup-iters 1`` makes iteration 1 an sCM-only student step that warms
 every kernel of the student path, then critic steps 2-5, an rCM student step at 6 (F = 5) and a
 critic step at 7: iterations 3-7 are one schedule period (one student step and F-1 critic steps)
 after every pass has run once (compiled blocks compile on first use).
@@ -40,7 +40,7 @@ sys.path.insert(0, ROOT)
 S, L, HEADS, HEAD_DIM, D, FFN = 32760, 512, 12, 128, 1536, 8960
 MICRO_BATCH = 2  # pretrain_rcm.py's default micro-batch off the toy task
 FLAGS = ["--model", "wan-1.3b", "--bf16", "--micro-batch-size", str(MICRO_BATCH), "--data", "synthetic", "--latent-shape", "16", "21", "60", "104",
-         "--train-iters", "7", "--student-update-freq", "5", "--tangent-warmup", "1", "--log-interval", "1"]
+         "--train-iters", "7", "--student-update-freq", "5", "--tangent-warmup-iters", "1", "--log-interval", "1"]
 
 
 def card_slug(name: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--model", "tiny", "--log-interval", "1", "--micro-batch-size", "1", "--global-batch-size", "2",
-        "--rollout-steps", "2", "--student-update-freq", "2"]
+        "--rollout-max-steps", "2", "--student-update-freq", "2"]
 
 
 def run_script(code: str | None, check=True, env=None, timeout=600, argv=()):

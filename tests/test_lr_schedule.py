@@ -10,8 +10,8 @@ import pytest
 
 from test_pretrain import records, run
 
-TINY = ["--model", "tiny", "--log-interval", "1", "--micro-batch-size", "1", "--rollout-steps", "1",
-        "--student-update-freq", "2", "--lr", "1e-4", "--fake-score-lr", "2e-4"]
+TINY = ["--model", "tiny", "--log-interval", "1", "--micro-batch-size", "1", "--rollout-max-steps", "1",
+        "--student-update-freq", "2", "--lr", "1e-4", "--lr-fake-score", "2e-4"]
 COSINE = ["--lr-decay-style", "cosine", "--lr-warmup-iters", "3", "--lr-warmup-init", "1e-5", "--min-lr", "1e-5",
           "--lr-decay-iters", "8"]
 

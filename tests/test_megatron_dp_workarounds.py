@@ -1,4 +1,4 @@
-"""The two megatron-core 0.16.1 workarounds of training/megatron_dp.py, on CPU with torch's
+"""The megatron-core 0.16.1 workarounds of training/megatron_compat.py, on CPU with torch's
 AdamW (what megatron-core's distributed optimizer wraps without Apex / Transformer Engine).
 The distributed optimizer itself needs CUDA; its checkpoint round trip was measured on
 2 H100s (benchmarks/dist_opt_state_roundtrip.py, docs/performance.md)."""
@@ -7,7 +7,7 @@ import types
 
 import torch
 
-from rcm_megatron.training.megatron_dp import MegatronDP
+from rcm_megatron.training import megatron_compat
 
 
 def _adamw(n=3):
@@ -41,8 +41,7 @@ def test_shared_step_tensor_counts_once_per_parameter():
 def test_unshare_steps_gives_every_parameter_its_own_count():
     params, opt = _adamw()
     _load_with_shared_step(opt, params)
-    stub = types.SimpleNamespace(optimizer=types.SimpleNamespace(optimizer=opt))
-    MegatronDP._unshare_steps(stub)
+    megatron_compat.unshare_adam_steps(types.SimpleNamespace(optimizer=opt))
     assert len({id(opt.state[p]["step"]) for p in params}) == 3
     assert _one_step(opt, params) == [3.0, 3.0, 3.0]
 
@@ -93,16 +92,16 @@ def test_optimizer_state_maps_to_its_own_parameter_with_bf16_first():
     """megatron-core 0.16.1 numbers a mixed-dtype group in buffer order but orders the inner
     optimizer fp32-first; with the bf16 buffer first (any pipeline stage whose first parameter is
     bf16), checkpoints address another parameter's state. The renumbering fixes the map."""
-    from rcm_megatron.training.megatron_dp import _fix_param_group_order
+    from rcm_megatron.training.megatron_compat import fix_param_group_order
 
     numels = {torch.float32: [3, 5], torch.bfloat16: [7, 11, 13]}
     fp32_first = _megatron_groups((torch.float32, torch.bfloat16), numels)
     assert _mismatches(fp32_first) == 0  # the whole model: its first parameter is fp32
     bf16_first = _megatron_groups((torch.bfloat16, torch.float32), numels)
     assert _mismatches(bf16_first) == 5  # every parameter points at another's state
-    _fix_param_group_order(bf16_first)
+    fix_param_group_order(bf16_first)
     assert _mismatches(bf16_first) == 0
-    _fix_param_group_order(fp32_first)
+    fix_param_group_order(fp32_first)
     assert _mismatches(fp32_first) == 0
 
 
@@ -128,3 +127,21 @@ def test_common_state_with_optimizer_classes_loads(tmp_path):
         assert torch.equal(out["w"], w)
     finally:
         dist.destroy_process_group()
+
+
+def test_version_check_names_the_tested_version(monkeypatch):
+    """The workarounds reach into megatron-core internals: another version is warned about,
+    naming both versions; an internal that is gone is a clear error, not a deep AttributeError."""
+    import warnings
+
+    import pytest
+
+    assert megatron_compat.installed_version() == megatron_compat.TESTED_VERSION == "0.16.1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        megatron_compat.check_version()  # the tested version: silent
+    monkeypatch.setattr(megatron_compat, "installed_version", lambda: "0.99.0")
+    with pytest.warns(RuntimeWarning, match=r"megatron-core 0\.99\.0 is installed.*tested with 0\.16\.1"):
+        megatron_compat.check_version()
+    with pytest.raises(RuntimeError, match=r"0\.99\.0: object\._set_main_param.* is gone .*tested with 0\.16\.1"):
+        megatron_compat._require(object(), "_set_main_param_and_optimizer_states")

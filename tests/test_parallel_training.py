@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMON = ["--model", "tiny", "--log-interval", "1", "--student-update-freq", "2", "--rollout-steps", "2",
+COMMON = ["--model", "tiny", "--log-interval", "1", "--student-update-freq", "2", "--rollout-max-steps", "2",
           "--micro-batch-size", "1", "--global-batch-size", "2"]
 LOSS_RTOL = 1e-4  # fp32: TP/SP/DP reorder reductions; the losses agree to ~1e-6 relative in practice
 

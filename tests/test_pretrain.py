@@ -66,8 +66,8 @@ def test_corrupt_teacher_file(tmp_path):
 
 
 def test_metrics_and_exact_resume(tmp_path):
-    common = ["--model", "tiny", "--train-iters", "8", "--student-update-freq", "2", "--tangent-warmup", "2", "--log-interval", "1",
-              "--micro-batch-size", "1", "--global-batch-size", "2", "--rollout-steps", "2"]
+    common = ["--model", "tiny", "--train-iters", "8", "--student-update-freq", "2", "--tangent-warmup-iters", "2", "--log-interval", "1",
+              "--micro-batch-size", "1", "--global-batch-size", "2", "--rollout-max-steps", "2"]
     straight = tmp_path / "straight"
     run(*common, "--log-dir", str(straight))
     a = records(straight)

@@ -37,7 +37,7 @@ def run(nproc, *args):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            os.path.join(ROOT, "pretrain_rcm.py"), "--model", "tiny", "--log-interval", "1", "--micro-batch-size", "1",
-           "--global-batch-size", "2", "--rollout-steps", "2", "--student-update-freq", "2", *args]
+           "--global-batch-size", "2", "--rollout-max-steps", "2", "--student-update-freq", "2", *args]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-5000:]
     return p

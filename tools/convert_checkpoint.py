@@ -26,6 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rcm_megatron.cli import ArgumentParser  # noqa: E402 (no abbreviations, negative numbers)
 
 PROG = "convert_checkpoint.py"
 
@@ -51,7 +52,7 @@ def _progress(label: str, every: float = 10.0):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     sub = p.add_subparsers(dest="command", required=True)

@@ -25,6 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rcm_megatron.cli import ArgumentParser  # noqa: E402 (no abbreviations, negative numbers)
 
 import torch  # noqa: E402
 
@@ -45,7 +46,7 @@ def _student_arg(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher model file (default: assets/toy_teacher.pt)")
     p.add_argument("--student", type=_student_arg, action="append", default=[], metavar="NAME=PATH",
                    help="a distilled student: training checkpoint dir (--save) or model file; repeatable")

@@ -9,13 +9,13 @@ The output is what ``--teacher-checkpoint`` reads (``save_model_file``: {"format
 ``--dtype`` bfloat16 halves the file; the default float32 keeps it exact.
 """
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rcm_megatron.cli import ArgumentParser  # noqa: E402 (no abbreviations, negative numbers)
 
 from rcm_megatron.checkpointing.dist_source import TRAIN_WEIGHTS  # noqa: E402
 from rcm_megatron.checkpointing.loading import read_model_source  # noqa: E402
@@ -23,7 +23,7 @@ from rcm_megatron.checkpointing.model_file import save_model_file  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="training checkpoint directory (--save of pretrain_rcm.py)")
     p.add_argument("output", help="model file to write (.pt)")
     p.add_argument("--weights", choices=TRAIN_WEIGHTS, default="ema", help="which model (default: the power EMA)")

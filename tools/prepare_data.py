@@ -27,6 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rcm_megatron.cli import ArgumentParser  # noqa: E402 (no abbreviations, negative numbers)
 
 import torch  # noqa: E402
 
@@ -44,7 +45,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="manifest (.csv/.tsv/.jsonl/.json) or a directory of videos + .txt")
     p.add_argument("--output", required=True, help="dataset directory (shards, meta.json, negative_context.pth)")
     p.add_argument("--vae", required=True, help="AutoencoderKLWan folder, or a Wan diffusers pipeline folder (uses vae/)")

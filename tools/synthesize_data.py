@@ -24,6 +24,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rcm_megatron.cli import ArgumentParser  # noqa: E402 (no abbreviations, negative numbers)
 
 import torch  # noqa: E402
 
@@ -39,7 +40,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="synthesize_data.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="synthesize_data.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line), .csv/.tsv/.jsonl/.json")
     p.add_argument("--caption-column", default=None)
     p.add_argument("--output", required=True)

@@ -23,14 +23,14 @@ TRAIN_ARGS=(
   --train-iters 10000
   # the paper's Wan 1.3B recipe (also the --model wan-1.3b method preset)
   --lr 2e-6
-  --fake-score-lr 4e-7
+  --lr-fake-score 4e-7
   --student-update-freq 5
   --p-g "lognormal(0.7,1.6)"
   --p-d "uniform_shift(5)"
   --cfg-scale 5
-  --rollout-steps 4
-  --ema-width 0.1
-  --tangent-warmup 1000
+  --rollout-max-steps 4
+  --ema-sigma-rel 0.1
+  --tangent-warmup-iters 1000
   # checkpoint often enough that one interval fits in the 300 s requeue lead (--signal)
   --save-interval 50
   --keep-last 3

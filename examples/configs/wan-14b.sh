@@ -25,13 +25,13 @@ TRAIN_ARGS=(
   --train-iters 5000
   # the paper's Wan 14B recipe
   --lr 1e-6
-  --fake-score-lr 1e-7
+  --lr-fake-score 1e-7
   --student-update-freq 10
   --p-g "lognormal(1.5,1.6)"
   --p-d "uniform_shift(5)"
   --cfg-scale 5
-  --rollout-steps 4
-  --ema-width 0.1
+  --rollout-max-steps 4
+  --ema-sigma-rel 0.1
   --save-interval 25
   --keep-last 2
   --log-interval 5

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from ..cli import ArgumentParser
 
 from ..models.config import PRESETS, WanConfig, preset
 from ..models.recompute import GRANULARITIES, RECOMPUTE_MODULES, RecomputeConfig
 from ..parallel.config import CP_COMM_TYPES, ParallelConfig
 from ..rcm.config import MODES, TANGENT_WARMUP_FORMS, RCMConfig
 from .lr_schedule import DECAY_STYLES, WSD_DECAY_STYLES, LRScheduleConfig
+from .flag_names import METHOD_FLAGS, RENAMED_FLAGS, RENAMED_TYPES, flag_error
 
 
 class ArgumentError(ValueError):
@@ -31,7 +34,7 @@ DEFAULT_TEACHER = os.path.join(REPO_ROOT, "assets", "toy_teacher.pt")
 TOY_DEFAULTS = {"cfg_scale": 2.0, "lr_student": 3e-4, "lr_fake_score": 3e-4, "student_update_freq": 3,
                 "tangent_warmup_iters": 0}
 TOY_TRAIN_DEFAULTS = {"train_iters": 300, "micro_batch_size": 16}
-
+MAX_CONSECUTIVE_SKIPPED_STEPS = 10  # a diverged run stops within this many steps instead of running on
 
 @dataclass
 class TrainingConfig:
@@ -62,16 +65,20 @@ class TrainingConfig:
     recompute: RecomputeConfig = RecomputeConfig()  # activation recompute of the with-grad passes
     compile_blocks: bool = False  # regional torch.compile of the DiT blocks (WanDiT.compile_blocks)
     fp8_teacher: bool = False  # the frozen teacher's block linears in FP8 (WanDiT.quantize_fp8)
+    model: str | None = None  # --model: the architecture preset (checked against --teacher-checkpoint's)
+    implied: dict = field(default_factory=dict)  # flag -> value a preset or the teacher chose (printed at start)
+    implied_by: str = ""  # what chose them
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="pretrain_rcm.py",
         description="rCM distillation of Wan2.1 DiTs (with no flags: a tiny model on built-in data, on CPU).")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(PRESETS), default=None,
                    help="architecture preset with a random-init teacher (default: the shipped toy teacher "
-                        "assets/toy_teacher.pt; taken from --teacher-checkpoint when given)")
+                        "assets/toy_teacher.pt); with --teacher-checkpoint it must name the checkpoint's "
+                        "architecture (it then only selects the method preset)")
     g.add_argument("--teacher-checkpoint", default=None,
                    help="diffusers WanTransformer3DModel folder, original Wan2.1 .pth/.safetensors, an rcm-megatron "
                         "checkpoint directory (tools/convert_checkpoint.py import, or a --save dir: its EMA) or model file; "
@@ -101,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default {TOY_TRAIN_DEFAULTS['micro_batch_size']} on --data toy, else 2")
     g.add_argument("--global-batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None, help="student lr (default: method preset)")
-    g.add_argument("--fake-score-lr", type=float, default=None, help="fake score lr (default: method preset)")
+    g.add_argument("--lr-fake-score", type=float, default=None, help="fake score lr (default: method preset)")
     g.add_argument("--teacher-lr", type=float, default=1e-3, help="lr of --mode teacher")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--lr-decay-style", choices=DECAY_STYLES, default="constant",
@@ -142,15 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from the newest complete checkpoint in --save if there is one (SLURM requeue)")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="save and exit cleanly after this many minutes (job time limits)")
-    g.add_argument("--max-consecutive-skipped-steps", type=int, default=None,
-                   help="abort after this many consecutive steps with non-finite gradients (default: never)")
+    g.add_argument("--max-consecutive-skipped-steps", type=int, default=MAX_CONSECUTIVE_SKIPPED_STEPS,
+                   help="abort (exit 1, no save) after this many consecutive steps with non-finite gradients "
+                        f"(default {MAX_CONSECUTIVE_SKIPPED_STEPS}; 0: never)")
     g.add_argument("--log-images-interval", type=int, default=None,
                    help="write a TensorBoard grid of latent frames every N iterations")
     g = p.add_argument_group("method (rCM)")
     g.add_argument("--method", choices=MODES, default="rcm", help="rcm, or the scm / dmd / dcm baselines")
     g.add_argument("--cfg-scale", type=float, default=None)
     g.add_argument("--student-update-freq", type=int, default=None)
-    g.add_argument("--tangent-warmup", type=int, default=None,
+    g.add_argument("--tangent-warmup-iters", type=int, default=None,
                    help="iterations of sCM tangent warmup (Wan presets: 1000 for 1.3B, 300 for 14B, the official recipes)")
     g.add_argument("--tangent-warmup-form", choices=TANGENT_WARMUP_FORMS, default=None,
                    help="how the warmup ratio r enters the sCM tangent: f9b7be9 (default; the official code since "
@@ -159,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dmd-loss-scale", type=float, default=None)
     g.add_argument("--p-g", default=None, help="sCM time sampler, e.g. 'lognormal(0.7,1.6)'")
     g.add_argument("--p-d", default=None, help="DMD/critic/rollout time sampler, e.g. 'uniform_shift(5)'")
-    g.add_argument("--rollout-steps", type=int, default=None, help="max student rollout steps (1..4)")
-    g.add_argument("--ema-width", type=float, default=None, help="power-EMA relative width (0.1 official, 0.05 paper)")
+    g.add_argument("--rollout-max-steps", type=int, default=None, help="max student rollout steps (1..4)")
+    g.add_argument("--ema-sigma-rel", type=float, default=None,
+                   help="power-EMA relative width (0.1 official, 0.05 paper)")
+    for old, new in RENAMED_FLAGS.items():  # earlier spellings, still accepted, not in --help
+        p.add_argument(old, dest=new[2:].replace("-", "_"), type=RENAMED_TYPES[new], default=None,
+                       help=argparse.SUPPRESS)
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
@@ -195,7 +207,7 @@ def parse_args(argv=None):
     after the file was checked to exist here).
     """
     args = build_parser().parse_args(argv)
-    _apply_toy_defaults(args)
+    implied, implied_by = _apply_toy_defaults(args)
     _positive("--train-iters", args.train_iters)
     _positive("--micro-batch-size", args.micro_batch_size)
     _positive("--global-batch-size", args.global_batch_size, allow_none=True)
@@ -203,7 +215,13 @@ def parse_args(argv=None):
     _positive("--recompute-num-layers", args.recompute_num_layers)
     _positive("--save-interval", args.save_interval, allow_none=True)
     _positive("--keep-last", args.keep_last, allow_none=True)
-    _positive("--max-consecutive-skipped-steps", args.max_consecutive_skipped_steps, allow_none=True)
+    if args.max_consecutive_skipped_steps < 0:
+        raise ArgumentError(f"--max-consecutive-skipped-steps must be >= 0 (0: never abort), got "
+                            f"{args.max_consecutive_skipped_steps}")
+    if args.clip_grad < 0:
+        raise ArgumentError(f"--clip-grad must be >= 0 (0: no clipping), got {args.clip_grad:g}")
+    if args.mode == "teacher" and not args.teacher_lr > 0:
+        raise ArgumentError(f"--teacher-lr must be > 0, got {args.teacher_lr:g}")
     _positive("--log-images-interval", args.log_images_interval, allow_none=True)
     if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
         raise ArgumentError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
@@ -237,7 +255,13 @@ def parse_args(argv=None):
         model_cfg = preset(args.model or "tiny")
     if args.latent_shape is not None and min(args.latent_shape) < 1:
         raise ArgumentError(f"--latent-shape must be four positive ints, got {args.latent_shape}")
+    if args.latent_shape is not None and args.data not in (None, "synthetic", "toy"):
+        raise ArgumentError(f"--latent-shape would be ignored: --data {args.data} has its own latent shape")
 
+    sizes = {"--tensor-model-parallel-size": args.tensor_model_parallel_size,
+             "--context-parallel-size": args.context_parallel_size,
+             "--pipeline-model-parallel-size": args.pipeline_model_parallel_size}
+    procs = args.tensor_model_parallel_size * args.context_parallel_size * args.pipeline_model_parallel_size
     try:
         par = ParallelConfig(
             tensor_model_parallel_size=args.tensor_model_parallel_size, sequence_parallel=args.sequence_parallel,
@@ -249,22 +273,28 @@ def parse_args(argv=None):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         par.resolve_batch(world)
     except ValueError as e:
-        raise ArgumentError(str(e)) from e
+        hint = ""
+        if procs > 1 and "WORLD_SIZE" not in os.environ:  # a plain `python pretrain_rcm.py`: say how to launch
+            given = " ".join(f"{k} {v}" for k, v in sizes.items() if v > 1)
+            hint = (f"; {given} needs {procs} processes (or a multiple): launch with torchrun --nproc-per-node "
+                    f"{procs} pretrain_rcm.py ...")
+        raise ArgumentError(str(e) + hint) from e
 
     preset_name = "wan-14b" if (args.model == "wan-14b") else "wan-1.3b"
     overrides = {k: v for k, v in {
         "mode": args.method, "seed": args.seed, "cfg_scale": args.cfg_scale,
-        "student_update_freq": args.student_update_freq, "tangent_warmup_iters": args.tangent_warmup,
+        "student_update_freq": args.student_update_freq, "tangent_warmup_iters": args.tangent_warmup_iters,
         "tangent_warmup_form": args.tangent_warmup_form,
         "scm_loss_scale": args.scm_loss_scale, "dmd_loss_scale": args.dmd_loss_scale, "p_g": args.p_g,
-        "p_d": args.p_d, "rollout_max_steps": args.rollout_steps, "ema_sigma_rel": args.ema_width,
-        "lr_student": args.lr, "lr_fake_score": args.fake_score_lr, "weight_decay": args.weight_decay,
+        "p_d": args.p_d, "rollout_max_steps": args.rollout_max_steps, "ema_sigma_rel": args.ema_sigma_rel,
+        "lr_student": args.lr, "lr_fake_score": args.lr_fake_score, "weight_decay": args.weight_decay,
         "grad_clip_norm": args.clip_grad if args.clip_grad > 0 else None,
     }.items() if v is not None}
     if args.clip_grad == 0:
         overrides["grad_clip_norm"] = None
     if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
         raise ArgumentError("--lr-warmup-fraction and --lr-warmup-iters exclude each other")
+    given = set(overrides)
     if args.data == "toy" and args.mode == "distill":
         for key, value in TOY_DEFAULTS.items():
             overrides.setdefault(key, value)
@@ -277,7 +307,9 @@ def parse_args(argv=None):
     try:
         rcm_cfg = RCMConfig.preset(preset_name, **overrides)
     except ValueError as e:
-        raise ArgumentError(str(e).replace("RCMConfig.", "method setting ")) from e
+        raise ArgumentError(flag_error(str(e), given)) from e
+    if args.mode == "distill":
+        implied.update({flag: getattr(rcm_cfg, f) for f, flag in METHOD_FLAGS.items() if f not in given})
 
     peak_lr = args.teacher_lr if args.mode == "teacher" else rcm_cfg.lr_student
     decay_iters = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters
@@ -307,7 +339,8 @@ def parse_args(argv=None):
         overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
         lr_schedule=schedule, recompute=RecomputeConfig(args.recompute_granularity, args.recompute_num_layers,
                                                         tuple(args.recompute_modules)),
-        compile_blocks=_compile_blocks(args, device), fp8_teacher=args.fp8_teacher)
+        compile_blocks=_compile_blocks(args, device), fp8_teacher=args.fp8_teacher,
+        model=args.model, implied=implied, implied_by=implied_by)
     return train, model_cfg, rcm_cfg, par
 
 
@@ -320,8 +353,18 @@ def _compile_blocks(args, device: str) -> bool:
             and args.recompute_granularity != "selective")
 
 
-def _apply_toy_defaults(args) -> None:
-    """Resolve the defaults that depend on the embedded toy task (see TOY_DEFAULTS)."""
+def _apply_toy_defaults(args) -> tuple[dict, str]:
+    """Resolve the defaults that depend on the embedded toy task (see TOY_DEFAULTS); returns the
+    settings chosen here (flag -> value) and what chose them."""
+    if args.teacher_checkpoint is not None and args.model is None and args.mode == "distill" \
+            and os.path.isfile(DEFAULT_TEACHER) \
+            and os.path.exists(args.teacher_checkpoint) and os.path.samefile(args.teacher_checkpoint, DEFAULT_TEACHER):
+        args.teacher_checkpoint = None  # naming the shipped teacher is the default run
+    before = {k: getattr(args, k) for k in ("teacher_checkpoint", "model", "save", "data", "train_iters",
+                                            "micro_batch_size")}
+    implied_by = (f"--model {args.model}" if args.model else f"--teacher-checkpoint {args.teacher_checkpoint}"
+                  if args.teacher_checkpoint else "the default run (the shipped toy teacher, the toy video task)"
+                  if args.mode == "distill" else "the default run of --mode teacher (the toy preset and task)")
     if args.model is None and args.teacher_checkpoint is None:
         if args.mode == "distill":
             if not os.path.isfile(DEFAULT_TEACHER):
@@ -342,20 +385,10 @@ def _apply_toy_defaults(args) -> None:
         args.train_iters = TOY_TRAIN_DEFAULTS["train_iters"] if toy and args.mode == "distill" else 100
     if args.micro_batch_size is None:
         args.micro_batch_size = TOY_TRAIN_DEFAULTS["micro_batch_size"] if toy else 2
-
-
-def check_data_against_model(dataset, cfg: WanConfig, source: str) -> None:
-    """Latent channels, patch divisibility and text width of the data vs the model."""
-    c, t, h, w = dataset.latent_shape
-    if c != cfg.in_channels:
-        raise ArgumentError(f"{source}: latents have {c} channels, the model expects in_channels={cfg.in_channels}")
-    for size, p, axis in zip((t, h, w), cfg.patch_size, ("T", "H", "W")):
-        if size % p:
-            raise ArgumentError(f"{source}: latent {axis}={size} is not divisible by the patch size {p} "
-                                f"(latent shape {(c, t, h, w)}, patch {cfg.patch_size})")
-    if dataset.text_dim != cfg.text_dim:
-        raise ArgumentError(f"{source}: text embeddings have width {dataset.text_dim}, the model expects "
-                            f"text_dim={cfg.text_dim}")
+    implied = {"--" + k.replace("_", "-"): getattr(args, k) for k, v in before.items() if getattr(args, k) != v}
+    if args.data is None:
+        implied["--data"] = "synthetic"
+    return implied, implied_by
 
 
 def _cuda() -> bool:

@@ -45,10 +45,11 @@ class MetricsLogger:
             for k, v in clean.items():
                 if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(_tb_tag(k), v, it)
-        if it % self.log_interval == 0 or it == 1:
+        if it % self.log_interval == 0 or it == 1 or record.get("consecutive_skipped_steps"):  # every skipped step
             losses = " ".join(f"{k}={_num(v, '.4g')}" for k, v in record.items() if k.startswith("loss"))
             print(f"iter {it:6d} | {clean.get('phase', ''):7s} | {losses} | grad_norm={_num(record.get('grad_norm'), '.3g')}"
-                  f" | lr={_num(record.get('lr', 0), '.3g')} | {_num(record.get('samples_per_sec', 0), '.2f')} samples/s"
+                  f"{_skips(record)} | lr={_num(record.get('lr', 0), '.3g')}"
+                  f" | {_num(record.get('samples_per_sec', 0), '.2f')} samples/s"
                   f" | elapsed {time.time() - self._t0:.0f}s", flush=True)
 
     def add_image(self, tag: str, image, iteration: int) -> None:
@@ -61,6 +62,13 @@ class MetricsLogger:
             self._jsonl = None
         if self._tb:
             self._tb.close()
+
+
+def _skips(record: dict) -> str:
+    """' | skipped N (K in a row)' once a step was skipped for non-finite gradients."""
+    if not record.get("skipped_steps"):
+        return ""
+    return f" | skipped {record['skipped_steps']} ({record.get('consecutive_skipped_steps', 0)} in a row)"
 
 
 def _num(v, spec: str) -> str:

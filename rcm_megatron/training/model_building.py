@@ -1,0 +1,124 @@
+"""The models of a run: the frozen teacher, the trained student and fake score (each this rank's
+pipeline stage), their optimizer settings, their ``TrainedModel`` backends with lr schedulers,
+and the share of the student's power EMA this rank keeps.
+
+In ``--mode teacher`` the "student" is the teacher being pretrained (AdamW betas (0.9, 0.99),
+``--teacher-lr``); there is no teacher and no fake score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..models import WanConfig, WanDiT
+from ..parallel.pipeline import stage_layer_range
+from ..parallel.sharding import load_full_state_dict
+from ..rcm import PowerEMA, RCMConfig
+from ..rcm.ema import partition_names
+from . import lr_schedule
+from .arguments import TrainingConfig
+from .rank_context import RankContext
+from .trained_model import BackendContext, OptimizerSettings, TrainedModel, backend_name, build_trained_model
+
+TEACHER_PRETRAINING_BETAS = (0.9, 0.99)
+
+
+def peak_lrs(train: TrainingConfig, rcm: RCMConfig) -> tuple[float, float | None]:
+    """Peak lr of the student (the teacher being pretrained in --mode teacher) and of the fake score."""
+    if train.mode != "distill":
+        return train.teacher_lr, None
+    return rcm.lr_student, (rcm.lr_fake_score if rcm.uses_fake_score else None)
+
+
+def optimizer_settings(train: TrainingConfig, rcm: RCMConfig, name: str) -> OptimizerSettings:
+    """AdamW of ``name`` ('student' or 'fake_score'). Clipping: the local backend clips distillation
+    only, megatron-core's optimizer every mode (as before the TrainedModel interface)."""
+    distill = train.mode == "distill"
+    lr_student, lr_fake = peak_lrs(train, rcm)
+    lr = lr_student if name == "student" else lr_fake
+    local = not train.use_distributed_optimizer
+    return OptimizerSettings(
+        lr=lr, min_lr=train.lr_schedule.min_lr if name == "student" else train.lr_schedule.min_lr * lr / lr_student,
+        betas=tuple(rcm.adam_betas) if distill else TEACHER_PRETRAINING_BETAS, eps=rcm.adam_eps,
+        weight_decay=rcm.weight_decay, clip_grad=rcm.grad_clip_norm if (distill or not local) else None)
+
+
+def stage_model(cfg: WanConfig, ctx: RankContext, seed: int, weights: dict | None, trainable: bool) -> WanDiT:
+    """This rank's pipeline stage of a model (the whole model at PP = 1), with the teacher's weights."""
+    pipe = ctx.pipe
+    m = WanDiT(cfg, pre_process=pipe.is_first, post_process=pipe.is_last,
+               layer_range=stage_layer_range(cfg.num_layers, pipe.size, pipe.rank))
+    m.reset_parameters(seed=seed)
+    if weights is not None:
+        load_full_state_dict(m, weights)
+    m.requires_grad_(trainable)
+    return m.to(ctx.device)
+
+
+@dataclass
+class Models:
+    teacher: WanDiT | None
+    student: WanDiT
+    fake: WanDiT | None
+
+
+def build_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, ctx: RankContext,
+                 teacher_weights: dict | None) -> Models:
+    distill = train.mode == "distill"
+    teacher = None
+    if distill:
+        teacher = stage_model(cfg, ctx, train.seed, teacher_weights, trainable=False).eval()
+        if train.bf16:
+            teacher.to_dtype(torch.bfloat16)
+        if train.fp8_teacher:
+            teacher.quantize_fp8()
+    student = stage_model(cfg, ctx, train.seed, teacher_weights, trainable=True)
+    fake = stage_model(cfg, ctx, train.seed, teacher_weights, trainable=True) \
+        if distill and rcm.uses_fake_score else None
+    for m in (student, fake):
+        if m is not None:
+            m.set_activation_recompute(train.recompute)
+    if train.compile_blocks:
+        for m in (teacher, student, fake):
+            if m is not None:
+                m.compile_blocks()
+    return Models(teacher, student, fake)
+
+
+def build_trained_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, par, ctx: RankContext,
+                         models: Models) -> dict[str, TrainedModel]:
+    """'student' (and 'fake_score') as TrainedModels of the chosen backend, each with its lr
+    scheduler (lr_schedule.py; the step-0 lr is set)."""
+    backend = backend_name(train.use_distributed_optimizer)
+    named = {"student": models.student, "fake_score": models.fake}
+    if backend == "megatron" and train.bf16:  # megatron-core keeps fp32 main parameters itself
+        for m in named.values():
+            if m is not None:
+                m.to_dtype(torch.bfloat16)
+    lr_student, _ = peak_lrs(train, rcm)
+    backend_ctx = BackendContext(pipe=ctx.pipe, grad_group=ctx.grad_group, model_cfg=cfg, par=par, bf16=train.bf16,
+                                 overlap_grad_reduce=train.overlap_grad_reduce,
+                                 overlap_param_gather=train.overlap_param_gather,
+                                 cpu_offload=train.optimizer_cpu_offload)
+    trained = {}
+    for name, module in named.items():
+        if module is None:
+            continue
+        opt = optimizer_settings(train, rcm, name)
+        trained[name] = build_trained_model(backend, module, opt, backend_ctx)
+    for name, tm in trained.items():
+        peak = optimizer_settings(train, rcm, name).lr
+        tm.scheduler = lr_schedule.build_scheduler(tm.optimizer, train.lr_schedule, max_lr=peak,
+                                                   scale=peak / lr_student, weight_decay=rcm.weight_decay,
+                                                   train_iters=train.train_iters)
+    return trained
+
+
+def sharded_ema(student: WanDiT, sigma_rel: float, group) -> PowerEMA:
+    """The student's power EMA, this rank's size-balanced share of the tensors over DP x CP."""
+    sizes = {n: p.numel() for n, p in student.named_parameters()}
+    names = partition_names(sizes, dist.get_world_size(group))[dist.get_rank(group)]
+    return PowerEMA(student, sigma_rel, names=names)

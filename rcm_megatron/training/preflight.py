@@ -1,0 +1,96 @@
+"""What is checked before a run starts (distributed init, any model, any checkpoint write):
+the teacher file, the data against the architecture, the parallel layout against the
+architecture, the checkpoint to resume from against this run, and the host memory of a CPU
+run. Every failure is an ``ArgumentError``: one line naming the flag, file or shape, exit 2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..checkpointing.errors import CheckpointError
+from ..checkpointing.lease import acquire_writer_lease
+from ..checkpointing.loading import read_model_source
+from ..checkpointing.preflight import check_output_dirs, checkpoint_bytes
+from ..models import WanConfig
+from ..models.config import PRESETS, preset
+from ..parallel.config import ParallelConfig
+from ..parallel.pipeline import stage_layer_range
+from ..parallel.tensor_parallel import validate_tp
+from ..rcm import RCMConfig
+from . import train_state
+from .arguments import ArgumentError, TrainingConfig
+from .batches import check_data_against_model, open_dataset
+from .memory_estimate import check_host_memory
+from .model_building import peak_lrs
+
+
+@dataclass
+class Preflight:
+    model_cfg: WanConfig
+    dataset: object
+    teacher_weights: dict | None
+    teacher_meta: dict
+    load_path: str | None  # the committed checkpoint to resume from
+    resume_meta: dict | None
+    lease: object | None  # this run's writer lease on --save (checkpointing.lease)
+
+
+def model_cfg_name(cfg: WanConfig) -> str:
+    """The preset's name of an architecture (for messages), else 'custom'."""
+    return next((name for name in sorted(PRESETS) if preset(name) == cfg), "custom")
+
+
+def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMConfig, par: ParallelConfig) -> Preflight:
+    """``model_cfg`` None: the architecture comes from --teacher-checkpoint."""
+    teacher_weights, teacher_meta = None, {"source": "random-init", "seed": train.seed}
+    if train.teacher_checkpoint:
+        try:
+            model_cfg, teacher_weights, teacher_meta = read_model_source(train.teacher_checkpoint)
+        except (OSError, ValueError, KeyError) as e:
+            raise ArgumentError(f"--teacher-checkpoint {train.teacher_checkpoint}: {e}") from e
+        if train.model is not None and preset(train.model) != model_cfg:
+            want, got = preset(train.model).to_dict(), model_cfg.to_dict()
+            diff = {k: got[k] for k in want if want[k] != got[k]}
+            raise ArgumentError(f"--model {train.model} does not match --teacher-checkpoint "
+                                f"{train.teacher_checkpoint}, whose architecture has {diff} (--model "
+                                f"{model_cfg_name(model_cfg)}); the architecture comes from the checkpoint: drop "
+                                "--model or name the matching preset")
+    try:
+        dataset = open_dataset(train, model_cfg)
+        validate_tp(model_cfg, par.tensor_model_parallel_size)
+        if par.context_parallel_size > 1:
+            from ..parallel.context_parallel import validate_cp
+
+            validate_cp(model_cfg, par.tensor_model_parallel_size, par.context_parallel_size, par.cp_comm_type,
+                        par.hierarchical_context_parallel_sizes)
+        if par.pipeline_model_parallel_size > 1:
+            stage_layer_range(model_cfg.num_layers, par.pipeline_model_parallel_size, 0)
+    except (OSError, ValueError) as e:
+        raise ArgumentError(str(e)) from e
+    check_data_against_model(dataset, model_cfg, f"--data {train.data or 'synthetic'}")
+    lease = claim_outputs(train, model_cfg, rcm_cfg)  # before reading --save: another writer may be at work
+    load_path, resume_meta = train_state.resolve_load(train), None
+    if load_path is not None:
+        resume_meta = train_state.check_resume_compatible(load_path, train, rcm_cfg, model_cfg,
+                                                          peak_lrs(train, rcm_cfg))
+    if train.device == "cpu":  # the last check: the models are built next
+        source = f"--teacher-checkpoint {train.teacher_checkpoint}" if train.teacher_checkpoint else \
+            f"--model {model_cfg_name(model_cfg)}"
+        try:
+            check_host_memory(model_cfg, source, distill=train.mode == "distill",
+                              uses_fake_score=rcm_cfg.uses_fake_score, bf16=train.bf16,
+                              model_shards=par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from e
+    return Preflight(model_cfg, dataset, teacher_weights, teacher_meta, load_path, resume_meta, lease)
+
+
+def claim_outputs(train: TrainingConfig, model_cfg: WanConfig, rcm_cfg: RCMConfig):
+    """--save / --log-dir writable, --save with room for one checkpoint, and this run its one writer
+    (the lease; None without --save). The first write of the run, after every check."""
+    fake = train.mode == "distill" and rcm_cfg.uses_fake_score
+    try:
+        check_output_dirs(train.save, train.log_dir, checkpoint_bytes(model_cfg, models=2 + fake, trained=1 + fake))
+        return acquire_writer_lease(train.save)
+    except CheckpointError as e:
+        raise ArgumentError(str(e)) from e
