@@ -122,12 +122,11 @@ def test_checkpoint_of_another_architecture_or_method(saved, tmp_path):
     assert tree_digest(saved) == before
 
 
-def test_non_finite_gradients_are_skipped_then_abort(tmp_path):
-    """Poisoned critic gradients: the step is skipped and counted; after N in a row the run aborts."""
-    code = textwrap.dedent(f"""
+def poisoned_critic_run(args: list) -> str:
+    """A training run (``run_script`` code) whose critic gradients are NaN from iteration 4 on."""
+    return textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {ROOT!r})
-        import torch
         import rcm_megatron.training.trainer as tr
         real = tr.critic_step
         def poisoned(cfg, student, fake, batch, it, **kw):
@@ -137,10 +136,16 @@ def test_non_finite_gradients_are_skipped_then_abort(tmp_path):
             return out
         tr.critic_step = poisoned
         import pretrain_rcm
-        sys.exit(pretrain_rcm.main({[*BASE, "--student-update-freq", "5", "--train-iters", "20",
-                                     "--max-consecutive-skipped-steps", "3", "--log-dir", str(tmp_path),
-                                     "--save", str(tmp_path / "ckpt")]!r}))
+        if __name__ == "__main__":
+            sys.exit(pretrain_rcm.main({list(args)!r}))
     """)
+
+
+def test_non_finite_gradients_are_skipped_then_abort(tmp_path):
+    """Poisoned critic gradients: the step is skipped and counted; after N in a row the run aborts."""
+    code = poisoned_critic_run([*BASE, "--student-update-freq", "5", "--train-iters", "20",
+                                "--max-consecutive-skipped-steps", "3", "--log-dir", str(tmp_path),
+                                "--save", str(tmp_path / "ckpt")])
     p = run_script(code, check=False)
     assert p.returncode == 1, p.stderr[-3000:]
     assert "3 consecutive steps had non-finite gradients" in p.stderr

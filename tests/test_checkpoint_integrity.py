@@ -11,11 +11,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 
 import pytest
-from test_checkpoint_faults import BASE, ROOT, losses, pretrain, run_script, tree_digest
+from test_checkpoint_faults import BASE, ROOT, losses, poisoned_critic_run, pretrain, run_script, tree_digest
 from test_convert_checkpoint import load_tool
 
 pytestmark = pytest.mark.slow
@@ -181,27 +180,10 @@ def test_fresh_run_into_used_save_is_refused_and_keep_last_keeps_the_marker(save
 def test_keep_last_keeps_the_checkpoint_before_skipped_steps(tmp_path):
     """Critic gradients poisoned from iteration 4 on (5 is a finite student step): the checkpoint of
     iteration 5 is the last before the run of skips 6, 7, 8 and survives --keep-last 1."""
-    code = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {ROOT!r})
-        import rcm_megatron.training.trainer as tr
-        real = tr.critic_step
-        def poisoned(cfg, student, fake, batch, it, **kw):
-            out = real(cfg, student, fake, batch, it, **kw)
-            if it >= 3:
-                next(fake.parameters()).grad.fill_(float("nan"))
-            return out
-        tr.critic_step = poisoned
-        import pretrain_rcm
-        if __name__ == "__main__":
-            sys.exit(pretrain_rcm.main({[*BASE, "--student-update-freq", "5", "--train-iters", "20",
-                                         "--max-consecutive-skipped-steps", "3", "--log-dir", str(tmp_path),
-                                         "--save", str(tmp_path / "ck"), "--save-interval", "1",
-                                         "--keep-last", "1"]!r}))
-    """)
-    script = tmp_path / "poison.py"
-    script.write_text(code)
-    p = run_script(None, check=False, argv=[script])
+    p = run_script(poisoned_critic_run([*BASE, "--student-update-freq", "5", "--train-iters", "20",
+                                        "--max-consecutive-skipped-steps", "3", "--log-dir", str(tmp_path),
+                                        "--save", str(tmp_path / "ck"), "--save-interval", "1", "--keep-last", "1"]),
+                   check=False)
     assert p.returncode == 1 and "consecutive steps had non-finite gradients" in p.stderr, p.stderr[-3000:]
     assert iters(tmp_path / "ck") == ["iter_0000005", "iter_0000007"]
 
