@@ -1,6 +1,6 @@
 """examples/: the sbatch scripts parse (bash -n), their configs use only flags pretrain_rcm.py
 has with a valid layout, and a dry run with stub srun/scontrol composes the launch line,
-resumes with --load when a checkpoint exists and requeues on SIGUSR1."""
+resumes with --auto-resume and requeues on SIGUSR1."""
 
 import glob
 import os
@@ -77,15 +77,15 @@ def test_dry_run_launch_line_and_resume(stubs):
     ckpt = str(tmp / "runs" / "rcm-test" / "checkpoints")
     assert "--container-image=/images/rcm.sqsh" in argv and f"--container-mounts={ROOT}:{ROOT},/lustre:/lustre" in argv
     assert "--nnodes=2" in argv and "--rdzv-backend=c10d" in argv and "--rdzv-endpoint=node-a:24242" in argv
-    assert argv[argv.index("--save") + 1] == ckpt and "--load" not in argv  # fresh start
+    assert argv[argv.index("--save") + 1] == ckpt and "--auto-resume" in argv  # fresh start: nothing to resume
     assert argv[argv.index("--tensor-model-parallel-size") + 1] == "2" and "--sequence-parallel" in argv
     assert os.path.isfile(tmp / "runs" / "rcm-test" / "config.sh") and "fresh start" in p.stdout
-    # a committed checkpoint exists -> the (requeued) job passes --load
+    # a committed checkpoint exists -> the (requeued) job resumes from it (--auto-resume, said in the log)
     with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write("50")
     p = subprocess.run(["bash", script], env=dict(env, EXTRA_ARGS="--train-iters 7"), capture_output=True, text=True)
     argv = (tmp / "srun.args").read_text().splitlines()
-    assert argv[argv.index("--load") + 1] == ckpt and argv[-2:] == ["--train-iters", "7"]
+    assert "--auto-resume" in argv and argv[-2:] == ["--train-iters", "7"] and f"resuming from {ckpt}" in p.stdout
     # the training's exit status is the job's
     p = subprocess.run(["bash", script], env=dict(env, STUB_RC="3"), capture_output=True, text=True)
     assert p.returncode == 3 and "exit status 3" in p.stdout

@@ -42,11 +42,11 @@ rcm_rendezvous() {
   export MASTER_ADDR MASTER_PORT
 }
 
-# --load only when a committed checkpoint exists (first start: none yet; after a requeue: the latest).
+# Always --auto-resume: the first start finds no checkpoint and starts fresh; a requeued job resumes
+# from the newest checkpoint of --save that verifies, even when the marker file is missing or its
+# checkpoint is damaged (a fresh start into a --save that holds checkpoints would be refused).
 rcm_resume_args() {
-  if [ -f "$CKPT_DIR/latest_checkpointed_iteration.txt" ]; then
-    echo "--load" "$CKPT_DIR"
-  fi
+  echo "--auto-resume"
 }
 
 rcm_container_args() {
@@ -60,7 +60,7 @@ rcm_container_args() {
 }
 
 # SIGUSR1 arrives --signal's lead time before the time limit (#SBATCH --signal=B:USR1@300):
-# requeue the job; it restarts with --load from the last committed checkpoint.
+# requeue the job; it restarts with --auto-resume from the newest checkpoint that verifies.
 REQUEUED=0
 rcm_on_usr1() {
   if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_RESTARTS" ]; then
@@ -85,7 +85,9 @@ rcm_launch() {
   resume=$(rcm_resume_args)
   # shellcheck disable=SC2206
   local extra=(${EXTRA_ARGS:-})
-  rcm_log "nodes ${SLURM_NNODES:-1} x $nproc GPUs | master $MASTER_ADDR:$MASTER_PORT | run $RUN_DIR | ${resume:-fresh start}"
+  local state="fresh start"
+  [ -f "$CKPT_DIR/latest_checkpointed_iteration.txt" ] && state="resuming from $CKPT_DIR"
+  rcm_log "nodes ${SLURM_NNODES:-1} x $nproc GPUs | master $MASTER_ADDR:$MASTER_PORT | run $RUN_DIR | $state"
   trap rcm_on_usr1 USR1
   # shellcheck disable=SC2086
   srun --nodes="${SLURM_NNODES:-1}" --ntasks-per-node=1 --kill-on-bad-exit=1 "${CONTAINER_ARGS[@]}" \
