@@ -21,6 +21,9 @@ For ring attention keep an fp32 running state and fold each arriving chunk into 
         part = attention_with_tangent(q, k_i, v_i, tq, tk_i, tv_i, kv_len=...)
         acc = merge_attention_pair(acc, part, out=acc)   # acc None -> fp32 copy of part
     out, tout, lse, tlse = finalize_attention_merge(acc, q.dtype)
+
+The with-grad ring (no tangents; every chunk it merges has a real key) folds primal-only chunks
+with ``merge_attention_primal``: O = sum w_i O_i with w_i = exp(lse_i - lse), the first line above.
 """
 
 from __future__ import annotations
@@ -29,11 +32,9 @@ from typing import Sequence
 
 import torch
 
+from .numerics import accumulate_dtype
+
 Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _rows(stat: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,7 @@ def merge_attention_chunks(chunks: Sequence[Chunk], out_dtype: torch.dtype | Non
     for c in chunks:
         _check(c)
     out_dtype = out_dtype or chunks[0][0].dtype
-    ad = _acc_dtype(chunks[0][0])
+    ad = accumulate_dtype(chunks[0][0])
     lses = torch.stack([c[2].to(ad) for c in chunks])  # [n, B, H, S]
     lse = torch.logsumexp(lses, dim=0)
     finite = torch.isfinite(lse)
@@ -98,7 +99,7 @@ def merge_attention_pair(a: Chunk | None, b: Chunk, out: Chunk | None = None) ->
     result is returned in that precision. Use ``finalize_attention_merge`` to cast at the end.
     """
     _check(b)
-    ad = _acc_dtype(b[0])
+    ad = accumulate_dtype(b[0])
     if a is None:
         res = tuple(x.to(ad, copy=True) for x in b)  # never alias the caller's chunk
         # a row masked in b: canonical zeros, whatever b held there
@@ -139,3 +140,17 @@ def finalize_attention_merge(acc: Chunk, out_dtype: torch.dtype) -> Chunk:
     """Cast a merged fp32 state to (out, tout) in ``out_dtype`` and lse/tlse in fp32."""
     out, tout, lse, tlse = acc
     return out.to(out_dtype), tout.to(out_dtype), lse.float(), tlse.float()
+
+
+def merge_attention_primal(acc: tuple[torch.Tensor, torch.Tensor] | None, out: torch.Tensor,
+                           lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one key chunk's primal (out [B, S, H, D], lse [B, H, S]) into the running (out, lse)
+    of the chunks merged so far (``acc`` None: a copy of this chunk). fp32 (fp64 for fp64 inputs).
+    The chunk must hold at least one key for every row (lse finite): no masking is done here."""
+    out = out.to(accumulate_dtype(out))
+    lse = lse.to(out.dtype)
+    if acc is None:
+        return out.clone(), lse.clone()
+    o_a, lse_a = acc
+    new = torch.logaddexp(lse_a, lse)
+    return o_a * _rows(torch.exp(lse_a - new)) + out * _rows(torch.exp(lse - new)), new

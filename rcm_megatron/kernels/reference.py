@@ -7,25 +7,16 @@ Layout follows the kernel API: q, k, v are [batch, seq, heads, head_dim].
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-
-def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
-    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-
-
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    """lse/tlse precision: fp32 for half types, the input's own type otherwise (fp64 oracle)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .numerics import accumulate_dtype, resolve_softmax_scale
 
 
 def attention_reference(q, k, v, softmax_scale: float | None = None) -> torch.Tensor:
     """softmax(s q k^T) v, differentiable and `torch.func.jvp`-able. Returns [B, Sq, H, D]."""
-    s = _scale(q, softmax_scale)
+    s = resolve_softmax_scale(q, softmax_scale)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * s
-    p = torch.softmax(scores.to(_stat_dtype(q)), dim=-1).to(q.dtype)
+    p = torch.softmax(scores.to(accumulate_dtype(q)), dim=-1).to(q.dtype)
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
 
 
@@ -38,8 +29,8 @@ def attention_with_tangent_reference(q, k, v, tq, tk=None, tv=None, softmax_scal
     [B]) excludes keys at positions >= kv_len; a row with no valid key returns out = tout = 0,
     lse = -inf, tlse = 0 (what the fused kernel returns, and what the chunk merge expects).
     """
-    s = _scale(q, softmax_scale)
-    sd = _stat_dtype(q)
+    s = resolve_softmax_scale(q, softmax_scale)
+    sd = accumulate_dtype(q)
     scores = (torch.einsum("bqhd,bkhd->bhqk", q, k) * s).to(sd)
     tscores = torch.einsum("bqhd,bkhd->bhqk", tq, k)
     if tk is not None:

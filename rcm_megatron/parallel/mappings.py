@@ -83,9 +83,9 @@ def shard_length(seq_len: int, tp: int | None = None) -> int:
     return -(-seq_len // tp)
 
 
-def _all_gather_into(out: torch.Tensor, inp: torch.Tensor) -> None:
+def _all_gather_into(out: torch.Tensor, inp: torch.Tensor, group=None) -> None:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=_group())
+    fn(out, inp, group=_group() if group is None else group)
 
 
 def _reduce_scatter_into(out: torch.Tensor, inp: torch.Tensor) -> None:
@@ -100,12 +100,15 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _gather_tokens(x: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """[N, s, ...] shards of every rank -> [N, seq_len, ...] (padding stripped), contiguous."""
-    tp, (n, s), rest = _tp(), x.shape[:2], tuple(x.shape[2:])
-    recv = x.new_empty((tp * n, s) + rest)  # rank-major concatenation along dim 0
-    _all_gather_into(recv, x.contiguous())
-    full = recv.view((tp, n, s) + rest).movedim(0, 1).reshape((n, tp * s) + rest)  # a view when n == 1
+def all_gather_tokens(x: torch.Tensor, seq_len: int, group=None) -> torch.Tensor:
+    """[N, s, ...] token chunks of every rank of ``group`` (default: the TP group) -> [N, seq_len, ...]
+    in rank order (padding stripped), contiguous. Sequence-parallel shards and context-parallel
+    chunks are both laid out this way."""
+    group = _group() if group is None else group
+    p, (n, s), rest = dist.get_world_size(group), x.shape[:2], tuple(x.shape[2:])
+    recv = x.new_empty((p * n, s) + rest)  # rank-major concatenation along dim 0
+    _all_gather_into(recv, x.contiguous(), group)
+    full = recv.view((p, n, s) + rest).movedim(0, 1).reshape((n, p * s) + rest)  # a view when n == 1
     return full[:, :seq_len].contiguous()
 
 
@@ -160,7 +163,7 @@ class _AllGatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, seq_len: int, grad_is_partial: bool):
         ctx.grad_is_partial = grad_is_partial
-        return _gather_tokens(x, seq_len)
+        return all_gather_tokens(x, seq_len)
 
     @staticmethod
     def backward(ctx, g):
@@ -178,7 +181,7 @@ class _ToSequenceShards(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _gather_tokens(g, ctx.seq_len), None
+        return all_gather_tokens(g, ctx.seq_len), None
 
 
 class _CopyToTensorParallel(torch.autograd.Function):

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .rng import Indices, KeyedRNG
-from .trigflow import rf_to_trig
+from .trigflow import rf_to_trig, wan_time_shift
 
 T_MIN = 1e-4
 T_MAX = math.pi / 2 - 1e-4
@@ -66,7 +66,7 @@ class UniformShift:
 
     def from_uniform(self, u: Tensor) -> Tensor:
         u = u.to(torch.float64)
-        return _clamp(rf_to_trig(self.shift * u / (1 + (self.shift - 1) * u)))
+        return _clamp(rf_to_trig(wan_time_shift(u, self.shift)))
 
     def sample(self, rng: KeyedRNG, stream: str, indices: Indices, shape=()) -> Tensor:
         return self.from_uniform(rng.uniform(stream, indices, shape))

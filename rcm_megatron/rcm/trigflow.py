@@ -29,6 +29,13 @@ def rf_to_trig(s: Tensor) -> Tensor:
     return torch.atan2(s, 1.0 - s)
 
 
+def wan_time_shift(u: Tensor, shift: float) -> Tensor:
+    """Wan's timestep shift of an RF time u in [0, 1]: s = k u / (1 + (k - 1) u), k = ``shift``
+    (identity at k = 1). The one definition behind Wan's training sampler, its sampling grids
+    and the dCM grid."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 def trig_to_rf(t: Tensor) -> Tensor:
     """TrigFlow t -> RF time s = sin t/(cos t + sin t)."""
     t = torch.as_tensor(t, dtype=torch.float64)
