@@ -1,4 +1,4 @@
-"""Pipeline parallelism against the single-process step plan (DESIGN.md sections 2 and 5).
+"""Pipeline parallelism against the single-process step plan (docs/design.md §2.5 and §5.4).
 
 Each layout (PP = 2, PP = 4, PP = 2 x TP = 2) runs the pipelined rCM step plan of
 ``training/pipeline_step.py`` on gloo CPU ranks with the 4-block tiny model in float64: a

@@ -1,4 +1,4 @@
-"""Each loss against a straightforward reference written from DESIGN.md section 2 (plus the
+"""Each loss against a straightforward reference written from docs/design.md §2 (plus the
 official-code r on dF), on tiny float64 tensors: per-sample losses, targets, gradients,
 NaN masking; and the rollout against a per-sample loop that keeps only the last graph."""
 

@@ -4,7 +4,7 @@
 is the no-grad primal+tangent used by the sCM tangent pass. Both dispatch to the fused
 Triton kernel on CUDA and to the plain-math reference elsewhere (see ``dispatch.py``).
 ``merge_attention_chunks`` / ``merge_attention_pair`` combine partial results over key chunks
-(context-parallel ring attention) with the lse/tlse rule of DESIGN.md section 4.
+(context-parallel ring attention) with the lse/tlse rule of docs/design.md §4.3.
 """
 
 from .dispatch import attention, attention_with_tangent, attention_backend

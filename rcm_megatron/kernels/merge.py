@@ -2,7 +2,7 @@
 
 Each chunk is ``(out, tout, lse, tlse)`` as returned by ``attention_with_tangent`` on a subset of
 the keys: out/tout [B, S, H, D], lse/tlse fp32 [B, H, S]. The merged result equals attention over
-the union of the keys (DESIGN.md section 4):
+the union of the keys (docs/design.md §4.3):
 
     lse = logsumexp_i lse_i,  w_i = exp(lse_i - lse),  O = sum w_i O_i,
     tlse = sum w_i tlse_i,    tO = sum w_i (tO_i + (tlse_i - tlse) O_i).

@@ -22,7 +22,7 @@ def attention_reference(q, k, v, softmax_scale: float | None = None) -> torch.Te
 
 def attention_with_tangent_reference(q, k, v, tq, tk=None, tv=None, softmax_scale: float | None = None,
                                      *, kv_len=None):
-    """Attention and its tangent (DESIGN.md section 4), computed with full score matrices.
+    """Attention and its tangent (docs/design.md §4.1), computed with full score matrices.
 
     Returns (out [B,Sq,H,D], tout [B,Sq,H,D], lse [B,H,Sq], tlse [B,H,Sq]). ``tk``/``tv`` of
     None mean zero key/value tangents (cross-attention to text). ``kv_len`` (int or int tensor

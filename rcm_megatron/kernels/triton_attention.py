@@ -5,7 +5,7 @@ every attention layer at 32K-75K tokens. cuDNN, FlashAttention and PyTorch SDPA 
 and backward only; no fused library computes forward-mode tangents, and ``torch.func.jvp`` over
 plain-math attention materialises the [L, L] score matrix (and its tangent), which does not fit
 at these lengths. This kernel streams over key/value tiles once and produces the primal and the
-tangent together (DESIGN.md section 4):
+tangent together (docs/design.md §4.2):
 
     S = s Q K^T, P = softmax(S), O = P V
     tS = s (tQ K^T + Q tK^T), tlse = rowsum(P * tS), tO = (P * tS) V + P tV - tlse O

@@ -1,5 +1,5 @@
 """Pipeline parallelism: stage layout, packed stage-to-stage transfers, and the two schedules
-of the rCM pass plan (DESIGN.md sections 2 and 5).
+of the rCM pass plan (docs/design.md §2.5 and §5.4).
 
 Stages hold equal numbers of blocks (``stage_layer_range``). Everything that crosses a stage
 boundary travels as ONE message: the list of tensors (tokens, their tangent, the embedded

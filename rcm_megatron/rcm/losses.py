@@ -1,4 +1,4 @@
-"""rCM loss terms (DESIGN.md section 2), each as "make targets" + "regression".
+"""rCM loss terms (docs/design.md §2), each as "make targets" + "regression".
 
 Every training pass is a regression. ``*_targets`` run forward-only passes (teacher with
 CFG, the tangent pass, fake score) and return fixed per-sample tensors; ``*_regression``
@@ -83,8 +83,8 @@ def scm_targets(
 ) -> SCMTargets:
     """Steps 1, 2, 4, 5 of sCM: teacher F_T with CFG, student tangent, g, masking, normalization.
 
-    Official-code form of the tangent (r multiplies both the x_t term and dF; DESIGN.md's
-    text drops it on dF):
+    The official code's form before its commit f9b7be9 (r multiplies both the x_t term and dF;
+    docs/design.md §2.3 gives both forms):
       g = -cos t sqrt(1 - r^2 sin^2 t) (F_sg - F_T) - r (cos t sin t x_t + dF),
     dF = cos t sin t dF_theta/dt along the PF-ODE (tangents dx = cos t sin t F_T, dt = cos t sin t).
     F_sg here is the tangent pass's primal output.

@@ -1,4 +1,4 @@
-"""Training-time distributions over TrigFlow t (DESIGN.md section 2).
+"""Training-time distributions over TrigFlow t (docs/design.md §2.2).
 
 Both are defined on the RF time s and mapped by t = atan(s/(1-s)):
 - LogNormal(m, sd): log sigma ~ N(m, sd), s = sigma/(1+sigma), so t = atan(sigma).

@@ -1,4 +1,4 @@
-"""TrigFlow view of a rectified-flow network (DESIGN.md section 2).
+"""TrigFlow view of a rectified-flow network (docs/design.md §2.1).
 
 x_t = cos t x0 + sin t eps, t in [0, pi/2], sigma_data = 1. With a = cos t + sin t:
 c_in = c_skip = 1/a, c_out = -sin t/a, c_noise = 1000 sin t/a (RF time s = sin t/a, x1000),
