@@ -50,7 +50,6 @@ import triton.language as tl
 from . import tuning
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 

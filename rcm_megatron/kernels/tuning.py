@@ -121,13 +121,6 @@ def get_config(device: torch.device | None, block_d: int, dtype: torch.dtype,
     return cfg
 
 
-def has_tuned_config(device, block_d: int, dtype: torch.dtype, has_kv_tangent: bool) -> bool:
-    _maybe_load_env()
-    key = config_key(device_name(device), block_d, dtype, has_kv_tangent)
-    with _lock:
-        return key in _cache or key in _MEASURED
-
-
 def set_config(device, block_d: int, dtype: torch.dtype, has_kv_tangent: bool,
                cfg: AttnConfig | dict) -> None:
     if isinstance(cfg, dict):

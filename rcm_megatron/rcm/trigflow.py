@@ -12,7 +12,6 @@ normalize per sample in fp64); only the network sees its own dtype (timesteps >=
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +39,6 @@ def trig_to_rf(t: Tensor) -> Tensor:
     """TrigFlow t -> RF time s = sin t/(cos t + sin t)."""
     t = torch.as_tensor(t, dtype=torch.float64)
     return torch.sin(t) / (torch.cos(t) + torch.sin(t))
-
-
-def sigma_to_trig(sigma: float) -> float:
-    """EDM-style noise level sigma (x0 + sigma eps) -> t = atan(sigma)."""
-    return math.atan(sigma)
 
 
 def expand_time(t: Tensor, like: Tensor) -> Tensor:
