@@ -180,6 +180,7 @@ def _check(results, reference, pp, cases=CASES):
         assert seen == set(ref_grads), (kind, num_micro, sorted(set(ref_grads) - seen))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pp,tp", [(2, 1), (4, 1), (2, 2)])
 def test_pipelined_steps_match_single_process(reference, pp, tp):
     states, _ = reference
@@ -188,6 +189,7 @@ def test_pipelined_steps_match_single_process(reference, pp, tp):
     _check(results, reference, pp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("comm_type", ["p2p", "a2a"])
 def test_pipelined_steps_with_context_parallel_match_single_process(cp_reference, comm_type):
     """PP = 2 x CP = 2: stage boundaries carry each CP rank's padded chunk."""

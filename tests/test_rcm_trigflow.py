@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rcm_megatron.rcm.toy import ToyVelocityNet, toy_batch
+from toy_velocity_net import ToyVelocityNet, toy_batch
 from rcm_megatron.rcm.trigflow import (
     guided_predict, guided_predict_with_tangent, predict, predict_with_tangent, rf_to_trig, trig_to_rf,
 )

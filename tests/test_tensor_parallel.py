@@ -164,6 +164,7 @@ def _layout_worker(full_state, cases):
 # ----------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,sp", [(2, False), (2, True), (4, False), (4, True)])
 def test_tensor_parallel_matches_oracle(oracle, tp, sp):
     full_state, ref = oracle
