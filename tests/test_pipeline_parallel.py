@@ -200,6 +200,7 @@ def test_pipelined_steps_with_context_parallel_match_single_process(cp_reference
     _check(results, cp_reference, 2, CP_CASES)
 
 
+@pytest.mark.slow
 def test_single_stage_plan_matches_step_functions(reference):
     """The same plan at PP = 1 (no communication) reproduces rcm.step in-process."""
     states, _ = reference
