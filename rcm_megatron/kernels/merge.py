@@ -57,37 +57,19 @@ def _check(chunk: Chunk) -> None:
 
 
 def merge_attention_chunks(chunks: Sequence[Chunk], out_dtype: torch.dtype | None = None) -> Chunk:
-    """Merge a list of partial (out, tout, lse, tlse) over disjoint key chunks.
+    """Merge a list of partial (out, tout, lse, tlse) over disjoint key chunks: the chunks folded
+    one by one with ``merge_attention_pair``.
 
     Returns (out, tout, lse, tlse) with out/tout in ``out_dtype`` (default: the first chunk's
     out dtype) and lse/tlse in fp32 (fp64 if the inputs are fp64).
     """
     if len(chunks) == 0:
         raise ValueError("merge_attention_chunks needs at least one chunk")
-    for c in chunks:
-        _check(c)
     out_dtype = out_dtype or chunks[0][0].dtype
-    ad = accumulate_dtype(chunks[0][0])
-    lses = torch.stack([c[2].to(ad) for c in chunks])  # [n, B, H, S]
-    lse = torch.logsumexp(lses, dim=0)
-    finite = torch.isfinite(lse)
-    # w_i = exp(lse_i - lse); rows with lse = -inf everywhere get all-zero weights.
-    ws = torch.where(finite, torch.exp(lses - torch.where(finite, lse, 0.0)), 0.0)
-    ws = torch.where(torch.isneginf(lses), 0.0, ws)
-
-    tlse = torch.zeros_like(lse)
-    for w, c in zip(ws, chunks):
-        tlse = tlse + _weighted(w, c[3].to(ad))
-    out = None
-    tout = None
-    for w, c in zip(ws, chunks):
-        wr = _rows(w)
-        o_i = c[0].to(ad)
-        term_o = _weighted(wr, o_i)
-        # w_i (tO_i + (tlse_i - tlse) O_i)
-        term_t = _weighted(wr, c[1].to(ad) + _rows(c[3].to(ad) - tlse) * o_i)
-        out = term_o if out is None else out + term_o
-        tout = term_t if tout is None else tout + term_t
+    acc = None
+    for c in chunks:
+        acc = merge_attention_pair(acc, c)
+    out, tout, lse, tlse = acc
     return out.to(out_dtype), tout.to(out_dtype), lse, tlse
 
 
