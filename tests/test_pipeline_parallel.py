@@ -20,8 +20,8 @@ import torch.distributed as dist
 from distributed_utils import run_distributed
 from rcm_megatron.models import WanDiT, preset
 from rcm_megatron.parallel.config import ParallelConfig
-from rcm_megatron.parallel.pipeline import (PipelineLayout, StageLink, decode_header, encode_header, pack,
-                                            specs_of, stage_layer_range, unpack)
+from rcm_megatron.parallel.pipeline import PipelineLayout, StageLink, stage_layer_range
+from rcm_megatron.parallel.stage_message import decode_header, encode_header, pack_tensors, specs_of, unpack_tensors
 from rcm_megatron.rcm.config import RCMConfig
 from rcm_megatron.rcm.schedule import phase
 from rcm_megatron.rcm.step import Batch, critic_step, student_step
@@ -226,6 +226,6 @@ def test_packing_round_trip():
     for tensors in ([x, tx, ctx], [x, None, ctx]):
         specs = decode_header(encode_header(specs_of(tensors)))
         assert specs == specs_of(tensors)
-        out = unpack(pack(tensors, "cpu"), specs)
+        out = unpack_tensors(pack_tensors(tensors, "cpu"), specs)
         for a, b in zip(out, tensors):
             assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b))
