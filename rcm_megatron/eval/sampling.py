@@ -16,18 +16,21 @@ from ..rcm.sampling import OFFICIAL_MID_TIMES, sample as student_sample_fn
 from ..rcm.teacher_sampling import euler_sample
 
 
+def _in_batches(sample_one, context: Tensor, indices, batch_size: int) -> Tensor:
+    """``sample_one(context_chunk, index_chunk)`` over chunks of ``batch_size`` prompts, concatenated."""
+    idx = index_list(indices)
+    return torch.cat([sample_one(context[lo:lo + batch_size], idx[lo:lo + batch_size])
+                      for lo in range(0, len(idx), batch_size)])
+
+
 @torch.no_grad()
 def teacher_sample(net, context: Tensor, uncond_context: Tensor, latent_shape, indices, *, seed: int,
                    steps: int = 50, cfg_scale: float = 1.0, shift: float = 3.0, stream: str = "teacher",
                    batch_size: int = 512) -> Tensor:
     """Latents [B, *latent_shape] (float64) for prompts ``context`` [B, L, D] with ``steps`` Euler steps."""
-    idx = index_list(indices)
-    out = []
-    for lo in range(0, len(idx), batch_size):
-        sl = slice(lo, lo + batch_size)
-        out.append(euler_sample(net, context[sl], uncond_context, tuple(latent_shape), idx[sl], seed=seed,
-                                num_steps=steps, guidance_scale=cfg_scale, shift=shift, stream=stream))
-    return torch.cat(out)
+    return _in_batches(lambda c, i: euler_sample(net, c, uncond_context, tuple(latent_shape), i, seed=seed,
+                                                 num_steps=steps, guidance_scale=cfg_scale, shift=shift,
+                                                 stream=stream), context, indices, batch_size)
 
 
 @torch.no_grad()
@@ -35,10 +38,6 @@ def student_sample(net, context: Tensor, latent_shape, indices, *, seed: int, nu
                    mid_times=OFFICIAL_MID_TIMES, sigma_max: float = 80.0, stream: str = "sample",
                    batch_size: int = 512) -> Tensor:
     """rcm.sampling.sample in chunks of ``batch_size`` (per-sample keyed noise: chunking changes nothing)."""
-    idx = index_list(indices)
-    out = []
-    for lo in range(0, len(idx), batch_size):
-        sl = slice(lo, lo + batch_size)
-        out.append(student_sample_fn(net, context[sl], tuple(latent_shape), idx[sl], seed=seed, num_steps=num_steps,
-                                     mid_times=mid_times, sigma_max=sigma_max, stream=stream))
-    return torch.cat(out)
+    return _in_batches(lambda c, i: student_sample_fn(net, c, tuple(latent_shape), i, seed=seed, num_steps=num_steps,
+                                                      mid_times=mid_times, sigma_max=sigma_max, stream=stream),
+                       context, indices, batch_size)
