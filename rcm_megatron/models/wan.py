@@ -148,7 +148,7 @@ class WanDiT(nn.Module):
         c = self.config
         pt, ph, pw = c.patch_size
         grid = (latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
-        x, tx = shard_sequence(*cp.split_sequence(*self.patch_embedding(latents, t_latents)))
+        x, tx = shard_sequence(*cp.split_to_cp_chunk(*self.patch_embedding(latents, t_latents)))
         temb, ttemb, tproj, ttproj = self.time_embedding(timestep, t_timestep)
         ctx = self.text_embedding(context.to(self.text_embedding.linear_1.weight.dtype))
         return StageState(x, tx, temb, ttemb, tproj, ttproj, ctx, grid)
@@ -198,7 +198,7 @@ class WanDiT(nn.Module):
         y, ty = linear_with_tangent(h, th, grad_sum_over_sequence_shards(self.proj_out.weight),
                                     grad_sum_over_sequence_shards(self.proj_out.bias))
         y, ty = unshard_sequence(y, ty, cp.chunk_length(state.seq_len))
-        y, ty = cp.gather_sequence(y, ty, state.seq_len)
+        y, ty = cp.gather_cp_chunks(y, ty, state.seq_len)
         return self._unpatchify(y, state.grid, out_shape), None if ty is None else self._unpatchify(ty, state.grid, out_shape)
 
     def _unpatchify(self, y, grid, out_shape):

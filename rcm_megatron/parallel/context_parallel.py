@@ -2,8 +2,8 @@
 
 Layout. The flattened (frames x height x width) patch sequence of S tokens is cut into CP
 chunks of s = ceil(S / cp) tokens; CP rank r holds tokens [r*s, (r+1)*s), the last chunks
-zero-padded, so CP never has to divide the frame count or S. ``split_sequence`` makes the
-chunk right after the patch embedding, ``gather_sequence`` all-gathers the head's output
+zero-padded, so CP never has to divide the frame count or S. ``split_to_cp_chunk`` makes the
+chunk right after the patch embedding, ``gather_cp_chunks`` all-gathers the head's output
 (64 values per token) and strips the padding: the model output is replicated over CP and
 the loss is computed on full latents, the same way on every CP rank. Under sequence
 parallelism the chunk is sharded further over TP (``chunk_length`` is then the length the
@@ -17,7 +17,7 @@ Self-attention over the whole sequence (``context_parallel_attention``), three w
   a second all-to-all trades back. Needs (heads / TP) divisible by CP.
 - ``p2p`` (ring, ``ring_attention.py``): key/value chunks (with their tangents, in one message)
   travel around the CP ring; each rank attends its queries to every chunk
-  (``kernels.chunk_attention``) and merges the partial results with the lse / tlse rule of
+  (``kernels.chunk_attention``) and merges the partial results with the lse / lse_tan rule of
   docs/design.md §4 (``kernels.merge``). The next
   chunk's isend/irecv is posted before the current chunk is computed, so on GPU the NCCL
   transfer overlaps the attention. Any CP size.
@@ -32,8 +32,8 @@ output (FlashAttention's backward per chunk on CUDA in half precision, plain mat
 fp64 otherwise), sending each chunk's dK, dV accumulator around the ring back to its owner.
 Cross-attention needs no CP communication: queries stay in their chunk, text is replicated.
 
-Gradients. Every CP rank computes the same loss on the replicated output; ``gather_sequence``
-hands each rank only its own chunk's output gradient, and ``split_sequence`` returns a
+Gradients. Every CP rank computes the same loss on the replicated output; ``gather_cp_chunks``
+hands each rank only its own chunk's output gradient, and ``split_to_cp_chunk`` returns a
 gradient that is zero outside the rank's chunk. So every parameter gradient (replicated
 embeddings, adaLN tables, norms, linears) is *partial* on a CP rank: its own tokens'
 contribution. They are SUMMED over CP, with the data-parallel sum, in the one all-reduce over
@@ -124,7 +124,7 @@ def _own_chunk(x: torch.Tensor, seq_len: int) -> torch.Tensor:
     return out
 
 
-class _SplitSequence(torch.autograd.Function):
+class _SplitToChunk(torch.autograd.Function):
     """Keep this rank's chunk. Backward: the chunk's gradient in place, zeros elsewhere (the
     rest is other ranks' part; the DP x CP gradient all-reduce adds them)."""
 
@@ -142,7 +142,7 @@ class _SplitSequence(torch.autograd.Function):
         return out
 
 
-class _GatherSequence(torch.autograd.Function):
+class _GatherChunks(torch.autograd.Function):
     """All-gather the chunks into the replicated sequence. Backward: this rank's chunk of the
     gradient (every rank computed the same loss, so its gradient is the whole gradient)."""
 
@@ -156,24 +156,24 @@ class _GatherSequence(torch.autograd.Function):
         return _own_chunk(g, ctx.seq_len), None
 
 
-def split_sequence(x, tx=None):
+def split_to_cp_chunk(x, x_tan=None):
     """Model entry: [B, S, ...] tokens (and tangent) -> this CP rank's chunk [B, ceil(S/cp), ...]."""
     if _cp() == 1:
-        return x, tx
-    return _SplitSequence.apply(x), None if tx is None else _SplitSequence.apply(tx)
+        return x, x_tan
+    return _SplitToChunk.apply(x), None if x_tan is None else _SplitToChunk.apply(x_tan)
 
 
-def gather_sequence(y, ty=None, seq_len: int | None = None):
+def gather_cp_chunks(y, y_tan=None, seq_len: int | None = None):
     """Model exit: chunks [B, s, ...] (and tangent, in the same collective) -> the replicated
     [B, seq_len, ...] sequence, padding stripped."""
     if _cp() == 1:
-        return y, ty
+        return y, y_tan
     seq_len = _cp() * y.shape[1] if seq_len is None else seq_len
     if chunk_length(seq_len) != y.shape[1]:
         raise ValueError(f"context-parallel chunks of {y.shape[1]} tokens on {_cp()} ranks cannot hold "
                          f"{seq_len} tokens (expected {chunk_length(seq_len)})")
-    buf, n = pack(y, ty)
-    return unpack(_GatherSequence.apply(buf, seq_len), n)
+    buf, n = pack(y, y_tan)
+    return unpack(_GatherChunks.apply(buf, seq_len), n)
 
 
 # ------------------------------------------------------------------ all-to-all (Ulysses)
@@ -224,28 +224,28 @@ def _to_sequence(tensors, group):
 # ------------------------------------------------------------------ the entry point
 
 
-def _local_attention(q, k, v, tq, tk, tv, kv_len, scale):
+def _local_attention(q, k, v, q_tan, k_tan, v_tan, kv_len, scale):
     """Attention over all keys present (the first kv_len of them)."""
-    if tq is None:
+    if q_tan is None:
         if kv_len is not None:
             k, v = k[:, :kv_len], v[:, :kv_len]
         return attention(q, k, v, scale), None
-    o, to, _, _ = attention_with_tangent(q, k, v, tq, tk, tv, scale, kv_len=kv_len)
-    return o, to
+    o, o_tan, _, _ = attention_with_tangent(q, k, v, q_tan, k_tan, v_tan, scale, kv_len=kv_len)
+    return o, o_tan
 
 
-def context_parallel_attention(q, k, v, tq=None, tk=None, tv=None, *, seq_len: int | None = None,
+def context_parallel_attention(q, k, v, q_tan=None, k_tan=None, v_tan=None, *, seq_len: int | None = None,
                                softmax_scale: float | None = None):
     """Self-attention of this CP rank's query chunk over the whole sequence.
 
     q, k, v [B, s, H, D] (s = ``chunk_length(seq_len)``, H the heads of this TP rank, RoPE
-    applied) and optional tangents; returns (out, tout) [B, s, H, D], tout None without tangent.
+    applied) and optional tangents; returns (out, out_tan) [B, s, H, D], out_tan None without tangent.
     With tangents nothing is differentiable (the tangent pass); without, the primal is.
     Without CP this is ``kernels.attention`` / ``attention_with_tangent`` itself.
     """
     cp = _cp()
     if cp == 1:
-        return _local_attention(q, k, v, tq, tk, tv, None, softmax_scale)
+        return _local_attention(q, k, v, q_tan, k_tan, v_tan, None, softmax_scale)
     seq_len = cp * q.shape[1] if seq_len is None else seq_len
     s = q.shape[1]
     if chunk_length(seq_len) != s:
@@ -253,14 +253,14 @@ def context_parallel_attention(q, k, v, tq=None, tk=None, tv=None, *, seq_len: i
                          f"on {cp} ranks (expected {chunk_length(seq_len)})")
     scale = resolve_softmax_scale(q, softmax_scale)
     comm = state.context_parallel_comm_type()
-    with_t = tq is not None
-    if with_t:
-        tk = torch.zeros_like(k) if tk is None else tk
-        tv = torch.zeros_like(v) if tv is None else tv
+    with_tan = q_tan is not None
+    if with_tan:
+        k_tan = torch.zeros_like(k) if k_tan is None else k_tan
+        v_tan = torch.zeros_like(v) if v_tan is None else v_tan
 
     if comm == "p2p":
         valid = [_valid(seq_len, j * s, s) for j in range(cp)]
-        return ring_attention(q, k, v, tq, tk, tv, state.context_parallel_group(), valid, scale)
+        return ring_attention(q, k, v, q_tan, k_tan, v_tan, state.context_parallel_group(), valid, scale)
 
     if comm == "a2a":
         inner, outer = state.context_parallel_group(), None
@@ -276,17 +276,17 @@ def context_parallel_attention(q, k, v, tq=None, tk=None, tv=None, *, seq_len: i
                          f"not divisible by the all-to-all size {a}; use --cp-comm-type p2p")
     # After the all-to-all this rank holds a tokens chunks a*s long: [base, base + a*s) of the sequence.
     length = a * s
-    if with_t:
-        q, k, v, tq, tk, tv = _to_heads([q, k, v, tq, tk, tv], inner)
+    if with_tan:
+        q, k, v, q_tan, k_tan, v_tan = _to_heads([q, k, v, q_tan, k_tan, v_tan], inner)
     else:
         q, k, v = _to_heads([q, k, v], inner)
     if outer is None or dist.get_world_size(outer) == 1:
         n = _valid(seq_len, 0, length)
-        o, to = _local_attention(q, k, v, tq, tk, tv, None if n == length else n, scale)
+        o, o_tan = _local_attention(q, k, v, q_tan, k_tan, v_tan, None if n == length else n, scale)
     else:
         valid = [_valid(seq_len, j * length, length) for j in range(dist.get_world_size(outer))]
-        o, to = ring_attention(q, k, v, tq, tk, tv, outer, valid, scale)
-    if to is None:
+        o, o_tan = ring_attention(q, k, v, q_tan, k_tan, v_tan, outer, valid, scale)
+    if o_tan is None:
         return _to_sequence([o], inner)[0], None
-    o, to = _to_sequence([o, to], inner)
-    return o, to
+    o, o_tan = _to_sequence([o, o_tan], inner)
+    return o, o_tan

@@ -118,29 +118,30 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
-def _ring_attention_with_tangent(q, k, v, tq, tk, tv, group, valid, scale):
-    """No-grad ring: (out, tout) merged over the chunks with lse / tlse (docs/design.md §4).
-    k, v, tk, tv travel in one message."""
+def _ring_attention_with_tangent(q, k, v, q_tan, k_tan, v_tan, group, valid, scale):
+    """No-grad ring: (out, out_tan) merged over the chunks with lse / lse_tan (docs/design.md §4).
+    k, v, k_tan, v_tan travel in one message."""
     ring = _Ring(group)
-    kvt = torch.stack([k, v, tk.to(k.dtype), tv.to(k.dtype)])
+    kv_with_tan = torch.stack([k, v, k_tan.to(k.dtype), v_tan.to(k.dtype)])
     acc = None
     for step in range(ring.size):
-        pending = ring.shift(kvt) if step < ring.size - 1 else None  # overlaps the compute below
+        pending = ring.shift(kv_with_tan) if step < ring.size - 1 else None  # overlaps the compute below
         n = valid[ring.chunk_at(step)]
         if n > 0:
-            k_j, v_j, tk_j, tv_j = kvt.unbind(0)
-            part = attention_with_tangent(q, k_j, v_j, tq, tk_j, tv_j, scale, kv_len=None if n == k.shape[1] else n)
+            k_j, v_j, k_tan_j, v_tan_j = kv_with_tan.unbind(0)
+            part = attention_with_tangent(q, k_j, v_j, q_tan, k_tan_j, v_tan_j, scale,
+                                          kv_len=None if n == k.shape[1] else n)
             acc = merge_attention_pair(acc, part, out=acc)
         if pending is not None:
-            kvt = pending.wait()
-    out, tout, _, _ = finalize_attention_merge(acc, q.dtype)
-    return out, tout
+            kv_with_tan = pending.wait()
+    out, out_tan, _, _ = finalize_attention_merge(acc, q.dtype)
+    return out, out_tan
 
 
-def ring_attention(q, k, v, tq, tk, tv, group, valid, scale):
-    """(out, tout) of q against the ring's key chunks; tout None (and the primal differentiable)
+def ring_attention(q, k, v, q_tan, k_tan, v_tan, group, valid, scale):
+    """(out, out_tan) of q against the ring's key chunks; out_tan None (and the primal differentiable)
     without tangents, nothing differentiable with them."""
-    if tq is None:
+    if q_tan is None:
         return _RingAttention.apply(q, k, v, group, valid, scale), None
     with torch.no_grad():
-        return _ring_attention_with_tangent(q, k, v, tq, tk, tv, group, valid, scale)
+        return _ring_attention_with_tangent(q, k, v, q_tan, k_tan, v_tan, group, valid, scale)
