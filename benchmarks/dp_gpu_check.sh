@@ -37,7 +37,7 @@ if [ "${SKIP_LAYOUTS:-0}" != 1 ]; then  # the same losses at every layout
 fi
 # checkpoints, per optimizer-state layout: DP2 save at 3, resume to 6 (== straight), then the
 # iteration-6 checkpoint loaded at DP1, run to 8 (== DP2 straight to 8). Pipeline resharding of this
-# state and CPU offload: benchmarks/dist_opt_state_roundtrip.py and the 20261127b session scripts.
+# state and CPU offload: benchmarks/dist_opt_state_roundtrip.py and the 20261127b session scripts (git show 502da45:benchmarks/sessions/).
 run dp2_straight8 2 "${COMMON[@]}" --train-iters 8 --log-dir "$OUT/dp2_straight8"
 for S in fully_reshardable; do  # megatron-core's optimizer-state layout used by the trainer
   C=()

@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # training subprocesses killed, failed and resumed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--model", "tiny", "--log-interval", "1", "--micro-batch-size", "1", "--global-batch-size", "2",
         "--rollout-max-steps", "2", "--student-update-freq", "2"]

@@ -158,6 +158,7 @@ def layout_results(oracle):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_context_parallel_matches_oracle(layout_results, layout):
     world, cfg, comms, sps = LAYOUTS[layout]
@@ -173,6 +174,7 @@ def test_context_parallel_matches_oracle(layout_results, layout):
                 assert err[q] <= tol, f"rank {rank} {key}: {q} off by {err[q]:.2e} ({err['grad_name']})"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_tangents_ride_in_the_primal_collectives(layout_results, layout):
     """a2a: q, k, v (+ tq, tk, tv) in ONE all-to-all and o (+ to) in one back, per layer; ring:
@@ -191,6 +193,7 @@ def test_tangents_ride_in_the_primal_collectives(layout_results, layout):
                 assert fwd == {"all_to_all": 2 * layers, "ring": (b - 1) * layers}
 
 
+@pytest.mark.slow
 def test_a2a_needs_heads_divisible_by_cp():
     msgs = run_distributed(_a2a_refused_worker, 3, ParallelConfig(context_parallel_size=3, cp_comm_type="p2p"))
     for m in msgs:

@@ -11,6 +11,8 @@ import pytest
 
 from test_parallel_training import assert_same_losses, grad_norms, losses, torchrun
 
+pytestmark = pytest.mark.slow  # pretrain_rcm.py under torchrun
+
 ITERS = ["--train-iters", "4"]
 LATENTS = ["--latent-shape", "16", "3", "6", "10"]
 

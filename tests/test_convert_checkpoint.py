@@ -157,6 +157,7 @@ def _tp2_rank(ck_hf, ck_pth, save, log_dir, x, t, ctx):
     return {"outs": outs, "student": student, "ema": ema, "teacher_meta": trainer.teacher_meta}
 
 
+@pytest.mark.slow
 def test_import_tp2_train_export_roundtrip(ref, tmp_path):
     m, root = ref
     cc = load_tool("convert_checkpoint")
@@ -346,6 +347,7 @@ def _write_wide_model(path, num_layers):
     return sum(torch.Size(s).numel() for s in shapes.values())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("RCM_BIG_TESTS") != "1", reason="writes ~20 GB; set RCM_BIG_TESTS=1")
 def test_14b_width_streams_with_bounded_rss(tmp_path):
     """Peak RSS of import and export does not grow with depth: 2 vs 4 blocks at Wan-14B's width."""

@@ -49,6 +49,7 @@ def contexts(assets, prompts, text_len=512):
     return padded[:-1], padded[-1:]
 
 
+@pytest.mark.slow
 def test_generate_student_and_teacher(assets, tmp_path, capsys):
     import av
 
@@ -91,6 +92,7 @@ def _generate_rank(argv):
     return gen.main(argv)
 
 
+@pytest.mark.slow
 def test_generate_tp2_cp2_from_checkpoint_matches_tp1(assets, tmp_path):
     """4 ranks: TP 2 (+ sequence parallel) x CP 2 (ring attention), the student read from an imported checkpoint."""
     cc = load_tool("convert_checkpoint")
@@ -110,6 +112,7 @@ def test_generate_tp2_cp2_from_checkpoint_matches_tp1(assets, tmp_path):
     assert (four / "contact_sheet.png").exists() and not (four / "student_0.mp4").exists()
 
 
+@pytest.mark.slow
 def test_generate_bad_input(assets, tmp_path, capsys):
     gen = load_tool("generate")
 
@@ -164,6 +167,7 @@ def test_unipc_solves_a_gaussian_flow_better_than_euler():
     assert errors[20][1] < errors[10][1] < 0.1, errors
 
 
+@pytest.mark.slow
 def test_exported_student_runs_in_wan_pipeline(assets):
     """diffusers' WanPipeline with the exported student and RCMFlowMatchScheduler samples rCM's schedule:
     one step from rCM's starting state equals our sampler; four steps decode to a video."""

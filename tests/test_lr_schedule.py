@@ -33,6 +33,7 @@ def straight(tmp_path_factory):
     return records(d)
 
 
+@pytest.mark.slow
 def test_both_models_follow_the_schedule(straight):
     assert [r["phase"] for r in straight[:4]] == ["critic", "student", "critic", "student"]
     for r in straight:
@@ -42,6 +43,7 @@ def test_both_models_follow_the_schedule(straight):
     assert straight[-1]["lr"] == pytest.approx(1e-5 if straight[-1]["phase"] == "student" else 2e-5)
 
 
+@pytest.mark.slow
 def test_resume_mid_decay_is_exact(straight, tmp_path):
     ck = str(tmp_path / "ckpt")
     run(*TINY, *COSINE, "--train-iters", "5", "--log-dir", str(tmp_path), "--save", ck)
@@ -52,6 +54,7 @@ def test_resume_mid_decay_is_exact(straight, tmp_path):
         assert (a["lr"], a["loss"]) == (b["lr"], b["loss"]), (a, b)
 
 
+@pytest.mark.slow
 def test_schedule_mismatch_on_resume(tmp_path):
     ck = str(tmp_path / "ckpt")
     run(*TINY, *COSINE, "--train-iters", "4", "--log-dir", str(tmp_path / "a"), "--save", ck)

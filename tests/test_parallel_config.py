@@ -21,6 +21,7 @@ def _timeouts():
             "tp": minutes(mpu.get_tensor_model_parallel_group())}
 
 
+@pytest.mark.slow
 def test_timeout_reaches_every_group():
     out = run_distributed(_timeouts, 2, ParallelConfig(distributed_timeout_minutes=1))
     assert out == [{"world": 1.0, "dp": 1.0, "tp": 1.0}] * 2

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # pretrain_rcm.py under torchrun
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--model", "tiny", "--log-interval", "1", "--student-update-freq", "2", "--rollout-max-steps", "2",
           "--micro-batch-size", "1", "--global-batch-size", "2"]

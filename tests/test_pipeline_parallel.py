@@ -1,4 +1,4 @@
-"""Pipeline parallelism against the single-process step plan (DESIGN.md sections 2 and 5).
+"""Pipeline parallelism against the single-process step plan (docs/design.md §2.5 and §5.4).
 
 Each layout (PP = 2, PP = 4, PP = 2 x TP = 2) runs the pipelined rCM step plan of
 ``training/pipeline_step.py`` on gloo CPU ranks with the 4-block tiny model in float64: a
@@ -20,8 +20,8 @@ import torch.distributed as dist
 from distributed_utils import run_distributed
 from rcm_megatron.models import WanDiT, preset
 from rcm_megatron.parallel.config import ParallelConfig
-from rcm_megatron.parallel.pipeline import (PipelineLayout, StageLink, decode_header, encode_header, pack,
-                                            specs_of, stage_layer_range, unpack)
+from rcm_megatron.parallel.pipeline import PipelineLayout, StageLink, stage_layer_range
+from rcm_megatron.parallel.stage_message import decode_header, encode_header, pack_tensors, specs_of, unpack_tensors
 from rcm_megatron.rcm.config import RCMConfig
 from rcm_megatron.rcm.schedule import phase
 from rcm_megatron.rcm.step import Batch, critic_step, student_step
@@ -180,6 +180,7 @@ def _check(results, reference, pp, cases=CASES):
         assert seen == set(ref_grads), (kind, num_micro, sorted(set(ref_grads) - seen))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pp,tp", [(2, 1), (4, 1), (2, 2)])
 def test_pipelined_steps_match_single_process(reference, pp, tp):
     states, _ = reference
@@ -188,6 +189,7 @@ def test_pipelined_steps_match_single_process(reference, pp, tp):
     _check(results, reference, pp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("comm_type", ["p2p", "a2a"])
 def test_pipelined_steps_with_context_parallel_match_single_process(cp_reference, comm_type):
     """PP = 2 x CP = 2: stage boundaries carry each CP rank's padded chunk."""
@@ -198,6 +200,7 @@ def test_pipelined_steps_with_context_parallel_match_single_process(cp_reference
     _check(results, cp_reference, 2, CP_CASES)
 
 
+@pytest.mark.slow
 def test_single_stage_plan_matches_step_functions(reference):
     """The same plan at PP = 1 (no communication) reproduces rcm.step in-process."""
     states, _ = reference
@@ -223,6 +226,6 @@ def test_packing_round_trip():
     for tensors in ([x, tx, ctx], [x, None, ctx]):
         specs = decode_header(encode_header(specs_of(tensors)))
         assert specs == specs_of(tensors)
-        out = unpack(pack(tensors, "cpu"), specs)
+        out = unpack_tensors(pack_tensors(tensors, "cpu"), specs)
         for a, b in zip(out, tensors):
             assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b))

@@ -35,6 +35,7 @@ def pp2(tmp_path_factory):
     return d, p
 
 
+@pytest.mark.slow
 def test_pp2_logs_the_single_process_losses(baseline, pp2):
     d, p = pp2
     assert_same_losses(losses(baseline / "log"), losses(d / "log"))
@@ -42,12 +43,14 @@ def test_pp2_logs_the_single_process_losses(baseline, pp2):
     assert "common state dict differs" not in p.stdout + p.stderr  # every rank saves the same common state
 
 
+@pytest.mark.slow
 def test_pp2_times_dp2_logs_the_single_process_losses(baseline, tmp_path):
     pretrain(4, "--pipeline-model-parallel-size", "2", "--train-iters", "4", "--log-dir", str(tmp_path))
     assert_same_losses(losses(baseline / "log"), losses(tmp_path))
     assert grad_norms(tmp_path) == pytest.approx(grad_norms(baseline / "log"), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_pp2_times_cp2_logs_the_single_process_losses(tmp_path):
     """Latents of 3 x 3 x 5 = 45 tokens: the stages exchange zero-padded CP chunks of 23 tokens.
     Equal gradient norms check the DP x CP reduction on every stage (test_context_parallel_training);
@@ -70,6 +73,7 @@ def _resume_from(src_ckpt, dst, iteration):
     return ck
 
 
+@pytest.mark.slow
 def test_reshard_pp2_checkpoint_to_pp1(baseline, pp2, tmp_path):
     """The PP = 2 iteration-2 checkpoint loads at PP = 1 and continues like the straight run."""
     ck = _resume_from(pp2[0] / "ckpt", tmp_path, 2)
@@ -77,6 +81,7 @@ def test_reshard_pp2_checkpoint_to_pp1(baseline, pp2, tmp_path):
     assert_same_losses(losses(baseline / "log")[2:], losses(tmp_path / "log"))
 
 
+@pytest.mark.slow
 def test_reshard_pp1_checkpoint_to_pp2(baseline, tmp_path):
     ck = _resume_from(baseline / "ckpt", tmp_path, 2)
     pretrain(2, "--pipeline-model-parallel-size", "2", "--train-iters", "4", "--log-dir", str(tmp_path / "log"),

@@ -143,6 +143,7 @@ def prepare(tmp, models, videos, *extra):
                       "--negative-prompt", "bad quality", "--device", "cpu", "--log-interval", "0", *extra])
 
 
+@pytest.mark.slow
 def test_prepare_end_to_end_bad_input_and_resume(tmp_path, models, videos, capfd):
     out = tmp_path / "shards"
     assert prepare(out, models, videos) == 0
@@ -184,6 +185,7 @@ def test_prepare_end_to_end_bad_input_and_resume(tmp_path, models, videos, capfd
     assert os.path.isfile(out / (shard_name(1) + INDEX_SUFFIX))
 
 
+@pytest.mark.slow
 def test_prepare_nothing_valid_and_config_errors(tmp_path, models, videos, capfd):
     bad = tmp_path / "bad.csv"
     bad.write_text("video,caption\nbroken.mp4,a cat\nshort.mp4,a dog\n")
@@ -206,6 +208,7 @@ def test_prepare_nothing_valid_and_config_errors(tmp_path, models, videos, capfd
     assert "no video column" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_prepare_two_ranks_with_torchrun(tmp_path, models, videos):
     """Each rank writes its own shards; together they equal the single-process output."""
     out = tmp_path / "dist"
@@ -271,6 +274,7 @@ def test_euler_sampler_noise_keyed_by_index():
 
 
 # ----------------------------------------------------------------------------- synthesize_data
+@pytest.mark.slow
 def test_synthesize_end_to_end_and_resume(tmp_path, models, capfd):
     from rcm_megatron.data.encoders import UMT5TextEncoder
     from rcm_megatron.models import WanConfig, WanDiT

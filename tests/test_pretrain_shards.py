@@ -13,6 +13,8 @@ import torch
 pytest.importorskip("webdataset")
 from rcm_megatron.data.shards import ShardWriter, shard_name, write_dataset_meta, write_negative_context  # noqa: E402
 
+pytestmark = pytest.mark.slow  # pretrain_rcm.py under torchrun on shards
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 1, 4, 4)
 

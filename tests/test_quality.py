@@ -122,6 +122,7 @@ def reference_and_untrained():
     return ref, one_step(TEACHER, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(TEACHER), reason="assets/toy_teacher.pt is not in this checkout")
 @pytest.mark.parametrize("method", sorted(SHORT_RUNS))
 def test_short_distillation_improves_one_step_fd(method, tmp_path, reference_and_untrained):

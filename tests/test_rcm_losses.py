@@ -1,4 +1,4 @@
-"""Each loss against a straightforward reference written from DESIGN.md section 2 (plus the
+"""Each loss against a straightforward reference written from docs/design.md §2 (plus the
 official-code r on dF), on tiny float64 tensors: per-sample losses, targets, gradients,
 NaN masking; and the rollout against a per-sample loop that keeps only the last graph."""
 
@@ -14,7 +14,7 @@ from rcm_megatron.rcm.losses import (
 from rcm_megatron.rcm.rng import KeyedRNG
 from rcm_megatron.rcm.rollout import rollout, training_schedule
 from rcm_megatron.rcm.time_samplers import UniformShift
-from rcm_megatron.rcm.toy import ToyVelocityNet, toy_batch
+from toy_velocity_net import ToyVelocityNet, toy_batch
 from test_rcm_trigflow import col, literal_guided, literal_predict
 
 D = torch.float64

@@ -10,7 +10,7 @@ from rcm_megatron.rcm.config import RCMConfig
 from rcm_megatron.rcm.rng import KeyedRNG
 from rcm_megatron.rcm.sampling import PAPER_MID_TIMES, sample, sampling_times
 from rcm_megatron.rcm.step import Batch, critic_step, student_step
-from rcm_megatron.rcm.toy import ToyVelocityNet, toy_batch
+from toy_velocity_net import ToyVelocityNet, toy_batch
 from test_rcm_trigflow import literal_predict
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rcm_megatron.rcm.toy import ToyVelocityNet, toy_batch
+from toy_velocity_net import ToyVelocityNet, toy_batch
 from rcm_megatron.rcm.trigflow import (
     guided_predict, guided_predict_with_tangent, predict, predict_with_tangent, rf_to_trig, trig_to_rf,
 )
@@ -19,7 +19,7 @@ def col(t, x):
 
 
 def literal_predict(net, x, t, ctx):
-    """(x0_hat, F) from DESIGN.md's formulas verbatim (with the 1/sin t); reference for all rcm tests."""
+    """(x0_hat, F) from the formulas of docs/design.md §2.1 verbatim (with the 1/sin t); reference for all rcm tests."""
     c, s = torch.cos(col(t, x)), torch.sin(col(t, x))
     c_in, c_out, c_noise = 1 / (c + s), -s / (c + s), 1000 * s / (c + s)
     v = net(c_in * x, c_noise.flatten(), ctx)

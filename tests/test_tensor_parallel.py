@@ -117,14 +117,15 @@ def _mapping_checks():
         want = torch.zeros(2, s, 3, dtype=D)
         chunk = full[:, r * s:(r + 1) * s]
         want[:, :chunk.shape[1]] = chunk
-        shard, tshard = mappings.split_sequence(full, tfull)
+        shard, tshard = mappings.split_to_sp_shard(full, tfull)
         assert torch.equal(shard, want)
         back, tback = mappings.all_gather_sequence(shard, tshard, seq_len=seq_len)
         assert torch.equal(back, full) and torch.equal(tback, tfull)
         # partial sums (r + 1) * full on each rank -> shard of tp (tp + 1) / 2 * full
         rs, trs = mappings.reduce_scatter_sequence((r + 1) * full, (r + 1) * tfull)
         k = tp * (tp + 1) / 2
-        assert torch.allclose(rs, k * want, rtol=1e-14) and torch.allclose(trs, k * mappings.split_sequence(tfull)[0])
+        assert torch.allclose(rs, k * want, rtol=1e-14) and torch.allclose(trs,
+                                                                          k * mappings.split_to_sp_shard(tfull)[0])
     return True
 
 
@@ -164,6 +165,7 @@ def _layout_worker(full_state, cases):
 # ----------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,sp", [(2, False), (2, True), (4, False), (4, True)])
 def test_tensor_parallel_matches_oracle(oracle, tp, sp):
     full_state, ref = oracle

@@ -47,7 +47,7 @@ def test_wan_sizes_and_phase_accounting():
     assert s == 32760
     fw = wan_forward_flops(wan13, s, 512)
     # linears ~ 2 * 1.3e9 params * 32760 tokens = 8.2e13; self-attention 30 * 4 S^2 D = 1.98e14
-    # (one layer's 6.6e12 is what DESIGN.md's cuDNN SDPA figure, 11.3 ms at 586 TFLOP/s, counts)
+    # (one layer's 6.6e12 is what the cuDNN SDPA figure of docs/design.md §7, 11.3 ms at 586 TFLOP/s, counts)
     assert fw.token_linear == pytest.approx(8.19e13, rel=0.01) and fw.self_attention == 30 * 4 * s * s * 1536
     assert 4 * s * s * 1536 / 11.3e-3 / 1e12 == pytest.approx(583, rel=0.01)
     assert fw.self_attention / fw.total > 0.65

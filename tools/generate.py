@@ -36,6 +36,8 @@ from rcm_megatron.cli import ArgumentParser  # noqa: E402 (no abbreviations, neg
 
 import torch  # noqa: E402
 
+from rcm_megatron.eval.png import write_png  # noqa: E402
+
 PROG = "generate.py"
 WAN_TEMPORAL, WAN_SPATIAL = 4, 8  # the Wan2.1 VAE's factors when no --vae is given
 
@@ -314,12 +316,6 @@ def contact_sheet(rows: list[torch.Tensor], max_frames: int, pad: int = 2) -> to
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             sheet[y:y + h, x:x + w] = r[k]
     return sheet
-
-
-def write_png(path: str, image: torch.Tensor) -> None:
-    from PIL import Image
-
-    Image.fromarray(image.numpy()).save(path)
 
 
 # ----------------------------------------------------------------------------- main

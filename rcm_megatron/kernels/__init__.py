@@ -4,7 +4,9 @@
 is the no-grad primal+tangent used by the sCM tangent pass. Both dispatch to the fused
 Triton kernel on CUDA and to the plain-math reference elsewhere (see ``dispatch.py``).
 ``merge_attention_chunks`` / ``merge_attention_pair`` combine partial results over key chunks
-(context-parallel ring attention) with the lse/tlse rule of DESIGN.md section 4.
+(context-parallel ring attention) with the lse/lse_tan rule of docs/design.md §4.3;
+``chunk_attention`` is the with-grad ring's attention of one key chunk, forward and backward
+(docs/design.md §4.4). ``numerics`` holds the accumulate dtype and the default softmax scale.
 """
 
 from .dispatch import attention, attention_with_tangent, attention_backend

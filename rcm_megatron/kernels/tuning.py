@@ -121,13 +121,6 @@ def get_config(device: torch.device | None, block_d: int, dtype: torch.dtype,
     return cfg
 
 
-def has_tuned_config(device, block_d: int, dtype: torch.dtype, has_kv_tangent: bool) -> bool:
-    _maybe_load_env()
-    key = config_key(device_name(device), block_d, dtype, has_kv_tangent)
-    with _lock:
-        return key in _cache or key in _MEASURED
-
-
 def set_config(device, block_d: int, dtype: torch.dtype, has_kv_tangent: bool,
                cfg: AttnConfig | dict) -> None:
     if isinstance(cfg, dict):
@@ -176,7 +169,7 @@ def candidate_configs(block_d: int, dtype: torch.dtype, has_kv_tangent: bool) ->
     return [C(64, 64, 4, 2, True), C(64, 32, 4, 3, True), C(128, 64, 8, 3, True), C(64, 64, 4, 2)]
 
 
-def tune_attention(q, k, v, tq, tk=None, tv=None, softmax_scale=None, candidates=None,
+def tune_attention(q, k, v, q_tan, k_tan=None, v_tan=None, softmax_scale=None, candidates=None,
                    verbose: bool = False) -> AttnConfig:
     """Time candidate configs on these arguments and cache the fastest for their key.
 
@@ -187,13 +180,14 @@ def tune_attention(q, k, v, tq, tk=None, tv=None, softmax_scale=None, candidates
 
     from .triton_attention import _block_d, triton_attention_with_tangent
 
-    has_kvt = tk is not None or tv is not None
+    has_kv_tan = k_tan is not None or v_tan is not None
     block_d = _block_d(q.shape[-1])
-    cands = candidates or candidate_configs(block_d, q.dtype, has_kvt)
+    cands = candidates or candidate_configs(block_d, q.dtype, has_kv_tan)
     best, best_ms = None, float("inf")
     for cfg in cands:
         try:
-            fn = lambda: triton_attention_with_tangent(q, k, v, tq, tk, tv, softmax_scale, config=cfg)  # noqa: E731
+            fn = lambda: triton_attention_with_tangent(q, k, v, q_tan, k_tan, v_tan, softmax_scale,  # noqa: E731
+                                                       config=cfg)
             fn()
             torch.cuda.synchronize()
             ms = triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
@@ -207,5 +201,5 @@ def tune_attention(q, k, v, tq, tk=None, tv=None, softmax_scale=None, candidates
             best, best_ms = cfg, ms
     if best is None:
         raise RuntimeError("no attention config compiled for this shape")
-    set_config(q.device, block_d, q.dtype, has_kvt, best)
+    set_config(q.device, block_d, q.dtype, has_kv_tan, best)
     return best

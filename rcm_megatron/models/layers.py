@@ -1,4 +1,4 @@
-"""Elementwise and normalization layers with their tangent rules (DESIGN.md section 3).
+"""Elementwise and normalization layers with their tangent rules (docs/design.md §3).
 
 Every function takes the primal and an optional tangent and returns ``(y, ty)``; a tangent
 of None means "no tangent pass" and costs nothing. Normalizations compute in at least fp32

@@ -174,7 +174,7 @@ class WanDiT(nn.Module):
         c = self.config
         pt, ph, pw = c.patch_size
         grid = (latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
-        x, tx = shard_sequence(*cp.split_sequence(*self.patch_embedding(latents, t_latents)))
+        x, tx = shard_sequence(*cp.split_to_cp_chunk(*self.patch_embedding(latents, t_latents)))
         ctx = self.text_embedding(context.to(self.text_embedding.linear_1.weight.dtype))
         img = None if image_context is None else self.image_embedding(image_context)
         state = StageState(x, tx, None, None, None, None, ctx, grid, img)
@@ -188,7 +188,7 @@ class WanDiT(nn.Module):
         """
         per_token = timestep.dim() == 2
         if per_token:
-            timestep, t_timestep = cp.split_sequence(timestep, t_timestep)
+            timestep, t_timestep = cp.split_to_cp_chunk(timestep, t_timestep)
         temb, ttemb, tproj, ttproj = self.time_embedding(timestep, t_timestep)
         if per_token:
             temb, ttemb = shard_sequence(temb, ttemb)
@@ -271,7 +271,7 @@ class WanDiT(nn.Module):
         y, ty = linear_with_tangent(h, th, grad_sum_over_sequence_shards(self.proj_out.weight),
                                     grad_sum_over_sequence_shards(self.proj_out.bias))
         y, ty = unshard_sequence(y, ty, cp.chunk_length(state.seq_len))
-        y, ty = cp.gather_sequence(y, ty, state.seq_len)
+        y, ty = cp.gather_cp_chunks(y, ty, state.seq_len)
         return self._unpatchify(y, state.grid, out_shape), None if ty is None else self._unpatchify(ty, state.grid, out_shape)
 
     def _unpatchify(self, y, grid, out_shape):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 CP_COMM_TYPES = ("a2a", "p2p", "a2a+p2p")
 
@@ -15,12 +15,10 @@ class ParallelConfig:
     cp_comm_type: str = "p2p"
     hierarchical_context_parallel_sizes: list[int] | None = None
     pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
     micro_batch_size: int = 1
     global_batch_size: int | None = None
     distributed_backend: str | None = None  # None: nccl on CUDA, gloo otherwise
     distributed_timeout_minutes: int = 10  # Megatron-LM's default: a stuck collective aborts, not hangs
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "context_parallel_size", "pipeline_model_parallel_size",

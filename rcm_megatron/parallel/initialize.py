@@ -57,7 +57,7 @@ def initialize_distributed(cfg: ParallelConfig) -> None:
             pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
             context_parallel_size=cfg.context_parallel_size,
             hierarchical_context_parallel_sizes=cfg.hierarchical_context_parallel_sizes,
-            order="tp-cp-ep-dp-pp",  # expert parallel size 1: the tp-cp-dp-pp order of DESIGN.md
+            order="tp-cp-ep-dp-pp",  # expert parallel size 1: the tp-cp-dp-pp order of docs/design.md §5
             distributed_timeout_minutes=cfg.distributed_timeout_minutes,
         )
     state.set_sequence_parallel(cfg.sequence_parallel)

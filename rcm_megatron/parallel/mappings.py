@@ -34,38 +34,38 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _back_to_back(x: torch.Tensor, tx: torch.Tensor) -> bool:
+def _back_to_back(x: torch.Tensor, x_tan: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():  # storage pointers would become guards: compiled code concatenates
         return False
-    return (x.shape == tx.shape and x.dtype == tx.dtype and x.device == tx.device
-            and x.is_contiguous() and tx.is_contiguous() and x.numel() > 0
-            and x.untyped_storage().data_ptr() == tx.untyped_storage().data_ptr()
-            and tx.storage_offset() == x.storage_offset() + x.numel())
+    return (x.shape == x_tan.shape and x.dtype == x_tan.dtype and x.device == x_tan.device
+            and x.is_contiguous() and x_tan.is_contiguous() and x.numel() > 0
+            and x.untyped_storage().data_ptr() == x_tan.untyped_storage().data_ptr()
+            and x_tan.storage_offset() == x.storage_offset() + x.numel())
 
 
-def pack(x: torch.Tensor, tx: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+def pack(x: torch.Tensor, x_tan: torch.Tensor | None) -> tuple[torch.Tensor, int]:
     """One buffer [n*B, ...] holding the primal (and its tangent, cast to the primal's dtype).
 
-    Returns (buffer, n) with n = 1 (no tangent) or 2. When x and tx are the two halves of
+    Returns (buffer, n) with n = 1 (no tangent) or 2. When x and x_tan are the two halves of
     one contiguous buffer already (and no gradient flows through them), that buffer is
     returned without a copy.
     """
-    if tx is None:
+    if x_tan is None:
         return x, 1
-    tx = tx.to(x.dtype)
-    grads = torch.is_grad_enabled() and (x.requires_grad or tx.requires_grad)
-    if not grads and _back_to_back(x, tx):
+    x_tan = x_tan.to(x.dtype)
+    grads = torch.is_grad_enabled() and (x.requires_grad or x_tan.requires_grad)
+    if not grads and _back_to_back(x, x_tan):
         shape = (2 * x.shape[0],) + tuple(x.shape[1:])
         return x.as_strided(shape, _contiguous_strides(shape), x.storage_offset()), 2
-    return torch.cat([x, tx], dim=0), 2
+    return torch.cat([x, x_tan], dim=0), 2
 
 
 def unpack(buf: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inverse of ``pack``: (x, tx) as views of the buffer (tx None when n = 1)."""
+    """Inverse of ``pack``: (x, x_tan) as views of the buffer (x_tan None when n = 1)."""
     if n == 1:
         return buf, None
-    x, tx = buf.chunk(2, dim=0)
-    return x, tx
+    x, x_tan = buf.chunk(2, dim=0)
+    return x, x_tan
 
 
 # ------------------------------------------------------------------ raw collectives
@@ -85,9 +85,9 @@ def shard_length(seq_len: int, tp: int | None = None) -> int:
     return -(-seq_len // tp)
 
 
-def _all_gather_into(out: torch.Tensor, inp: torch.Tensor) -> None:
+def _all_gather_into(out: torch.Tensor, inp: torch.Tensor, group=None) -> None:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=_group())
+    fn(out, inp, group=_group() if group is None else group)
 
 
 def _reduce_scatter_into(out: torch.Tensor, inp: torch.Tensor) -> None:
@@ -102,12 +102,15 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _gather_tokens(x: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """[N, s, ...] shards of every rank -> [N, seq_len, ...] (padding stripped), contiguous."""
-    tp, (n, s), rest = _tp(), x.shape[:2], tuple(x.shape[2:])
-    recv = x.new_empty((tp * n, s) + rest)  # rank-major concatenation along dim 0
-    _all_gather_into(recv, x.contiguous())
-    full = recv.view((tp, n, s) + rest).movedim(0, 1).reshape((n, tp * s) + rest)  # a view when n == 1
+def all_gather_tokens(x: torch.Tensor, seq_len: int, group=None) -> torch.Tensor:
+    """[N, s, ...] token chunks of every rank of ``group`` (default: the TP group) -> [N, seq_len, ...]
+    in rank order (padding stripped), contiguous. Sequence-parallel shards and context-parallel
+    chunks are both laid out this way."""
+    group = _group() if group is None else group
+    p, (n, s), rest = dist.get_world_size(group), x.shape[:2], tuple(x.shape[2:])
+    recv = x.new_empty((p * n, s) + rest)  # rank-major concatenation along dim 0
+    _all_gather_into(recv, x.contiguous(), group)
+    full = recv.view((p, n, s) + rest).movedim(0, 1).reshape((n, p * s) + rest)  # a view when n == 1
     return full[:, :seq_len].contiguous()
 
 
@@ -162,7 +165,7 @@ class _AllGatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, seq_len: int, grad_is_partial: bool):
         ctx.grad_is_partial = grad_is_partial
-        return _gather_tokens(x, seq_len)
+        return all_gather_tokens(x, seq_len)
 
     @staticmethod
     def backward(ctx, g):
@@ -180,7 +183,7 @@ class _ToSequenceShards(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _gather_tokens(g, ctx.seq_len), None
+        return all_gather_tokens(g, ctx.seq_len), None
 
 
 class _CopyToTensorParallel(torch.autograd.Function):
@@ -223,7 +226,7 @@ class _AllReduceSum(torch.autograd.Function):
 # ------------------------------------------------------------------ public functions
 
 
-def all_gather_sequence(x, tx=None, *, seq_len: int | None = None, grad: str = "reduce_scatter"):
+def all_gather_sequence(x, x_tan=None, *, seq_len: int | None = None, grad: str = "reduce_scatter"):
     """Sequence shards [B, s, ...] (and tangent) -> full [B, seq_len, ...], one collective.
 
     ``seq_len`` (default tp*s) strips the padding. ``grad``: "reduce_scatter" when the
@@ -232,28 +235,28 @@ def all_gather_sequence(x, tx=None, *, seq_len: int | None = None, grad: str = "
     if grad not in ("reduce_scatter", "split"):
         raise ValueError(f"grad must be 'reduce_scatter' or 'split', got {grad!r}")
     if _tp() == 1:
-        return x, tx
+        return x, x_tan
     seq_len = _tp() * x.shape[1] if seq_len is None else seq_len
     _check_shards(x.shape[1], seq_len)
-    buf, n = pack(x, tx)
+    buf, n = pack(x, x_tan)
     return unpack(_AllGatherTokens.apply(buf, seq_len, grad == "reduce_scatter"), n)
 
 
-def reduce_scatter_sequence(x, tx=None):
+def reduce_scatter_sequence(x, x_tan=None):
     """Partial sums [B, S, ...] (and tangent) -> this rank's shard [B, ceil(S/tp), ...] of
     the TP sum, one collective; zero-pads S to a multiple of tp. Backward: all-gather."""
     if _tp() == 1:
-        return x, tx
-    buf, n = pack(x, tx)
+        return x, x_tan
+    buf, n = pack(x, x_tan)
     return unpack(_ToSequenceShards.apply(buf, True), n)
 
 
-def split_sequence(x, tx=None):
+def split_to_sp_shard(x, x_tan=None):
     """Replicated [B, S, ...] (and tangent) -> this rank's zero-padded shard; no communication.
     Backward: all-gather (each rank's gradient covers only its own tokens)."""
     if _tp() == 1:
-        return x, tx
-    return _ToSequenceShards.apply(x, False), None if tx is None else _ToSequenceShards.apply(tx, False)
+        return x, x_tan
+    return _ToSequenceShards.apply(x, False), None if x_tan is None else _ToSequenceShards.apply(x_tan, False)
 
 
 def copy_to_tensor_parallel(x):
@@ -263,12 +266,12 @@ def copy_to_tensor_parallel(x):
     return _CopyToTensorParallel.apply(x)
 
 
-def all_reduce_tensor_parallel(x, tx=None):
+def all_reduce_tensor_parallel(x, x_tan=None):
     """Sum over the TP group (and of the tangent, same collective); identity backward
     (output of row-parallel layers without sequence parallelism)."""
     if _tp() == 1:
-        return x, tx
-    buf, n = pack(x, tx)
+        return x, x_tan
+    buf, n = pack(x, x_tan)
     return unpack(_ReduceFromTensorParallel.apply(buf), n)
 
 

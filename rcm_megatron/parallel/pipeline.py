@@ -1,10 +1,10 @@
 """Pipeline parallelism: stage layout, packed stage-to-stage transfers, and the two schedules
-of the rCM pass plan (DESIGN.md sections 2 and 5).
+of the rCM pass plan (docs/design.md §2.5 and §5.4).
 
 Stages hold equal numbers of blocks (``stage_layer_range``). Everything that crosses a stage
-boundary travels as ONE message: the list of tensors (tokens, their tangent, the embedded
-text) packed byte-wise into one buffer, preceded by a small int64 header that says how to
-unpack it (dtypes and shapes; a missing tangent is an empty slot). Gradients go back in the
+boundary travels as ONE message (``stage_message``): the list of tensors (tokens, their tangent,
+the embedded text) packed byte-wise into one buffer, preceded by a small int64 header that says
+how to unpack it (dtypes and shapes; a missing tangent is an empty slot). Gradients go back in the
 same layout without a header: the sender of the activations knows their shapes.
 
 Under TP (SP) and CP a rank's neighbours are the ranks of equal TP, CP and DP rank in the
@@ -39,6 +39,9 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+
+from .stage_message import (HEADER_LEN, Spec, decode_header, encode_header, pack_tensors, packed_nbytes, specs_of,
+                            unpack_tensors)
 
 # ------------------------------------------------------------------ layout
 
@@ -103,97 +106,6 @@ class PipelineLayout:
         return t
 
 
-# ------------------------------------------------------------------ packing
-
-_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
-           torch.bool)
-_MAX_TENSORS, _MAX_DIMS = 8, 6
-_SLOT = 2 + _MAX_DIMS  # per tensor: dtype code (-1: None), ndim, dims
-HEADER_LEN = 1 + _MAX_TENSORS * _SLOT
-_ALIGN = 64  # bytes; every packed tensor starts aligned so its dtype view is legal
-
-
-@dataclass(frozen=True)
-class Spec:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
-
-
-def _aligned(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
-
-
-def specs_of(tensors: Sequence[torch.Tensor | None]) -> list[Spec | None]:
-    return [None if t is None else Spec(t.dtype, tuple(t.shape)) for t in tensors]
-
-
-def encode_header(specs: Sequence[Spec | None]) -> torch.Tensor:
-    if len(specs) > _MAX_TENSORS:
-        raise ValueError(f"a stage boundary carries at most {_MAX_TENSORS} tensors, got {len(specs)}")
-    h = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    h[0] = len(specs)
-    for i, s in enumerate(specs):
-        base = 1 + i * _SLOT
-        if s is None:
-            h[base] = -1
-            continue
-        if len(s.shape) > _MAX_DIMS:
-            raise ValueError(f"tensors crossing a stage boundary have at most {_MAX_DIMS} dims, got {s.shape}")
-        h[base] = _DTYPES.index(s.dtype)
-        h[base + 1] = len(s.shape)
-        h[base + 2: base + 2 + len(s.shape)] = torch.tensor(s.shape, dtype=torch.int64)
-    return h
-
-
-def decode_header(h: torch.Tensor) -> list[Spec | None]:
-    v = h.tolist()
-    out = []
-    for i in range(int(v[0])):
-        base = 1 + i * _SLOT
-        if v[base] < 0:
-            out.append(None)
-            continue
-        nd = int(v[base + 1])
-        out.append(Spec(_DTYPES[int(v[base])], tuple(int(d) for d in v[base + 2: base + 2 + nd])))
-    return out
-
-
-def packed_nbytes(specs: Sequence[Spec | None]) -> int:
-    return sum(_aligned(s.nbytes) for s in specs if s is not None)
-
-
-def pack(tensors: Sequence[torch.Tensor | None], device) -> torch.Tensor:
-    """One uint8 buffer holding every tensor (None slots take no space)."""
-    specs = specs_of(tensors)
-    buf = torch.empty(packed_nbytes(specs), dtype=torch.uint8, device=device)
-    off = 0
-    for t, s in zip(tensors, specs):
-        if t is None:
-            continue
-        buf[off: off + s.nbytes].view(s.dtype).view(s.shape).copy_(t.detach())
-        off += _aligned(s.nbytes)
-    return buf
-
-
-def unpack(buf: torch.Tensor, specs: Sequence[Spec | None]) -> list[torch.Tensor | None]:
-    """Views of ``buf`` laid out as ``pack`` wrote them."""
-    out, off = [], 0
-    for s in specs:
-        if s is None:
-            out.append(None)
-            continue
-        out.append(buf[off: off + s.nbytes].view(s.dtype).view(s.shape))
-        off += _aligned(s.nbytes)
-    return out
-
-
 # ------------------------------------------------------------------ stage-to-stage transfers
 
 
@@ -247,7 +159,7 @@ class StageLink:
         if self.layout.is_last:
             return []
         specs, header = self._header_out(tensors)
-        buf = pack(tensors, self.device)
+        buf = pack_tensors(tensors, self.device)
         peer = self.layout.next_rank
         works = [self._isend(header, peer)]
         if buf.numel():
@@ -262,13 +174,13 @@ class StageLink:
         buf = torch.empty(packed_nbytes(specs), dtype=torch.uint8, device=self.device)
         if buf.numel():
             dist.recv(buf, src=peer, group=self.layout.group)
-        return unpack(buf, specs)
+        return unpack_tensors(buf, specs)
 
     # -- backward direction
     def send_backward(self, grads: Sequence[torch.Tensor | None]) -> None:
         if self.layout.is_first:
             return
-        buf = pack(grads, self.device)
+        buf = pack_tensors(grads, self.device)
         self._batch([self._op(dist.isend, buf, self.layout.prev_rank)])
 
     def recv_backward(self, specs: Sequence[Spec | None]) -> list[torch.Tensor | None] | None:
@@ -276,7 +188,7 @@ class StageLink:
             return None
         buf = torch.empty(packed_nbytes(specs), dtype=torch.uint8, device=self.device)
         self._batch([self._op(dist.irecv, buf, self.layout.next_rank)])
-        return unpack(buf, specs)
+        return unpack_tensors(buf, specs)
 
     # -- the two combined steps of 1F1B (one batch per neighbour pair)
     def send_forward_recv_backward(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None] | None:
@@ -285,21 +197,21 @@ class StageLink:
         specs, header = self._header_out(tensors)
         peer = self.layout.next_rank
         hw = self._isend(header, peer)  # the receiver needs it before it can post the payload receive
-        out = pack(tensors, self.device)
+        out = pack_tensors(tensors, self.device)
         grads = torch.empty(packed_nbytes(specs), dtype=torch.uint8, device=self.device)
         self._batch([self._op(dist.isend, out, peer), self._op(dist.irecv, grads, peer)])
         hw.wait()
-        return unpack(grads, specs)
+        return unpack_tensors(grads, specs)
 
     def send_backward_recv_forward(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None] | None:
         if self.layout.is_first:
             return None
         peer = self.layout.prev_rank
         specs = self._recv_header(peer)
-        out = pack(grads, self.device)
+        out = pack_tensors(grads, self.device)
         buf = torch.empty(packed_nbytes(specs), dtype=torch.uint8, device=self.device)
         self._batch([self._op(dist.isend, out, peer), self._op(dist.irecv, buf, peer)])
-        return unpack(buf, specs)
+        return unpack_tensors(buf, specs)
 
 
 class _Pending:

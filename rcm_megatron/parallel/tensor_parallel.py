@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from . import state
 from .mappings import (all_gather_sequence, all_reduce_tensor_parallel, all_reduce_tp_sum,  # noqa: F401
                        copy_to_tensor_parallel, grad_sum_over_sequence_shards, pack, reduce_scatter_sequence,
-                       split_sequence, unpack)
+                       split_to_sp_shard, unpack)
 
 
 def validate_tp(config, tp: int, world_size: int | None = None) -> None:
@@ -111,7 +111,7 @@ def shard_sequence(x, tx=None):
     """Model entry to sequence parallelism: keep this rank's token shard (identity without SP)."""
     if not state.sequence_parallel_enabled():
         return x, tx
-    return split_sequence(x, tx)
+    return split_to_sp_shard(x, tx)
 
 
 def unshard_sequence(y, ty=None, seq_len: int | None = None):

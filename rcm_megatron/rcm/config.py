@@ -1,4 +1,4 @@
-"""One validated config for the method (DESIGN.md section 2); presets for Wan 1.3B / 14B.
+"""One validated config for the method (docs/design.md §2); presets for Wan 1.3B / 14B.
 
 Every check names the field and what it expects, so a bad flag fails at startup, not
 hours into a run.

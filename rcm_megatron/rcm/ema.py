@@ -1,4 +1,4 @@
-"""Power EMA of the student (Karras et al. 2024; DESIGN.md section 2).
+"""Power EMA of the student (Karras et al. 2024; docs/design.md §2.6).
 
 For relative width s, gamma is the largest real root of
   g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0

@@ -1,4 +1,4 @@
-"""rCM loss terms (DESIGN.md section 2), each as "make targets" + "regression".
+"""rCM loss terms (docs/design.md §2), each as "make targets" + "regression".
 
 Every training pass is a regression. ``*_targets`` run forward-only passes (teacher with
 CFG, the tangent pass, fake score) and return fixed per-sample tensors; ``*_regression``
@@ -28,7 +28,8 @@ from ..kernels.dispatch import training_pass
 from .config import TANGENT_WARMUP_FORMS
 from .protocol import VelocityNet
 from .rollout import RolloutResult
-from .trigflow import add_noise, expand_time, guided_predict, predict, predict_with_tangent, rf_to_trig
+from .trigflow import (add_noise, expand_time, guided_predict, predict, predict_with_tangent, rf_to_trig,
+                       wan_time_shift)
 
 
 @dataclass
@@ -203,7 +204,7 @@ def dcm_time_grid(num_steps: int, shift: float) -> Tensor:
     """t_0 = 0 < ... < t_N = pi/2: RF times s_i = k u_i/(1+(k-1)u_i), u_i = i/N (Wan's
     shifted sampling grid, shift k), mapped to TrigFlow t."""
     u = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
-    return rf_to_trig(shift * u / (1 + (shift - 1) * u))
+    return rf_to_trig(wan_time_shift(u, shift))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""AdamW for the student and the fake score (DESIGN.md section 2): betas (0, 0.999),
+"""AdamW for the student and the fake score (docs/design.md §2.6): betas (0, 0.999),
 weight decay 0.01, no gradient clipping unless ``grad_clip_norm`` is set.
 
 ``adamw_kwargs`` is the single source of the settings so a megatron-core distributed

@@ -1,4 +1,4 @@
-"""Layout-invariant randomness (DESIGN.md section 5).
+"""Layout-invariant randomness (docs/design.md §5.6).
 
 Every draw is keyed by (seed, iteration, global sample index, stream name), never by rank:
 each sample gets its own ``torch.Generator`` seeded from a stable hash of that key. A batch

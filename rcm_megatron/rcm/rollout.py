@@ -1,4 +1,4 @@
-"""Student rollout from pure noise (DESIGN.md section 2, "Generator rollout").
+"""Student rollout from pure noise (docs/design.md §2.4).
 
 Each sample i runs N_i steps at times times[i, 0] > times[i, 1] > ... : x0 = student
 x0_hat(x, t_k), then re-noise x = cos t_{k+1} x0 + sin t_{k+1} eps_k. The whole rollout is

@@ -1,4 +1,4 @@
-"""Few-step sampling with the distilled student (DESIGN.md section 2).
+"""Few-step sampling with the distilled student (docs/design.md §2.7).
 
 N steps at times [atan(sigma_max)] + mid[:N-1] + [0], mid = (1.3, 1.0, 0.6) (paper) or
 (1.5, 1.4, 1.0) (official code). Start from x = eps; each step x0 = student x0_hat(x, t),

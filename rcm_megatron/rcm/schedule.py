@@ -1,4 +1,4 @@
-"""Which model an iteration trains (DESIGN.md section 2, "Schedule").
+"""Which model an iteration trains (docs/design.md §2.6).
 
 rcm: iterations < tangent_warmup_iters are student steps with sCM only (the fake score is
 not needed yet). Afterwards, with F = student_update_freq and k = iteration - warmup, the

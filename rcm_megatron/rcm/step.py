@@ -1,4 +1,4 @@
-"""The single-process step plan (DESIGN.md section 2, "Every training pass is a regression").
+"""The single-process step plan (docs/design.md §2.5, "Every training pass is a regression").
 
 A student or critic step is split into
   make_*_targets: forward-only passes (teacher x2 for CFG, tangent pass, rollouts, fake

@@ -20,8 +20,7 @@ from torch import Tensor
 
 from .protocol import VelocityNet, net_dtype, timestep_dtype
 from .rng import Indices, KeyedRNG, index_list
-
-RF_TIME_SCALE = 1000.0
+from .trigflow import RF_TIME_SCALE, wan_time_shift
 
 
 def shifted_sigmas(num_steps: int, shift: float = 5.0) -> Tensor:
@@ -31,7 +30,7 @@ def shifted_sigmas(num_steps: int, shift: float = 5.0) -> Tensor:
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    return shift * u / (1.0 + (shift - 1.0) * u)
+    return wan_time_shift(u, shift)
 
 
 def guided_velocity(net: VelocityNet, x: Tensor, s: float, context: Tensor, uncond_context: Tensor | None,

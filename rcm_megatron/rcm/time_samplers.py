@@ -1,4 +1,4 @@
-"""Training-time distributions over TrigFlow t (DESIGN.md section 2).
+"""Training-time distributions over TrigFlow t (docs/design.md §2.2).
 
 Both are defined on the RF time s and mapped by t = atan(s/(1-s)):
 - LogNormal(m, sd): log sigma ~ N(m, sd), s = sigma/(1+sigma), so t = atan(sigma).
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .rng import Indices, KeyedRNG
-from .trigflow import rf_to_trig
+from .trigflow import rf_to_trig, wan_time_shift
 
 T_MIN = 1e-4
 T_MAX = math.pi / 2 - 1e-4
@@ -66,7 +66,7 @@ class UniformShift:
 
     def from_uniform(self, u: Tensor) -> Tensor:
         u = u.to(torch.float64)
-        return _clamp(rf_to_trig(self.shift * u / (1 + (self.shift - 1) * u)))
+        return _clamp(rf_to_trig(wan_time_shift(u, self.shift)))
 
     def sample(self, rng: KeyedRNG, stream: str, indices: Indices, shape=()) -> Tensor:
         return self.from_uniform(rng.uniform(stream, indices, shape))

@@ -1,4 +1,4 @@
-"""TrigFlow view of a rectified-flow network (DESIGN.md section 2).
+"""TrigFlow view of a rectified-flow network (docs/design.md §2.1).
 
 x_t = cos t x0 + sin t eps, t in [0, pi/2], sigma_data = 1. With a = cos t + sin t:
 c_in = c_skip = 1/a, c_out = -sin t/a, c_noise = 1000 sin t/a (RF time s = sin t/a, x1000),
@@ -12,7 +12,6 @@ normalize per sample in fp64); only the network sees its own dtype (timesteps >=
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -29,15 +28,17 @@ def rf_to_trig(s: Tensor) -> Tensor:
     return torch.atan2(s, 1.0 - s)
 
 
+def wan_time_shift(u: Tensor, shift: float) -> Tensor:
+    """Wan's timestep shift of an RF time u in [0, 1]: s = k u / (1 + (k - 1) u), k = ``shift``
+    (identity at k = 1). The one definition behind Wan's training sampler, its sampling grids
+    and the dCM grid."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 def trig_to_rf(t: Tensor) -> Tensor:
     """TrigFlow t -> RF time s = sin t/(cos t + sin t)."""
     t = torch.as_tensor(t, dtype=torch.float64)
     return torch.sin(t) / (torch.cos(t) + torch.sin(t))
-
-
-def sigma_to_trig(sigma: float) -> float:
-    """EDM-style noise level sigma (x0 + sigma eps) -> t = atan(sigma)."""
-    return math.atan(sigma)
 
 
 def expand_time(t: Tensor, like: Tensor) -> Tensor:

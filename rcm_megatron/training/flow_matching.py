@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..rcm.rng import KeyedRNG
+from ..rcm.trigflow import wan_time_shift
 
 
 def flow_matching_loss(net, x0, context, uncond_context, indices, seed: int, iteration: int,
@@ -20,7 +21,7 @@ def flow_matching_loss(net, x0, context, uncond_context, indices, seed: int, ite
     dev, dt = x0.device, x0.dtype
     eps = rng.normal("fm.noise", indices, x0.shape[1:], device=dev).to(dt)
     u = rng.uniform("fm.time", indices, device=dev)
-    s = (shift * u / (1 + (shift - 1) * u)).clamp(1e-4, 1 - 1e-4)
+    s = wan_time_shift(u, shift).clamp(1e-4, 1 - 1e-4)
     drop = rng.uniform("fm.drop", indices, device=dev) < cond_drop
     ctx = torch.where(drop.view(-1, 1, 1), uncond_context.to(context.dtype).expand_as(context), context)
     sb = s.view(-1, 1, 1, 1, 1).to(dt)

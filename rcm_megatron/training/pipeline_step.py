@@ -1,4 +1,4 @@
-"""The rCM step plan under pipeline parallelism (DESIGN.md section 2, "Every training pass is
+"""The rCM step plan under pipeline parallelism (docs/design.md §2.5, "Every training pass is
 a regression"; the schedules are in ``parallel/pipeline.py``).
 
 Every stage runs the method code of ``rcm/`` unchanged, in lockstep, on the DP rank's whole

@@ -1,4 +1,4 @@
-"""A tiny smooth VelocityNet for tests and smoke runs (not a model of anything).
+"""A tiny smooth VelocityNet for the method tests (not a model of anything).
 
 Conv over H,W -> adaLN-style time modulation -> context shift -> tanh -> 1x1 conv, plus a
 skip. Every piece is smooth, and the time embedding uses low frequencies of timestep/1000,
