@@ -11,7 +11,7 @@ def kinds(cfg, n):
 
 
 def test_rcm_warmup_then_alternation():
-    cfg = RCMConfig(mode="rcm", tangent_warmup_iters=3, student_update_freq=4)
+    cfg = RCMConfig(method="rcm", tangent_warmup_iters=3, student_update_freq=4)
     got = kinds(cfg, 12)
     assert got[:3] == [("student", ("scm",))] * 3
     student_iters = [i for i, (m, _) in enumerate(got) if m == "student" and i >= 3]
@@ -21,9 +21,9 @@ def test_rcm_warmup_then_alternation():
 
 
 def test_pure_modes():
-    assert set(kinds(RCMConfig(mode="scm", tangent_warmup_iters=5), 20)) == {("student", ("scm",))}
-    assert set(kinds(RCMConfig(mode="dcm"), 20)) == {("student", ("dcm",))}
-    dmd = kinds(RCMConfig(mode="dmd", student_update_freq=5, tangent_warmup_iters=7), 10)
+    assert set(kinds(RCMConfig(method="scm", tangent_warmup_iters=5), 20)) == {("student", ("scm",))}
+    assert set(kinds(RCMConfig(method="dcm"), 20)) == {("student", ("dcm",))}
+    dmd = kinds(RCMConfig(method="dmd", student_update_freq=5, tangent_warmup_iters=7), 10)
     assert [i for i, (m, _) in enumerate(dmd) if m == "student"] == [4, 9]
     assert dmd[4] == ("student", ("dmd",))
 

@@ -39,7 +39,7 @@ MODES = [("rcm", 4, {"loss_scm", "loss_dmd"}), ("scm", 0, {"loss_scm"}), ("dmd",
 @pytest.mark.parametrize("mode,it,keys", MODES)
 def test_student_step_trains_only_the_student(nets, mode, it, keys):
     teacher, student, fake = nets
-    cfg = RCMConfig(mode=mode)
+    cfg = RCMConfig(method=mode)
     out = student_step(cfg, teacher, student, fake if cfg.uses_fake_score else None, batch(n=3), it)
     assert {k for k in out if k.startswith("loss")} == keys
     assert all(torch.isfinite(v) for v in out.values())

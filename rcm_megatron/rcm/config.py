@@ -34,13 +34,13 @@ class RCMConfig:
     """rCM hyper-parameters. Defaults = Wan2.1 1.3B (official code where paper and code differ),
     except tangent_warmup_iters (0 here; the wan presets carry the official recipes' warmup).
 
-    mode: 'rcm' (sCM + DMD, critic alternation), 'scm' (sCM only, no fake score),
+    method: 'rcm' (sCM + DMD, critic alternation), 'scm' (sCM only, no fake score),
       'dmd' (DMD only, critic alternation), 'dcm' (discrete-time CM baseline, see losses.py).
     seed: keys every random draw together with iteration and global sample index.
     cfg_scale: teacher guidance w in F_T = F_u + w (F_c - F_u).
     student_update_freq: F; after warmup one student step every F iterations, critic between.
     tangent_warmup_iters: r = min(1, iter/warmup) in the sCM tangent; student-only meanwhile
-      (rcm mode; ignored by dmd/dcm).
+      (method rcm; ignored by dmd/dcm).
     tangent_warmup_form: how r enters the sCM tangent g (losses.tangent_g): 'f9b7be9' (official
       code since NVlabs/rcm commit f9b7be9, r scales only the x_t term) or 'pre-f9b7be9' (r scales dF too).
     scm_loss_scale / dmd_loss_scale / dcm_loss_scale: per-term multipliers.
@@ -57,7 +57,7 @@ class RCMConfig:
     dcm_num_steps / dcm_skip / dcm_shift: dCM grid size, teacher-step skip, grid shift.
     """
 
-    mode: str = "rcm"
+    method: str = "rcm"
     seed: int = 0
     cfg_scale: float = 5.0
     student_update_freq: int = 5
@@ -87,8 +87,8 @@ class RCMConfig:
     dcm_shift: float = 5.0
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            _fail("mode", f"one of {MODES}", self.mode)
+        if self.method not in MODES:
+            _fail("method", f"one of {MODES}", self.method)
         if not _is_int(self.seed):
             _fail("seed", "an int", self.seed)
         for name in ("cfg_scale", "scm_loss_scale", "dmd_loss_scale", "dcm_loss_scale", "weight_decay"):
@@ -153,7 +153,7 @@ class RCMConfig:
 
     @property
     def uses_fake_score(self) -> bool:
-        return self.mode in ("rcm", "dmd")
+        return self.method in ("rcm", "dmd")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> RCMConfig:
@@ -175,6 +175,8 @@ class RCMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RCMConfig:
+        if "mode" in d and "method" not in d:  # written before the field was renamed (checkpoint meta)
+            d = {("method" if k == "mode" else k): v for k, v in d.items()}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -34,15 +34,15 @@ CRITIC = Phase("critic")
 def phase(cfg: RCMConfig, iteration: int) -> Phase:
     if iteration < 0:
         raise ValueError(f"iteration: expected >= 0, got {iteration}")
-    if cfg.mode in ("scm", "dcm"):
-        return Phase("student", (cfg.mode,))
-    warmup = cfg.tangent_warmup_iters if cfg.mode == "rcm" else 0
+    if cfg.method in ("scm", "dcm"):
+        return Phase("student", (cfg.method,))
+    warmup = cfg.tangent_warmup_iters if cfg.method == "rcm" else 0
     if iteration < warmup:
         return Phase("student", ("scm",))
     f = cfg.student_update_freq
     if (iteration - warmup) % f != f - 1:
         return CRITIC
-    return Phase("student", ("scm", "dmd") if cfg.mode == "rcm" else ("dmd",))
+    return Phase("student", ("scm", "dmd") if cfg.method == "rcm" else ("dmd",))
 
 
 def tangent_warmup_ratio(cfg: RCMConfig, iteration: int) -> float:

@@ -282,7 +282,7 @@ def parse_args(argv=None):
 
     preset_name = "wan-14b" if (args.model == "wan-14b") else "wan-1.3b"
     overrides = {k: v for k, v in {
-        "mode": args.method, "seed": args.seed, "cfg_scale": args.cfg_scale,
+        "method": args.method, "seed": args.seed, "cfg_scale": args.cfg_scale,
         "student_update_freq": args.student_update_freq, "tangent_warmup_iters": args.tangent_warmup_iters,
         "tangent_warmup_form": args.tangent_warmup_form,
         "scm_loss_scale": args.scm_loss_scale, "dmd_loss_scale": args.dmd_loss_scale, "p_g": args.p_g,

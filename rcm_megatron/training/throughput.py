@@ -138,8 +138,8 @@ def average_iteration_flops(cfg, tokens: int, text_len: int, rcm_cfg) -> float:
     rcm/dmd: one student step and F-1 critic steps; scm/dcm: a student step."""
     from ..rcm.schedule import phase as schedule_phase
 
-    warm = rcm_cfg.tangent_warmup_iters if rcm_cfg.mode == "rcm" else 0
-    period = rcm_cfg.student_update_freq if rcm_cfg.mode in ("rcm", "dmd") else 1
+    warm = rcm_cfg.tangent_warmup_iters if rcm_cfg.method == "rcm" else 0
+    period = rcm_cfg.student_update_freq if rcm_cfg.method in ("rcm", "dmd") else 1
     total = sum(phase_flops(cfg, tokens, text_len, schedule_phase(rcm_cfg, warm + k), rcm_cfg.rollout_max_steps,
                             rcm_cfg.rollout_random_steps)["total"] for k in range(period))
     return total / period

@@ -50,7 +50,7 @@ def check_resume_compatible(where: str, train, rcm, model_cfg, peak_lrs) -> dict
         diff = sorted(k for k in set(want) | set(got) if got.get(k) != want.get(k))
         raise ArgumentError(f"--load {where}: checkpoint is for another architecture (differs in {diff}: "
                             f"{ {k: got.get(k) for k in diff} } vs this run's { {k: want.get(k) for k in diff} })")
-    method = rcm.mode if train.mode == "distill" else None
+    method = rcm.method if train.mode == "distill" else None
     if meta.get("mode") != train.mode or meta.get("method") != method:
         raise ArgumentError(f"--load {where}: checkpoint was written by --mode {meta.get('mode')} "
                             f"--method {meta.get('method')}, this run is --mode {train.mode} --method {method}")
@@ -77,7 +77,7 @@ def checkpoint_meta(trainer) -> dict:
     return {"format": "rcm-megatron-train", "version": CHECKPOINT_VERSION, "iteration": t.iteration,
             "student_steps": t.student_steps, "skipped_steps": t.skipped_steps,
             "consecutive_skips": t.consecutive_skips, "last_good_save": t.last_good_save, "mode": t.train.mode,
-            "method": t.rcm.mode if t.train.mode == "distill" else None,
+            "method": t.rcm.method if t.train.mode == "distill" else None,
             "model_config": t.model_cfg.to_dict(), "rcm_config": t.rcm.to_dict(),
             "teacher": t.teacher_meta, "world_size": ctx.world_size,
             "optimizer_format": _optimizer_format(t),
