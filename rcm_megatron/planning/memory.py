@@ -25,6 +25,7 @@ peak, and the CUDA context is outside the allocator.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from ..parallel.pipeline import stage_layer_range
@@ -98,14 +99,20 @@ def model_states(w: Workload, lay: Layout, stage: int = 0) -> tuple[dict[str, fl
             target[f"{name}_params"] = 4 * sharded
             target[f"{name}_grads"] = 4 * sharded
             target[f"{name}_optimizer"] = 8 * sharded
-    sizes = {k: v.numel for k, v in shapes.items()}
-    gpu["student_ema"] = 4 * max(sum(sizes[k] for k in part) for part in partition_names(sizes, n))
+    gpu["student_ema"] = 4 * _largest_ema_share(w.model, lay.tp, stage == 0, stage == lay.pp - 1, (first, last), n)
     if lay.zero == 3:  # one block gathered + the next prefetched (bf16), its fp32 gradient in backward
         blk = count({k: v for k, v in stage_shapes(w.model, lay.tp, False, False, (0, 1), w.bf16).items()
                      if k.startswith("blocks.")})
         gathered = compute * blk[1] + 4 * blk[0]
         gpu["fsdp_gather_buffers"] = 2 * gathered + 4 * sum(blk)
     return gpu, host
+
+
+@functools.lru_cache(maxsize=256)
+def _largest_ema_share(cfg, tp, pre, post, layer_range, n) -> int:
+    """Elements of the largest of rcm.ema.partition_names' n shares (whole tensors)."""
+    sizes = {k: v.numel for k, v in stage_shapes(cfg, tp, pre, post, layer_range).items()}
+    return max(sum(sizes[k] for k in part) for part in partition_names(sizes, n))
 
 
 def _rank_shape(w: Workload, lay: Layout) -> RankShape:

@@ -8,6 +8,7 @@ norms) for models far larger than this machine. The shapes follow ``models/`` ex
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -40,20 +41,25 @@ def _attention(prefix: str, d: int, tp: int) -> dict[str, tuple]:
 def block_shapes(cfg: WanConfig, tp: int = 1) -> dict[str, tuple]:
     """Shapes of one ``WanBlock``'s parameters on a TP rank (names relative to the block)."""
     d, f = cfg.hidden_size, cfg.ffn_hidden_size
-    out = _attention("attn1", d, tp) | _attention("attn2", d, tp)
+    out = {"scale_shift_table": (1, 6, d)} | _attention("attn1", d, tp)  # own parameters come first
     if cfg.cross_attn_norm:
         out["norm2.weight"], out["norm2.bias"] = (d,), (d,)
+    out |= _attention("attn2", d, tp)
     out |= {"ffn.fc1.weight": (f // tp, d), "ffn.fc1.bias": (f // tp,), "ffn.fc2.weight": (d, f // tp),
-            "ffn.fc2.bias": (d,), "scale_shift_table": (1, 6, d)}
+            "ffn.fc2.bias": (d,)}
     return out
 
 
+@functools.lru_cache(maxsize=256)
 def stage_shapes(cfg: WanConfig, tp: int = 1, pre_process: bool = True, post_process: bool = True,
                  layer_range: tuple[int, int] | None = None, bf16: bool = True) -> dict[str, ParamShape]:
-    """name -> ParamShape of every parameter of this rank's ``WanDiT`` (same names and order)."""
+    """name -> ParamShape of every parameter of this rank's ``WanDiT`` (same names and order).
+    Cached: do not modify the returned dict."""
     d = cfg.hidden_size
     first, last = layer_range if layer_range is not None else (0, cfg.num_layers)
     shapes: dict[str, tuple] = {}
+    if post_process:  # registered directly on the model, so listed before the submodules
+        shapes["scale_shift_table"] = (1, 2, d)
     if pre_process:
         shapes["patch_embedding.proj.weight"] = (d, cfg.in_channels, *cfg.patch_size)
         shapes["patch_embedding.proj.bias"] = (d,)
@@ -67,7 +73,7 @@ def stage_shapes(cfg: WanConfig, tp: int = 1, pre_process: bool = True, post_pro
         shapes |= {f"blocks.{i}.{k}": v for k, v in blk.items()}
     if post_process:
         out_dim = cfg.out_channels * cfg.patch_volume
-        shapes |= {"proj_out.weight": (out_dim, d), "proj_out.bias": (out_dim,), "scale_shift_table": (1, 2, d)}
+        shapes |= {"proj_out.weight": (out_dim, d), "proj_out.bias": (out_dim,)}
     return {n: ParamShape(tuple(s), bf16 and any(k in n for k in FP32_MODULE_KEYWORDS)) for n, s in shapes.items()}
 
 
