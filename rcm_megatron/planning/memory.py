@@ -13,7 +13,8 @@ dtype, P32 kept in fp32), n = DP x CP:
                              zero 3: fp32 shards 4P/n, fp32 grad shards 4P/n, moments 8P/n
                              (CPU offload: all three on the host); the block being computed is
                              gathered in bf16, the next one prefetched, and with grad its fp32
-                             gradient is reduce-scattered
+                             gradient is reduce-scattered; the root unit (embeddings, head)
+                             stays gathered through a pass
     student EMA              fp32 shadow, whole tensors size-balanced over n (rcm.ema)
 
 Activations (planning.activations) are per pass; a phase's peak is its largest pass. Under
@@ -100,11 +101,13 @@ def model_states(w: Workload, lay: Layout, stage: int = 0) -> tuple[dict[str, fl
             target[f"{name}_grads"] = 4 * sharded
             target[f"{name}_optimizer"] = 8 * sharded
     gpu["student_ema"] = 4 * _largest_ema_share(w.model, lay.tp, stage == 0, stage == lay.pp - 1, (first, last), n)
-    if lay.zero == 3:  # one block gathered + the next prefetched (bf16), its fp32 gradient in backward
+    if lay.zero == 3:  # one block gathered + the next prefetched (bf16), its fp32 gradient in backward;
+        # the root unit (embeddings, time embedding, head) stays gathered between forward and backward
         blk = count({k: v for k, v in stage_shapes(w.model, lay.tp, False, False, (0, 1), w.bf16).items()
                      if k.startswith("blocks.")})
+        root = count({k: v for k, v in shapes.items() if not k.startswith("blocks.")})
         gathered = compute * blk[1] + 4 * blk[0]
-        gpu["fsdp_gather_buffers"] = 2 * gathered + 4 * sum(blk)
+        gpu["fsdp_gather_buffers"] = 2 * gathered + 4 * sum(blk) + compute * root[1] + 4 * root[0]
     return gpu, host
 
 

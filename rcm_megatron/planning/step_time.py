@@ -75,9 +75,10 @@ def pass_seconds(w: Workload, lay: Layout, a: TimeAssumptions = TimeAssumptions(
     return {k: samples * flops[k] / share / (rate * eff[k]) * bubble for k in flops}
 
 
-def _link_gbps(lay: Layout, a: TimeAssumptions, group: int) -> float:
-    inner = lay.tp * lay.cp if group == lay.shard_group else lay.tp
-    return a.intra_node_gbps if inner * group <= a.gpus_per_node else a.inter_node_gbps
+def _link_gbps(lay: Layout, a: TimeAssumptions) -> float:
+    """The DP x CP group's ranks are TP apart (megatron order tp-cp-dp-pp): inside one node when
+    TP x DP x CP GPUs fit in it."""
+    return a.intra_node_gbps if lay.tp * lay.shard_group <= a.gpus_per_node else a.inter_node_gbps
 
 
 def step_seconds(w: Workload, lay: Layout, a: TimeAssumptions = TimeAssumptions()) -> dict[str, float]:
@@ -91,10 +92,10 @@ def step_seconds(w: Workload, lay: Layout, a: TimeAssumptions = TimeAssumptions(
     if w.method in ("rcm", "dmd"):
         student += (n_roll + 1 + 2) * t["forward"]
     critic = n_roll * t["forward"] + t["with_grad"]
-    _, shapes = 0, stage_shapes(w.model, lay.tp, True, lay.pp == 1, (0, w.model.num_layers // lay.pp), w.bf16)
+    shapes = stage_shapes(w.model, lay.tp, True, lay.pp == 1, (0, w.model.num_layers // lay.pp), w.bf16)
     params = sum(count(shapes))
     n = lay.shard_group
-    bw = _link_gbps(lay, a, n) * 1e9
+    bw = _link_gbps(lay, a) * 1e9
     ring = (n - 1) / n if n > 1 else 0.0
     # zero 1: fp32 gradient reduce-scatter + bf16 parameter all-gather once per step
     grad_sync = ring * params * (4 + 2) / bw
