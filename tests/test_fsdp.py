@@ -115,3 +115,72 @@ def test_fsdp_dp2_cp2_equals_unsharded(oracle, comm):
     par = ParallelConfig(context_parallel_size=2, cp_comm_type=comm)
     outs = run_distributed(_sharded_run, 4, par, oracle["state"], oracle["inp"])
     _check(outs, oracle, tp=1)
+
+
+# ----------------------------------------------------------------- trained-model backend + checkpoints
+
+ADAM = dict(lr=1e-2, betas=(0.0, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+def _train(model, inp, rows, steps, backend=None):
+    for _ in range(steps):
+        c = {k: v[rows] for k, v in inp.items()}
+        (backend.zero_grad() if backend else None)
+        _loss(model(c["x"], c["t"], c["ctx"]), c["target"]).backward()
+        if backend:
+            norm = backend.step()[1]
+    return norm if backend else None
+
+
+def _fsdp_save(state, inp, path):
+    from megatron.core import parallel_state as mpu
+
+    from rcm_megatron.parallel import fsdp
+
+    model = WanDiT(preset("tiny")).double()
+    model.load_state_dict(state)
+    trained = fsdp.FSDPTrainedModel(model, **ADAM)
+    r = mpu.get_data_parallel_rank()
+    norm = _train(model, inp, slice(r, r + 1), 1, trained)
+    fsdp.save_checkpoint(path, {"student": trained})
+    return dict(norm=norm, params=fsdp.full_state_dict(model))
+
+
+def _fsdp_resume(state, inp, path):
+    from rcm_megatron.parallel import fsdp
+
+    model = WanDiT(preset("tiny")).double()
+    model.load_state_dict(state)  # overwritten by the checkpoint
+    trained = fsdp.FSDPTrainedModel(model, **ADAM)
+    fsdp.load_checkpoint(path, {"student": trained})
+    loaded = fsdp.full_state_dict(model)
+    _train(model, inp, slice(0, 2), 1, trained)  # DP 1: the whole batch on one rank
+    return dict(loaded=loaded, params=fsdp.full_state_dict(model))
+
+
+@pytest.mark.slow
+def test_fsdp_backend_steps_like_adamw_and_resumes_at_another_dp_size(oracle, tmp_path):
+    """DP2 ZeRO-3: one AdamW step equals the unsharded model's on the whole batch (and the same
+    gradient norm); its checkpoint loads at DP1 and the next step equals the unsharded second step."""
+    ref = WanDiT(preset("tiny")).double()
+    ref.load_state_dict(oracle["state"])
+    opt = torch.optim.AdamW(ref.parameters(), **ADAM)
+    inp = oracle["inp"]
+    stepped = []
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        _loss(ref(inp["x"], inp["t"], inp["ctx"]), inp["target"]).backward()
+        norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in ref.parameters()))
+        opt.step()
+        stepped.append(({n: p.detach().clone() for n, p in ref.named_parameters()}, float(norm)))
+    path = str(tmp_path / "ckpt")
+    saved = run_distributed(_fsdp_save, 2, ParallelConfig(), oracle["state"], inp, path)
+    for out in saved:
+        assert abs(out["norm"] / stepped[0][1] - 1) < 1e-12
+        for n, p in out["params"].items():
+            assert rel(p, stepped[0][0][n]) < 1e-12, n
+    resumed = run_distributed(_fsdp_resume, 1, ParallelConfig(), oracle["state"], inp, path)[0]
+    for n, p in resumed["loaded"].items():
+        assert torch.equal(p, saved[0]["params"][n]), n
+    for n, p in resumed["params"].items():  # Adam moments and step count came back too
+        assert rel(p, stepped[1][0][n]) < 1e-12, n

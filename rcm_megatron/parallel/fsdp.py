@@ -108,3 +108,108 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded (TP-local) parameters of a sharded model, on every rank (collective)."""
     return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
             for name, p in model.named_parameters()}
+
+
+class FSDPTrainedModel:
+    """A trained model (student or fake score) sharded by FSDP2: the backend shape the trainer's
+    ``MegatronDP`` has (``net``, ``zero_grad``, ``accumulate``, ``step`` -> (stepped, grad_norm),
+    ``lr``), plus checkpoint state through torch.distributed.checkpoint.
+
+    AdamW runs on the DTensor shards (each rank steps its 1/n of every parameter: the optimizer
+    state is sharded with the parameters). The gradient norm counts every parameter once: the
+    shards' squares summed over DP x CP, TP-split parameters' over TP, and (under PP) the stages'.
+    """
+
+    def __init__(self, module: nn.Module, *, lr: float, betas, eps: float, weight_decay: float,
+                 clip_grad: float | None = None, param_dtype: torch.dtype | None = None,
+                 cpu_offload: bool = False, mesh=None):
+        self.module = shard_model(module, mesh=mesh, param_dtype=param_dtype, cpu_offload=cpu_offload)
+        self.net = self.module
+        self.clip_grad = clip_grad
+        self.optimizer = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=lr,
+                                           betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def accumulate(self):
+        """Context for one micro-batch: FSDP2 reduce-scatters each backward's gradients into the
+        sharded ``.grad`` as it goes (accumulating), so nothing is deferred here."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def grad_norm(self) -> torch.Tensor:
+        from . import state as pstate
+
+        split, rest = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for p in self.module.parameters():
+            if p.grad is None:
+                continue
+            sq = local_tensor(p.grad).detach().double().pow(2).sum().cpu()
+            if getattr(p, "tp_split_dim", None) is not None:
+                split += sq
+            else:
+                rest += sq
+        both = torch.stack([split, rest])
+        group = shard_group()
+        if group is not None and dist.get_world_size(group) > 1:
+            both = _all_reduce(both, group)
+        tp = pstate.tensor_parallel_group()
+        if tp is not None and dist.get_world_size(tp) > 1:
+            both[0] = _all_reduce(both[:1].clone(), tp)[0]
+        return both.sum().sqrt()
+
+    def step(self) -> tuple[bool, float]:
+        norm = float(self.grad_norm())
+        if not torch.isfinite(torch.tensor(norm)):
+            return False, norm
+        if self.clip_grad:
+            coef = min(1.0, self.clip_grad / (norm + 1e-6))
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        self.optimizer.step()
+        return True, norm
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        """Model and optimizer state as DTensors keyed by parameter name (torch.distributed.checkpoint
+        reshards them on load: another DP x CP size, or an unsharded model)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else t.device
+    out = t.to(device)
+    dist.all_reduce(out, group=group)
+    return out.to(t.device)
+
+
+def save_checkpoint(path: str, trained: dict[str, "FSDPTrainedModel"]) -> None:
+    """Write every model's sharded state with torch.distributed.checkpoint (collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({name: m.state_dict() for name, m in trained.items()}, checkpoint_id=path)
+
+
+def load_checkpoint(path: str, trained: dict[str, "FSDPTrainedModel"]) -> None:
+    """Load a ``save_checkpoint`` directory written at any DP x CP size into these models."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {name: m.state_dict() for name, m in trained.items()}
+    dcp.load(state, checkpoint_id=path)
+    for name, m in trained.items():
+        m.load_state_dict(state[name])
