@@ -63,3 +63,60 @@ def test_streaming_load_tp2(sources):
     for out in outs:
         for path, r in out.items():
             assert r["equal"], path
+
+
+BIG = os.environ.get("RCM_BIG_TESTS") == "1"
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: VmHWM restarts from the current RSS
+        f.write("5")
+
+
+def _peak_rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024 ** 2
+    return float("nan")
+
+
+def _big_rank_load(path):
+    import gc
+
+    from rcm_megatron.convert.loading import open_source
+    from rcm_megatron.convert.streaming import load_rank_weights
+    from rcm_megatron.models import WanDiT
+
+    with open_source(path) as src:
+        cfg = src.config
+    model = WanDiT(cfg)
+    gc.collect()
+    base = _peak_rss_gib()
+    _reset_peak_rss()
+    stats = load_rank_weights(model, path)
+    return dict(peak_gib=_peak_rss_gib(), before_gib=base, read_gib=stats["bytes_read"] / 1024 ** 3,
+                model_gib=sum(p.numel() * p.element_size() for p in model.parameters()) / 1024 ** 3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BIG, reason="writes a 3.7 GB Wan-14B-width model; set RCM_BIG_TESTS=1")
+def test_streaming_load_peak_rss_at_wan14b_width_tp4(tmp_path):
+    """Wan-14B width (5120, 40 heads, FFN 13824, text 4096), depth cut to 2 blocks, as a diffusers
+    folder; 4 TP ranks each load their quarter. Peak RSS during the load stays near the rank's own
+    weights (a quarter of the model) plus one tensor's slice, not the model."""
+    from diffusers import WanTransformer3DModel
+
+    m = WanTransformer3DModel(num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+                              text_dim=4096, ffn_dim=13824, num_layers=2)
+    m.save_pretrained(tmp_path / "hf", max_shard_size="1GB")
+    full_gib = sum(p.numel() * 4 for p in m.parameters()) / 1024 ** 3
+    del m
+    outs = run_distributed(_big_rank_load, 4, ParallelConfig(tensor_model_parallel_size=4), str(tmp_path / "hf"),
+                           timeout=1800)
+    for r, out in enumerate(outs):
+        print(f"rank {r}: model {full_gib:.2f} GiB, own weights {out['model_gib']:.2f} GiB, read "
+              f"{out['read_gib']:.2f} GiB, RSS before {out['before_gib']:.2f} GiB, peak during load "
+              f"{out['peak_gib']:.2f} GiB")
+        assert out["read_gib"] < 0.4 * full_gib
+        assert out["peak_gib"] < out["before_gib"] + 0.25 * full_gib

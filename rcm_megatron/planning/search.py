@@ -98,7 +98,9 @@ def fitting_layouts(w: Workload, gpus: int, gpu_memory_gib: float, headroom: flo
 def check_fits(args, model_cfg=None, world_size: int | None = None, gpu_memory_gib: float | None = None,
                headroom: float = 0.0) -> Optional[str]:
     """None when the run's layout fits its GPU, else one line: the estimated need, what is
-    available, and the flags of the best layout that would fit. ``args``: pretrain_rcm's parsed
+    available, and the flags of the best layout that would fit. pretrain_rcm calls it before
+    building any model: ``line = check_fits(args, model_cfg, world_size)``; a line is printed to
+    stderr and the run exits with code 2. ``args``: pretrain_rcm's parsed
     flags (attribute names as argparse makes them); the model is ``model_cfg`` or ``--model``'s
     preset; the GPU's memory is read from CUDA unless given. Returns None when nothing can be
     checked (no GPU and no size given) or ``--no-memory-check`` is set."""
