@@ -181,3 +181,13 @@ def test_check_fits_names_need_available_and_a_fitting_layout():
             flags[tok[2:].replace("-", "_")] = int(value) if isinstance(value, str) and value.isdigit() else value
     assert check_fits(_args(**flags), world_size=8, gpu_memory_gib=80) is None
     assert GIB == 1024 ** 3
+
+
+def test_check_fits_on_cpu_uses_host_memory(monkeypatch):
+    """A CPU run is checked against the host's RAM per local rank: the tiny model fits, Wan-14B with
+    no sharding on 2 ranks of this host does not."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    args = _args(model="tiny", latent_shape=[16, 2, 4, 4], device="cpu", bf16=False)
+    assert check_fits(args, world_size=2) is None
+    line = check_fits(_args(device="cpu"), world_size=2)
+    assert line is not None and "host RAM per rank" in line

@@ -7,6 +7,7 @@ fit (ties: less memory).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -103,26 +104,30 @@ def check_fits(args, model_cfg=None, world_size: int | None = None, gpu_memory_g
     stderr and the run exits with code 2. ``args``: pretrain_rcm's parsed
     flags (attribute names as argparse makes them); the model is ``model_cfg`` or ``--model``'s
     preset; the GPU's memory is read from CUDA unless given. Returns None when nothing can be
-    checked (no GPU and no size given) or ``--no-memory-check`` is set."""
+    checked or ``--no-memory-check`` is set. On CPU the host's RAM per local rank is the capacity."""
     if getattr(args, "no_memory_check", False):
         return None
     import torch
 
     from ..models.config import preset
 
+    where = "the GPU"
     if gpu_memory_gib is None:
-        if not torch.cuda.is_available():
-            return None
-        gpu_memory_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+        if torch.cuda.is_available() and getattr(args, "device", None) != "cpu":
+            gpu_memory_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+        else:  # CPU run: the host's memory, shared by this node's ranks
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            gpu_memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / max(1, local)
+            where = "host RAM per rank"
     cfg = model_cfg if model_cfg is not None else preset(args.model)
-    world = world_size if world_size is not None else int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     w, lay = workload_and_layout(args, cfg, world)
     c = evaluate(w, lay, gpu_memory_gib)
     if c.headroom >= headroom:
         return None
     need = c.memory.peak / GIB
     line = (f"memory plan: this layout needs about {need:.1f} GiB per GPU ({lay.flags()}), "
-            f"the GPU has {gpu_memory_gib:.1f} GiB")
+            f"{where} has {gpu_memory_gib:.1f} GiB")
     better = fitting_layouts(w, world, gpu_memory_gib, headroom=max(headroom, 0.0))
     if better:
         line += f"; fits: {better[0].layout.flags()} ({better[0].memory.peak / GIB:.1f} GiB)"
