@@ -45,6 +45,11 @@ def _rank_load(paths, shard):
         got = fsdp.full_state_dict(model) if shard else {n: p.detach() for n, p in model.named_parameters()}
         out[path] = dict(equal=all(torch.equal(got[n], p) for n, p in want.named_parameters()),
                          read=stats["bytes_read"], full=sum(t.numel() * t.element_size() for t in full.values()))
+        if shard:  # the trainer's flow: built on the meta device, sharded, then filled
+            from rcm_megatron.convert.streaming import build_sharded_model
+
+            meta_built = fsdp.full_state_dict(build_sharded_model(cfg, path))
+            out[path]["meta_equal"] = all(torch.equal(meta_built[n], p) for n, p in want.named_parameters())
     return out
 
 
@@ -53,7 +58,7 @@ def test_streaming_load_equals_slicing_the_full_load_tp2_dp2_zero3(sources):
     outs = run_distributed(_rank_load, 4, ParallelConfig(tensor_model_parallel_size=2), list(sources), True)
     for out in outs:
         for path, r in out.items():
-            assert r["equal"], path
+            assert r["equal"] and r["meta_equal"], path
             assert r["read"] < 0.5 * r["full"], (path, r)  # a TP x FSDP share (replicated tensors: FSDP only)
 
 
@@ -103,8 +108,9 @@ def _big_rank_load(path):
 @pytest.mark.skipif(not BIG, reason="writes a 3.7 GB Wan-14B-width model; set RCM_BIG_TESTS=1")
 def test_streaming_load_peak_rss_at_wan14b_width_tp4(tmp_path):
     """Wan-14B width (5120, 40 heads, FFN 13824, text 4096), depth cut to 2 blocks, as a diffusers
-    folder; 4 TP ranks each load their quarter. Peak RSS during the load stays near the rank's own
-    weights (a quarter of the model) plus one tensor's slice, not the model."""
+    folder; 4 TP ranks each load their TP shard (the replicated embeddings whole). A rank reads
+    exactly its own bytes, and its RSS during the load grows by about one tensor's pages, not the
+    model (measured on this 2-core, 23 GB machine: +0.07 GiB on a 2.6 GiB process, model 3.5 GiB)."""
     from diffusers import WanTransformer3DModel
 
     m = WanTransformer3DModel(num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -118,5 +124,5 @@ def test_streaming_load_peak_rss_at_wan14b_width_tp4(tmp_path):
         print(f"rank {r}: model {full_gib:.2f} GiB, own weights {out['model_gib']:.2f} GiB, read "
               f"{out['read_gib']:.2f} GiB, RSS before {out['before_gib']:.2f} GiB, peak during load "
               f"{out['peak_gib']:.2f} GiB")
-        assert out["read_gib"] < 0.4 * full_gib
-        assert out["peak_gib"] < out["before_gib"] + 0.25 * full_gib
+        assert abs(out["read_gib"] - out["model_gib"]) < 1e-6  # read exactly the rank's own part
+        assert out["peak_gib"] < out["before_gib"] + 0.5  # about one tensor's pages, not the model

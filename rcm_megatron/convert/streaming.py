@@ -91,4 +91,24 @@ def load_rank_weights(model: nn.Module, path: str, kind: str | None = None) -> d
     return {"bytes_read": read}
 
 
-__all__ = ["load_rank_weights", "rank_slices", "read_slice"]
+
+def build_sharded_model(cfg, path: str, device="cpu", zero3: bool = True, param_dtype=None, **stage) -> nn.Module:
+    """This rank's stage of a model (``stage``: WanDiT's pre_process / post_process / layer_range)
+    built on the meta device, sharded over DP x CP (``zero3``), materialized empty on ``device`` and
+    filled from ``path`` with only this rank's part: no rank ever holds the whole model, nor even its
+    whole TP shard under ZeRO-3."""
+    from ..models import WanDiT
+    from ..parallel import fsdp
+
+    with torch.device("meta"):
+        model = WanDiT(cfg, **stage)
+    if zero3:
+        fsdp.shard_model(model, param_dtype=param_dtype)
+    attrs = fsdp.parallel_attributes(model)
+    model.to_empty(device=device)  # new parameter objects: the TP attributes go back on them
+    fsdp.restore_parallel_attributes(model, attrs)
+    load_rank_weights(model, path)
+    return model
+
+
+__all__ = ["build_sharded_model", "load_rank_weights", "rank_slices", "read_slice"]

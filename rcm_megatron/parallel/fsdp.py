@@ -89,8 +89,7 @@ def shard_model(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = N
                                         register_fsdp_forward_method)
 
     mesh = shard_mesh() if mesh is None else mesh
-    attrs = {name: {a: getattr(p, a) for a in _PARALLEL_ATTRIBUTES if hasattr(p, a)}
-             for name, p in model.named_parameters()}
+    attrs = parallel_attributes(model)
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
     if param_dtype is not None:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -108,10 +107,21 @@ def shard_model(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = N
     for unit in model.modules():
         if isinstance(unit, FSDPModule):
             unit.set_gradient_divide_factor(1.0)
+    restore_parallel_attributes(model, attrs)
+    return model
+
+
+def parallel_attributes(model: nn.Module) -> dict[str, dict]:
+    """The tensor-parallel attributes of every parameter (``tp_split_dim`` ...), by name."""
+    return {name: {a: getattr(p, a) for a in _PARALLEL_ATTRIBUTES if hasattr(p, a)}
+            for name, p in model.named_parameters()}
+
+
+def restore_parallel_attributes(model: nn.Module, attrs: dict[str, dict]) -> None:
+    """Put them back on parameters that were replaced (by sharding, or ``to_empty``)."""
     for name, p in model.named_parameters():
         for a, v in attrs.get(name, {}).items():
             setattr(p, a, v)
-    return model
 
 
 def is_sharded(model: nn.Module) -> bool:
