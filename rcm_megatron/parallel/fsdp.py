@@ -1,0 +1,246 @@
+"""Parameter sharding (ZeRO-3) of the teacher, student and fake score over DP x CP, with FSDP2.
+
+Library: torch's FSDP2 (``torch.distributed.fsdp.fully_shard``). It runs on CPU with gloo
+(checked in torch 2.13: fp64 outputs and gradients equal an unsharded model exactly), so the
+layouts are tested the way every other layout here is. megatron-core 0.16.1's Megatron-FSDP
+(``megatron.core.distributed.fsdp``) does not: its buffers, side streams and device checks call
+``torch.cuda`` unconditionally.
+
+Group: megatron-core's data-parallel group *with* context parallelism (in a TP2 x CP4 node DP
+alone is 1, yet the 4 CP ranks hold identical parameters), made a DeviceMesh with
+``DeviceMesh.from_group``. Composition:
+
+- TP / SP: each rank's parameters are already its TP shards (plain tensors); FSDP2 shards those
+  further on dim 0 over DP x CP and gathers them back before use, so the model code sees the same
+  TP-local tensors as without sharding. The parallel attributes (``tp_split_dim`` ...) are put back
+  on the sharded parameters.
+- CP: gradients are partial (own tokens) on each CP rank and must be SUMMED over DP x CP, as the
+  trainer's all-reduce does; the reduce-scatter is told not to average (divide factor 1).
+- PP: each stage shards its own blocks; on a stage (not the whole model) the entry points the
+  pipeline calls (``embed``, ``time_conditioning``, ``head``) are registered as forward methods, so
+  the root unit (embeddings, time embedding, head) is gathered for them as for ``forward``.
+- The tangent pass: ``forward_with_tangent`` is registered with ``register_fsdp_forward_method``,
+  so it gathers (and reshards) parameters exactly as ``forward``; it runs without a graph.
+
+Units: one per transformer block (its parameters are gathered for the block and freed after it,
+the next one prefetched) and the root. Mixed precision: bf16 compute, fp32 sharded parameters,
+fp32 gradient reduction (``MixedPrecisionPolicy``); the teacher, frozen, is kept in its own dtype.
+
+What the trainer calls (flags, Megatron-LM names: ``--use-torch-fsdp2``, or
+``--data-parallel-sharding-strategy optim_grads_params``; the planner reads both):
+
+1. teacher: build this rank's stage, ``shard_model(teacher, param_dtype=torch.bfloat16 if bf16)``,
+   then ``checkpointing.streaming.load_rank_weights(teacher, path)`` (after sharding: each rank reads
+   only its TP x FSDP part);
+2. student and fake score: ``FSDPTrainedModel(module, lr=..., betas=..., eps=..., weight_decay=...,
+   clip_grad=..., param_dtype=..., cpu_offload=--optimizer-cpu-offload)``; hand ``.net`` to the rCM
+   step functions; per iteration ``zero_grad()``, micro-batches inside ``accumulate()``, then
+   ``step()`` -> (stepped, grad_norm), as with ``MegatronDP``; its ``optimizer`` takes the lr
+   scheduler;
+3. the power EMA: every rank already holds 1/n of every parameter, so ``PowerEMA(student)`` with
+   all names (not ``partition_names``): its shadow is the DTensor shards;
+4. checkpoints: ``save_checkpoint(dir, {"student": ..., "fake_score": ...})`` / ``load_checkpoint``
+   (torch.distributed.checkpoint; loads at another DP x CP size, tested DP2 -> DP1).
+
+Not done: checkpoints under TP > 1 through this path (DCP keys are global names, and TP-local
+shards of one name would collide: the trainer's dist_checkpointing path with TP replica ids is
+needed there), gradient summation of the pipeline-replicated time embedding over PP stages on
+DTensor gradients (untested), the trainer wiring itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+FORWARD_METHODS = ("forward_with_tangent",)
+STAGE_METHODS = ("embed", "time_conditioning", "head")  # what the pipeline schedule calls on a stage
+_PARALLEL_ATTRIBUTES = ("tp_split_dim", "tensor_model_parallel", "partition_dim", "partition_stride")
+
+
+def shard_group():
+    """DP x CP process group (None in a single process)."""
+    if not dist.is_initialized():
+        return None
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_data_parallel_group(with_context_parallel=True)
+
+
+def shard_mesh(group=None, device_type: str | None = None):
+    """A 1-D DeviceMesh over ``group`` (default: DP x CP)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    group = shard_group() if group is None else group
+    if device_type is None:
+        device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    return DeviceMesh.from_group(group, device_type=device_type)
+
+
+def shard_model(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = None,
+                reduce_dtype: torch.dtype | None = torch.float32, reshard_after_forward: bool = True,
+                cpu_offload: bool = False) -> nn.Module:
+    """Shard ``model`` (a WanDiT or one pipeline stage of it) in place over ``mesh`` (default
+    DP x CP): one FSDP2 unit per block plus the root. ``param_dtype`` bf16 for compute in bf16
+    (None: the parameters' own dtype, e.g. fp64 in tests); ``cpu_offload`` keeps the sharded
+    parameters, gradients and (so) optimizer state on the host (FSDP2's CPUOffloadPolicy)."""
+    from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard,
+                                        register_fsdp_forward_method)
+
+    mesh = shard_mesh() if mesh is None else mesh
+    attrs = parallel_attributes(model)
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if param_dtype is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for block in model.blocks.values():
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    whole = getattr(model, "pre_process", True) and getattr(model, "post_process", True)
+    for method in FORWARD_METHODS + (() if whole else STAGE_METHODS):  # forward() calls the stage methods
+        if hasattr(model, method):                                     # itself: registering them would
+            register_fsdp_forward_method(model, method)                # gather the root twice per pass
+    # Losses are sums over samples divided by the global batch: gradients add over DP x CP
+    # (every unit's reduce-scatter; the setting is per unit).
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_gradient_divide_factor(1.0)
+    restore_parallel_attributes(model, attrs)
+    return model
+
+
+def parallel_attributes(model: nn.Module) -> dict[str, dict]:
+    """The tensor-parallel attributes of every parameter (``tp_split_dim`` ...), by name."""
+    return {name: {a: getattr(p, a) for a in _PARALLEL_ATTRIBUTES if hasattr(p, a)}
+            for name, p in model.named_parameters()}
+
+
+def restore_parallel_attributes(model: nn.Module, attrs: dict[str, dict]) -> None:
+    """Put them back on parameters that were replaced (by sharding, or ``to_empty``)."""
+    for name, p in model.named_parameters():
+        for a, v in attrs.get(name, {}).items():
+            setattr(p, a, v)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (DTensor) parameter or gradient; plain tensors unchanged."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded (TP-local) parameters of a sharded model, on every rank (collective)."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for name, p in model.named_parameters()}
+
+
+class FSDPTrainedModel:
+    """A trained model (student or fake score) sharded by FSDP2: the backend shape the trainer's
+    ``MegatronDP`` has (``net``, ``zero_grad``, ``accumulate``, ``step`` -> (stepped, grad_norm),
+    ``lr``), plus checkpoint state through torch.distributed.checkpoint.
+
+    AdamW runs on the DTensor shards (each rank steps its 1/n of every parameter: the optimizer
+    state is sharded with the parameters). The gradient norm counts every parameter once: the
+    shards' squares summed over DP x CP, TP-split parameters' over TP, and (under PP) the stages'.
+    """
+
+    def __init__(self, module: nn.Module, *, lr: float, betas, eps: float, weight_decay: float,
+                 clip_grad: float | None = None, param_dtype: torch.dtype | None = None,
+                 cpu_offload: bool = False, mesh=None):
+        self.module = shard_model(module, mesh=mesh, param_dtype=param_dtype, cpu_offload=cpu_offload)
+        self.net = self.module
+        self.clip_grad = clip_grad
+        self.optimizer = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=lr,
+                                           betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def accumulate(self):
+        """Context for one micro-batch: FSDP2 reduce-scatters each backward's gradients into the
+        sharded ``.grad`` as it goes (accumulating), so nothing is deferred here."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def grad_norm(self) -> torch.Tensor:
+        from . import state as pstate
+
+        split, rest = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for p in self.module.parameters():
+            if p.grad is None:
+                continue
+            sq = local_tensor(p.grad).detach().double().pow(2).sum().cpu()
+            if getattr(p, "tp_split_dim", None) is not None:
+                split += sq
+            else:
+                rest += sq
+        both = torch.stack([split, rest])
+        group = shard_group()
+        if group is not None and dist.get_world_size(group) > 1:
+            both = _all_reduce(both, group)
+        tp = pstate.tensor_parallel_group()
+        if tp is not None and dist.get_world_size(tp) > 1:
+            both[0] = _all_reduce(both[:1].clone(), tp)[0]
+        return both.sum().sqrt()
+
+    def step(self) -> tuple[bool, float]:
+        norm = float(self.grad_norm())
+        if not torch.isfinite(torch.tensor(norm)):
+            return False, norm
+        if self.clip_grad:
+            coef = min(1.0, self.clip_grad / (norm + 1e-6))
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        self.optimizer.step()
+        return True, norm
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        """Model and optimizer state as DTensors keyed by parameter name (torch.distributed.checkpoint
+        reshards them on load: another DP x CP size, or an unsharded model)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else t.device
+    out = t.to(device)
+    dist.all_reduce(out, group=group)
+    return out.to(t.device)
+
+
+def save_checkpoint(path: str, trained: dict[str, "FSDPTrainedModel"]) -> None:
+    """Write every model's sharded state with torch.distributed.checkpoint (collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({name: m.state_dict() for name, m in trained.items()}, checkpoint_id=path)
+
+
+def load_checkpoint(path: str, trained: dict[str, "FSDPTrainedModel"]) -> None:
+    """Load a ``save_checkpoint`` directory written at any DP x CP size into these models."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {name: m.state_dict() for name, m in trained.items()}
+    dcp.load(state, checkpoint_id=path)
+    for name, m in trained.items():
+        m.load_state_dict(state[name])
