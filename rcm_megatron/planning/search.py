@@ -128,7 +128,8 @@ def check_fits(args, model_cfg=None, world_size: int | None = None, gpu_memory_g
     need = c.memory.peak / GIB
     line = (f"memory plan: this layout needs about {need:.1f} GiB per GPU ({lay.flags()}), "
             f"{where} has {gpu_memory_gib:.1f} GiB")
-    better = fitting_layouts(w, world, gpu_memory_gib, headroom=max(headroom, 0.0))
+    # pretrain_rcm runs ZeRO levels 0 and 1 today (parallel/fsdp.py's ZeRO-3 is not wired into the trainer)
+    better = [c for c in fitting_layouts(w, world, gpu_memory_gib, headroom=max(headroom, 0.0)) if c.layout.zero <= 1]
     if better:
         line += f"; fits: {better[0].layout.flags()} ({better[0].memory.peak / GIB:.1f} GiB)"
     else:
@@ -151,7 +152,7 @@ def workload_and_layout(args, cfg, world_size: int) -> tuple[Workload, Layout]:
         (1 if g("use_distributed_optimizer", False) else 0)
     recompute = g("recompute_num_layers", 1) if g("recompute_granularity") == "full" else 0
     w = Workload(cfg, latent, text_len=g("text_len", 512), bf16=bool(g("bf16", False)), method=g("method", "rcm"),
-                 rollout_max_steps=g("rollout_steps", 4), student_update_freq=g("student_update_freq", 10),
+                 rollout_max_steps=g("rollout_max_steps", 4), student_update_freq=g("student_update_freq", 10),
                  global_batch_size=gbs)
     lay = Layout(tp=tp, cp=cp, pp=pp, dp=dp, sequence_parallel=bool(g("sequence_parallel", False)),
                  cp_comm_type=g("cp_comm_type", "p2p"), zero=zero, micro_batch_size=mbs,

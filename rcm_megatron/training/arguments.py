@@ -65,6 +65,7 @@ class TrainingConfig:
     recompute: RecomputeConfig = RecomputeConfig()  # activation recompute of the with-grad passes
     compile_blocks: bool = False  # regional torch.compile of the DiT blocks (WanDiT.compile_blocks)
     fp8_teacher: bool = False  # the frozen teacher's block linears in FP8 (WanDiT.quantize_fp8)
+    memory_check: bool = True  # --no-memory-check skips the memory plan check before building models
     model: str | None = None  # --model: the architecture preset (checked against --teacher-checkpoint's)
     implied: dict = field(default_factory=dict)  # flag -> value a preset or the teacher chose (printed at start)
     implied_by: str = ""  # what chose them
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-method", choices=("uniform",), default="uniform",
                    help="uniform: checkpoint every group of --recompute-num-layers blocks")
     g.add_argument("--recompute-num-layers", type=int, default=1, help="blocks per group (full)")
+    g.add_argument("--no-memory-check", action="store_true",
+                   help="skip the check that the planned per-GPU (or host, on CPU) memory fits before building models")
     g.add_argument("--fp8-teacher", action="store_true",
                    help="quantize the frozen teacher's block linears to FP8 (e4m3, row-wise scales) once and run "
                         "them through torch._scaled_mm; the trained models stay bf16")
@@ -340,6 +343,7 @@ def parse_args(argv=None):
         lr_schedule=schedule, recompute=RecomputeConfig(args.recompute_granularity, args.recompute_num_layers,
                                                         tuple(args.recompute_modules)),
         compile_blocks=_compile_blocks(args, device), fp8_teacher=args.fp8_teacher,
+        memory_check=not args.no_memory_check,
         model=args.model, implied=implied, implied_by=implied_by)
     return train, model_cfg, rcm_cfg, par
 

@@ -6,6 +6,7 @@ run. Every failure is an ``ArgumentError``: one line naming the flag, file or sh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from ..checkpointing.errors import CheckpointError
 from ..checkpointing.lease import acquire_writer_lease
@@ -14,6 +15,7 @@ from ..checkpointing.preflight import check_output_dirs, checkpoint_bytes
 from ..models import WanConfig
 from ..models.config import PRESETS, preset
 from ..parallel.config import ParallelConfig
+from ..planning.search import check_fits
 from ..parallel.pipeline import stage_layer_range
 from ..parallel.tensor_parallel import validate_tp
 from ..rcm import RCMConfig
@@ -73,7 +75,11 @@ def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMCo
     if load_path is not None:
         resume_meta = train_state.check_resume_compatible(load_path, train, rcm_cfg, model_cfg,
                                                           peak_lrs(train, rcm_cfg))
-    if train.device == "cpu":  # the last check: the models are built next
+    if train.memory_check and train.device.startswith("cuda"):  # the last checks: the models are built next
+        line = check_fits(plan_flags(train, rcm_cfg, par), model_cfg)
+        if line:
+            raise ArgumentError(line)
+    if train.memory_check and train.device == "cpu":
         source = f"--teacher-checkpoint {train.teacher_checkpoint}" if train.teacher_checkpoint else \
             f"--model {model_cfg_name(model_cfg)}"
         try:
@@ -83,6 +89,19 @@ def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMCo
         except ValueError as e:
             raise ArgumentError(str(e)) from e
     return Preflight(model_cfg, dataset, teacher_weights, teacher_meta, load_path, resume_meta, lease)
+
+
+def plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig) -> SimpleNamespace:
+    """This run's settings under pretrain_rcm's flag names, as the memory planner reads them."""
+    return SimpleNamespace(
+        tensor_model_parallel_size=par.tensor_model_parallel_size, context_parallel_size=par.context_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size, sequence_parallel=par.sequence_parallel,
+        cp_comm_type=par.cp_comm_type, micro_batch_size=par.micro_batch_size, global_batch_size=par.global_batch_size,
+        latent_shape=train.latent_shape, bf16=train.bf16, method=rcm_cfg.method,
+        rollout_max_steps=rcm_cfg.rollout_max_steps, student_update_freq=rcm_cfg.student_update_freq,
+        use_distributed_optimizer=train.use_distributed_optimizer, optimizer_cpu_offload=train.optimizer_cpu_offload,
+        recompute_granularity=train.recompute.granularity, recompute_num_layers=train.recompute.num_layers,
+        device=train.device)
 
 
 def claim_outputs(train: TrainingConfig, model_cfg: WanConfig, rcm_cfg: RCMConfig):
