@@ -351,7 +351,7 @@ def test_experts_route_on_trigflow_time_through_the_wrapper():
     runs the high-noise expert, below it the low-noise one (per sample in a mixed batch)."""
     kind = "wan2.2-i2v-experts"
     experts, b = build(kind, 1), make_batch(kind)
-    tb = float(rf_to_trig(torch.tensor(BOUNDARY)))
+    tb = float(rf_to_trig(torch.tensor(BOUNDARY, dtype=D)))
     t = torch.tensor([tb + 1e-6, tb - 1e-6, 0.5], dtype=D)
     x = torch.randn(3, C, T, H, W_, dtype=D)
     got = predict(experts, x, t, b.context, b.cond).x0
