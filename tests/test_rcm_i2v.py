@@ -361,3 +361,28 @@ def test_experts_route_on_trigflow_time_through_the_wrapper():
         torch.testing.assert_close(got[i : i + 1], one, rtol=1e-12, atol=1e-12)
     assert sampling_times(4)[:2][1] > tb > sampling_times(4)[2]  # 4-step sampling uses both experts
     assert math.isclose(1000 * math.sin(tb) / (math.cos(tb) + math.sin(tb)), 1000 * BOUNDARY, rel_tol=1e-12)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_batch_rejects_a_conditioning_that_does_not_fit():
+    b = make_batch("wan2.1-i2v", n=3)
+    with pytest.raises(ValueError, match="Conditioning: batch size 2, expected 3"):
+        Batch(b.x0, b.context, b.uncond_context, b.indices, b.cond.select(torch.tensor([0, 1])))
+    with pytest.raises(ValueError, match=r"Conditioning.concat: expected \[B,C_cond,3,4,4\]"):
+        Batch(b.x0, b.context, b.uncond_context, b.indices, Conditioning(concat=b.cond.concat[:, :, :2]))
+    with pytest.raises(ValueError, match=r"Conditioning.given: expected \[B,4,F<=3,4,4\]"):
+        Batch(b.x0, b.context, b.uncond_context, b.indices, Conditioning(given=b.x0[:, :2, :1]))
+    with pytest.raises(ValueError, match="same batch size"):
+        Conditioning(image_context=b.cond.image_context[:2], concat=b.cond.concat)
+
+
+def test_conditioning_cat_and_select_are_inverse():
+    cond = make_batch("wan2.1-i2v", n=3).cond
+    parts = [cond.select(torch.tensor([0])), cond.select(torch.tensor([1, 2]))]
+    whole = Conditioning.cat(parts)
+    assert torch.equal(whole.image_context, cond.image_context) and torch.equal(whole.concat, cond.concat)
+    assert whole.given is None and Conditioning.cat([None, None]) is None
+    with pytest.raises(ValueError, match="every micro-batch"):
+        Conditioning.cat([parts[0], None])

@@ -97,6 +97,16 @@ class Conditioning:
         pick = lambda x: None if x is None else x[rows.to(x.device)]  # noqa: E731
         return Conditioning(pick(self.image_context), pick(self.concat), pick(self.given), self.patch_size)
 
+    @staticmethod
+    def cat(conds: list["Conditioning | None"]) -> "Conditioning | None":
+        """Micro-batches' conditionings joined in batch order (None when all are None)."""
+        if all(c is None for c in conds):
+            return None
+        if any(c is None for c in conds):
+            raise ValueError("Conditioning.cat: either every micro-batch has a conditioning or none has")
+        join = lambda name: None if getattr(conds[0], name) is None else torch.cat([getattr(c, name) for c in conds])  # noqa: E731
+        return Conditioning(join("image_context"), join("concat"), join("given"), conds[0].patch_size)
+
     # ------------------------------------------------------------ network inputs
 
     def net_kwargs(self) -> dict:
