@@ -3,7 +3,7 @@
 Three conditioning kinds: Wan2.1 I2V (CLIP image tokens + channel-concat condition), a Wan2.2
 I2V A14B expert pair (channel-concat, two experts routed by time) and Wan2.2 TI2V (given first
 frame at per-token time 0). student_step / critic_step losses and gradients equal a literal
-float64 computation (DESIGN's formulas with 1/sin t, tangent by torch.func.jvp, the rollout as a
+float64 computation (the wrapper's formulas with 1/sin t, tangent by torch.func.jvp, the rollout as a
 per-sample loop); planted values on the given frame change nothing; the condition reaches
 every network call."""
 
