@@ -21,20 +21,20 @@ def plant(which: str) -> None:
     from rcm_megatron.rcm import losses, step
 
     if which == "scm":
-        def scm_regression(student, targets, context, scale=100.0):
-            F = losses.predict(student, targets.x_t, targets.t, context).F
-            return losses._regress(F, targets.valid, scale, step=-targets.g)
+        def scm_regression(student, targets, context, scale=100.0, cond=None):
+            F = losses.predict(student, targets.x_t, targets.t, context, cond).F
+            return losses._regress(F, targets.valid, scale, step=-targets.g, cond=cond)
         step.scm_regression = scm_regression
     elif which == "dmd":
-        def dmd_regression(student, targets, context, scale=1.0):
-            G = losses.predict(student, targets.last_x, targets.last_t, context).x0
-            return losses._regress(G, targets.valid, scale, step=targets.grad)
+        def dmd_regression(student, targets, context, scale=1.0, cond=None):
+            G = losses.predict(student, targets.last_x, targets.last_t, context, cond).x0
+            return losses._regress(G, targets.valid, scale, step=targets.grad, cond=cond)
         step.dmd_regression = dmd_regression
     elif which == "critic":
         original = losses.critic_regression
 
-        def critic_regression(fake_score, targets, context, scale=1.0):
-            out = original(fake_score, targets, context, scale)
+        def critic_regression(fake_score, targets, context, scale=1.0, cond=None):
+            out = original(fake_score, targets, context, scale, cond)
             return losses.LossTerms(loss=-out.loss, per_sample=-out.per_sample, target=out.target)
         step.critic_regression = critic_regression
     elif which != "none":

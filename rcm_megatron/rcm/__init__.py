@@ -1,6 +1,7 @@
 """rCM distillation method: TrigFlow wrapper, time samplers, keyed randomness, losses as
 regressions, the step plan and schedule, power EMA, optimizers, few-step sampling."""
 
+from .conditioning import Conditioning
 from .config import PRESETS, RCMConfig
 from .ema import PowerEMA, power_ema_beta, power_ema_gamma
 from .losses import LossTerms
@@ -14,7 +15,7 @@ from .time_samplers import LogNormal, SamplerSpec, UniformShift
 from .trigflow import Prediction, guided_predict, predict, predict_with_tangent, rf_to_trig, trig_to_rf
 
 __all__ = [
-    "PRESETS", "RCMConfig", "PowerEMA", "power_ema_beta", "power_ema_gamma", "LossTerms", "adamw_kwargs",
+    "Conditioning", "PRESETS", "RCMConfig", "PowerEMA", "power_ema_beta", "power_ema_gamma", "LossTerms", "adamw_kwargs",
     "build_optimizer", "clip_gradients", "VelocityNet", "KeyedRNG", "stable_seed", "sample", "sampling_times",
     "Phase", "phase", "tangent_warmup_ratio", "Batch", "critic_step", "make_critic_targets", "make_student_targets",
     "student_regression", "student_step", "LogNormal", "SamplerSpec", "UniformShift", "Prediction",

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.dispatch import training_pass
+from .conditioning import Conditioning, resolve
 from .config import TANGENT_WARMUP_FORMS
 from .protocol import VelocityNet
 from .rollout import RolloutResult
@@ -54,8 +55,13 @@ def _sum_sq(x: Tensor) -> Tensor:
     return x.square().flatten(1).sum(dim=1)
 
 
-def _regress(pred: Tensor, valid: Tensor, weight, *, target: Tensor | None = None, step: Tensor | None = None) -> LossTerms:
-    """weight * sum((pred - target)^2) per sample; target = sg(pred) + step when ``step`` is given."""
+def _regress(pred: Tensor, valid: Tensor, weight, *, target: Tensor | None = None, step: Tensor | None = None,
+             cond: Conditioning | None = None) -> LossTerms:
+    """weight * sum((pred - target)^2) per sample; target = sg(pred) + step when ``step`` is given.
+    Given (not generated) positions of ``cond`` are excluded: 0 in pred and target."""
+    cond = resolve(cond)
+    pred = cond.exclude(pred)
+    target = None if target is None else cond.exclude(target)
     valid = valid & per_sample_finite(pred)
     pred = _mask(valid, pred)
     target = pred.detach() + step if target is None else target
@@ -99,20 +105,22 @@ class SCMTargets:
 def scm_targets(
     teacher: VelocityNet, student: VelocityNet, x0: Tensor, eps: Tensor, t: Tensor, context: Tensor,
     uncond_context: Tensor, *, cfg_scale: float, r: float, g_norm_eps: float = 0.1, warmup_form: str = "f9b7be9",
+    cond: Conditioning | None = None,
 ) -> SCMTargets:
     """Steps 1, 2, 4, 5 of sCM: teacher F_T with CFG, student tangent, g, masking, normalization.
 
     dF = cos t sin t dF_theta/dt along the PF-ODE (tangents dx = cos t sin t F_T, dt = cos t sin t);
     F_sg here is the tangent pass's primal output. ``tangent_g`` forms g for the warmup ratio r.
+    Given frames of ``cond`` are masked out of g before its norm (they are not generated).
     """
     x_t = add_noise(x0, eps, t)
     with training_pass("teacher CFG (sCM)"):
-        F_T = guided_predict(teacher, x_t, t, context, uncond_context, cfg_scale).F
+        F_T = guided_predict(teacher, x_t, t, context, uncond_context, cfg_scale, cond).F
     tb = expand_time(t, x_t)
     cos, sin = torch.cos(tb), torch.sin(tb)
     with training_pass("student tangent"):
-        F_sg, dF = predict_with_tangent(student, x_t, t, context, cos * sin * F_T, (cos * sin).flatten())
-    g = tangent_g(F_sg, F_T, dF, x_t, cos, sin, r, warmup_form)
+        F_sg, dF = predict_with_tangent(student, x_t, t, context, cos * sin * F_T, (cos * sin).flatten(), cond)
+    g = resolve(cond).exclude(tangent_g(F_sg, F_T, dF, x_t, cos, sin, r, warmup_form))
     valid = per_sample_finite(g)
     g = _mask(valid, g)
     norm = g.flatten(1).norm(dim=1)
@@ -120,11 +128,12 @@ def scm_targets(
     return SCMTargets(x_t=x_t, t=torch.as_tensor(t, dtype=torch.float64), g=g, valid=valid, g_norm=norm)
 
 
-def scm_regression(student: VelocityNet, targets: SCMTargets, context: Tensor, scale: float = 100.0) -> LossTerms:
+def scm_regression(student: VelocityNet, targets: SCMTargets, context: Tensor, scale: float = 100.0,
+                   cond: Conditioning | None = None) -> LossTerms:
     """Step 3 + 6: scale * sum((F_theta - F_sg - g)^2), F_sg = F_theta detached."""
     with training_pass("student with-grad (sCM)"):
-        F = predict(student, targets.x_t, targets.t, context).F
-    return _regress(F, targets.valid, scale, step=targets.g)
+        F = predict(student, targets.x_t, targets.t, context, cond).F
+    return _regress(F, targets.valid, scale, step=targets.g, cond=cond)
 
 
 # ---------------------------------------------------------------- DMD
@@ -148,26 +157,30 @@ class DMDTargets:
 def dmd_targets(
     teacher: VelocityNet, fake_score: VelocityNet, rollout: RolloutResult, eps: Tensor, t_D: Tensor,
     context: Tensor, uncond_context: Tensor, *, cfg_scale: float, weight_clip: float = 1e-5,
+    cond: Conditioning | None = None,
 ) -> DMDTargets:
-    """x_D = cos t_D G + sin t_D eps; grad = (x0_fake - x0_T)/max(mean|G - x0_T|, clip)."""
+    """x_D = cos t_D G + sin t_D eps; grad = (x0_fake - x0_T)/max(mean|G - x0_T|, clip), the mean
+    and grad over generated positions only (given frames of ``cond`` are excluded)."""
+    c = resolve(cond)
     G = rollout.x0
     x_D = add_noise(G, eps, t_D)
     with training_pass("fake score (DMD)"):
-        x0_fake = predict(fake_score, x_D, t_D, context).x0
+        x0_fake = predict(fake_score, x_D, t_D, context, cond).x0
     with training_pass("teacher CFG (DMD)"):
-        x0_T = guided_predict(teacher, x_D, t_D, context, uncond_context, cfg_scale).x0
-    weight = (G - x0_T).abs().flatten(1).mean(dim=1).clamp_min(weight_clip)
-    grad = (x0_fake - x0_T) / expand_time(weight, G)
+        x0_T = guided_predict(teacher, x_D, t_D, context, uncond_context, cfg_scale, cond).x0
+    weight = (c.exclude(G - x0_T).abs().flatten(1).sum(dim=1) / c.num_generated(G)).clamp_min(weight_clip)
+    grad = c.exclude(x0_fake - x0_T) / expand_time(weight, G)
     valid = per_sample_finite(grad) & per_sample_finite(G)
     return DMDTargets(last_x=rollout.last_x, last_t=rollout.last_t, G=G, grad=_mask(valid, grad), valid=valid,
                       weight=weight, t_D=torch.as_tensor(t_D, dtype=torch.float64), num_steps=rollout.num_steps)
 
 
-def dmd_regression(student: VelocityNet, targets: DMDTargets, context: Tensor, scale: float = 1.0) -> LossTerms:
+def dmd_regression(student: VelocityNet, targets: DMDTargets, context: Tensor, scale: float = 1.0,
+                   cond: Conditioning | None = None) -> LossTerms:
     """scale * sum((G - sg(G - grad))^2) with G the last rollout step recomputed with grad."""
     with training_pass("student with-grad (DMD)"):
-        G = predict(student, targets.last_x, targets.last_t, context).x0
-    return _regress(G, targets.valid, scale, step=-targets.grad)
+        G = predict(student, targets.last_x, targets.last_t, context, cond).x0
+    return _regress(G, targets.valid, scale, step=-targets.grad, cond=cond)
 
 
 # ---------------------------------------------------------------- critic (fake score)
@@ -189,12 +202,13 @@ def critic_targets(G: Tensor, eps: Tensor, t_D: Tensor) -> CriticTargets:
                          valid=per_sample_finite(G))
 
 
-def critic_regression(fake_score: VelocityNet, targets: CriticTargets, context: Tensor, scale: float = 1.0) -> LossTerms:
-    """scale * sum((G - x0_fake(x_D, t_D))^2)/sin^2 t_D."""
+def critic_regression(fake_score: VelocityNet, targets: CriticTargets, context: Tensor, scale: float = 1.0,
+                      cond: Conditioning | None = None) -> LossTerms:
+    """scale * sum((G - x0_fake(x_D, t_D))^2)/sin^2 t_D over generated positions."""
     with training_pass("fake score with-grad (critic)"):
-        x0 = predict(fake_score, targets.x_D, targets.t_D, context).x0
+        x0 = predict(fake_score, targets.x_D, targets.t_D, context, cond).x0
     weight = scale / torch.sin(targets.t_D.to(x0.device)) ** 2
-    return _regress(x0, targets.valid, weight, target=targets.G)
+    return _regress(x0, targets.valid, weight, target=targets.G, cond=cond)
 
 
 # ---------------------------------------------------------------- discrete-time CM baseline
@@ -219,7 +233,7 @@ class DCMTargets:
 @torch.no_grad()
 def dcm_targets(
     teacher: VelocityNet, student: VelocityNet, x0: Tensor, eps: Tensor, step: Tensor, grid: Tensor, skip: int,
-    context: Tensor, uncond_context: Tensor, *, cfg_scale: float,
+    context: Tensor, uncond_context: Tensor, *, cfg_scale: float, cond: Conditioning | None = None,
 ) -> DCMTargets:
     """Discrete consistency target (baseline).
 
@@ -236,16 +250,17 @@ def dcm_targets(
     t, t_prev = grid[step], grid[step - skip]
     x_t = add_noise(x0, eps, t)
     with training_pass("teacher CFG (dCM)"):
-        F_T = guided_predict(teacher, x_t, t, context, uncond_context, cfg_scale).F
+        F_T = guided_predict(teacher, x_t, t, context, uncond_context, cfg_scale, cond).F
     d = expand_time(t - t_prev, x_t)
     x_prev = torch.cos(d) * x_t - torch.sin(d) * F_T
     with training_pass("student target (dCM)"):
-        target = predict(student, x_prev, t_prev, context).x0
+        target = resolve(cond).exclude(predict(student, x_prev, t_prev, context, cond).x0)
     return DCMTargets(x_t=x_t, t=t, t_prev=t_prev, target=target, valid=per_sample_finite(target))
 
 
-def dcm_regression(student: VelocityNet, targets: DCMTargets, context: Tensor, scale: float = 1.0) -> LossTerms:
+def dcm_regression(student: VelocityNet, targets: DCMTargets, context: Tensor, scale: float = 1.0,
+                   cond: Conditioning | None = None) -> LossTerms:
     """scale * sum((x0_theta(x_t, t) - target)^2), unweighted over t."""
     with training_pass("student with-grad (dCM)"):
-        x0 = predict(student, targets.x_t, targets.t, context).x0
-    return _regress(x0, targets.valid, scale, target=targets.target)
+        x0 = predict(student, targets.x_t, targets.t, context, cond).x0
+    return _regress(x0, targets.valid, scale, target=targets.target, cond=cond)

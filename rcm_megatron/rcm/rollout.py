@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .conditioning import Conditioning, resolve
 from .protocol import VelocityNet
 from .rng import Indices, KeyedRNG, index_list
 from .time_samplers import TimeSampler
@@ -66,10 +67,12 @@ def training_schedule(
 @torch.no_grad()
 def rollout(
     net: VelocityNet, shape: tuple[int, ...], times: Tensor, num_steps: Tensor, context: Tensor,
-    rng: KeyedRNG, stream: str, indices: Indices,
+    rng: KeyedRNG, stream: str, indices: Indices, cond: Conditioning | None = None,
 ) -> RolloutResult:
     """Run the few-step student chain without grad from x = eps, eps ~ N(0, I) of per-sample
-    ``shape`` (stream f'{stream}.noise'); re-noising eps_k uses f'{stream}.renoise.{k}'."""
+    ``shape`` (stream f'{stream}.noise'); re-noising eps_k uses f'{stream}.renoise.{k}'.
+    ``cond`` (image conditioning) goes to every step; with given frames, x0 holds them."""
+    cond = resolve(cond)
     idx = torch.tensor(index_list(indices), dtype=torch.int64)
     device = context.device
     times = times.to(device=device, dtype=torch.float64)
@@ -80,7 +83,7 @@ def rollout(
     last_t = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
     for k in range(int(num_steps.max())):
         active = (num_steps > k).nonzero().flatten()
-        x0[active] = predict(net, x[active], times[active, k], context[active]).x0
+        x0[active] = predict(net, x[active], times[active, k], context[active], cond.select(active)).x0
         done = active[num_steps[active] == k + 1]
         last_x[done], last_t[done] = x[done], times[done, k]
         going = active[num_steps[active] > k + 1]

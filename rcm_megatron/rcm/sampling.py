@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor
 
+from .conditioning import Conditioning
 from .protocol import VelocityNet
 from .rng import Indices, KeyedRNG, index_list
 from .rollout import rollout
@@ -32,12 +33,12 @@ def sampling_times(num_steps: int, mid_times=OFFICIAL_MID_TIMES, sigma_max: floa
 def sample(
     student: VelocityNet, context: Tensor, latent_shape: tuple[int, ...], indices: Indices, *, seed: int,
     num_steps: int = 4, mid_times=OFFICIAL_MID_TIMES, sigma_max: float = 80.0, iteration: int = 0,
-    stream: str = "sample",
+    stream: str = "sample", cond: Conditioning | None = None,
 ) -> Tensor:
-    """Latents [B, *latent_shape] (float64) for prompts ``context`` [B,L,D]; sample i's noise is
-    keyed by (seed, iteration, indices[i], stream)."""
+    """Latents [B, *latent_shape] (float64) for prompts ``context`` [B,L,D] and image
+    conditioning ``cond``; sample i's noise is keyed by (seed, iteration, indices[i], stream)."""
     b = len(index_list(indices))
     times = torch.tensor(sampling_times(num_steps, mid_times, sigma_max)[:num_steps], dtype=torch.float64)
     res = rollout(student, tuple(latent_shape), times.expand(b, -1), torch.full((b,), num_steps),
-                  context, KeyedRNG(seed, iteration), stream, indices)
+                  context, KeyedRNG(seed, iteration), stream, indices, cond)
     return res.x0

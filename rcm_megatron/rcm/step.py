@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.dispatch import training_pass
+from .conditioning import Conditioning
 from .config import RCMConfig
 from .losses import (
     CriticTargets, DCMTargets, DMDTargets, LossTerms, SCMTargets, critic_regression, critic_targets,
@@ -36,12 +37,15 @@ from .schedule import Phase, phase as schedule_phase, tangent_warmup_ratio
 @dataclass
 class Batch:
     """x0 [B,C,T,H,W] clean latents; context [B,L,D]; uncond_context [1 or B, L, D]
-    (negative prompt); indices [B] int64 global sample indices (key every random draw)."""
+    (negative prompt); indices [B] int64 global sample indices (key every random draw);
+    cond: image conditioning (conditioning.py), given to teacher, student and fake score in
+    every pass; None for text-to-video."""
 
     x0: Tensor
     context: Tensor
     uncond_context: Tensor
     indices: Tensor
+    cond: Conditioning | None = None
 
     def __post_init__(self):
         b = self.x0.shape[0]
@@ -54,6 +58,8 @@ class Batch:
         self.indices = torch.as_tensor(self.indices, dtype=torch.int64).cpu()
         if self.indices.shape != (b,):
             raise ValueError(f"Batch.indices: expected [{b}] global sample indices, got {tuple(self.indices.shape)}")
+        if self.cond is not None:
+            self.cond.check(self.latent_shape, b)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -73,7 +79,8 @@ def _student_rollout(cfg: RCMConfig, student: VelocityNet, batch: Batch, rng: Ke
     times, num_steps = training_schedule(rng, stream, batch.indices, cfg.p_d.build(), cfg.rollout_max_steps,
                                          cfg.rollout_random_steps, cfg.rollout_fixed_times)
     with training_pass(f"student rollout ({stream.split('.')[0]})"):
-        return rollout(student, batch.latent_shape, times, num_steps, batch.context, rng, stream, batch.indices)
+        return rollout(student, batch.latent_shape, times, num_steps, batch.context, rng, stream, batch.indices,
+                       batch.cond)
 
 
 def _time_and_noise(rng: KeyedRNG, sampler, prefix: str, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -101,30 +108,31 @@ def make_student_targets(
         t, eps = _time_and_noise(rng, cfg.p_g.build(), "scm", batch)
         out.scm = scm_targets(teacher, student, batch.x0, eps, t, batch.context, batch.uncond_context,
                               cfg_scale=cfg.cfg_scale, r=out.r, g_norm_eps=cfg.scm_g_norm_eps,
-                              warmup_form=cfg.tangent_warmup_form)
+                              warmup_form=cfg.tangent_warmup_form, cond=batch.cond)
     if "dmd" in phase.losses:
         if fake_score is None:
             raise ValueError("DMD needs a fake score network, got None")
         res = _student_rollout(cfg, student, batch, rng, "dmd.rollout")
         t_D, eps = _time_and_noise(rng, cfg.p_d.build(), "dmd", batch)
         out.dmd = dmd_targets(teacher, fake_score, res, eps, t_D, batch.context, batch.uncond_context,
-                              cfg_scale=cfg.cfg_scale, weight_clip=cfg.dmd_weight_clip)
+                              cfg_scale=cfg.cfg_scale, weight_clip=cfg.dmd_weight_clip, cond=batch.cond)
     if "dcm" in phase.losses:
         n = rng.randint("dcm.step", batch.indices, cfg.dcm_skip, cfg.dcm_num_steps + 1)
         eps = rng.normal("dcm.eps", batch.indices, batch.latent_shape, device=batch.x0.device)
         out.dcm = dcm_targets(teacher, student, batch.x0, eps, n, dcm_time_grid(cfg.dcm_num_steps, cfg.dcm_shift),
-                              cfg.dcm_skip, batch.context, batch.uncond_context, cfg_scale=cfg.cfg_scale)
+                              cfg.dcm_skip, batch.context, batch.uncond_context, cfg_scale=cfg.cfg_scale,
+                              cond=batch.cond)
     return out
 
 
 def student_regression(cfg: RCMConfig, student: VelocityNet, targets: StudentTargets, batch: Batch, name: str) -> LossTerms:
     """With-grad half of one student loss term, name in targets.phase.losses."""
     if name == "scm":
-        return scm_regression(student, targets.scm, batch.context, cfg.scm_loss_scale)
+        return scm_regression(student, targets.scm, batch.context, cfg.scm_loss_scale, batch.cond)
     if name == "dmd":
-        return dmd_regression(student, targets.dmd, batch.context, cfg.dmd_loss_scale)
+        return dmd_regression(student, targets.dmd, batch.context, cfg.dmd_loss_scale, batch.cond)
     if name == "dcm":
-        return dcm_regression(student, targets.dcm, batch.context, cfg.dcm_loss_scale)
+        return dcm_regression(student, targets.dcm, batch.context, cfg.dcm_loss_scale, batch.cond)
     raise ValueError(f"unknown student loss term {name!r}")
 
 
@@ -184,7 +192,7 @@ def critic_step(
 ) -> dict[str, Tensor]:
     """Accumulate the fake score's gradients (denoising the student's samples)."""
     targets = make_critic_targets(cfg, student, batch, iteration)
-    loss = critic_regression(fake_score, targets, batch.context).loss / _normalizer(batch, loss_normalizer)
+    loss = critic_regression(fake_score, targets, batch.context, cond=batch.cond).loss / _normalizer(batch, loss_normalizer)
     with training_pass("fake score backward (critic)"):
         loss.backward()
     return {"loss_critic": loss.detach(), "critic_t_mean": _mean(targets.t_D),

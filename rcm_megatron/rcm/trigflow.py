@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .conditioning import Conditioning, resolve
 from .protocol import VelocityNet, net_dtype, timestep_dtype
 
 RF_TIME_SCALE = 1000.0
@@ -57,27 +58,34 @@ class Prediction:
     F: Tensor
 
 
-def _net_inputs(net: VelocityNet, x_t: Tensor, t: Tensor):
+def _net_inputs(net: VelocityNet, x_t: Tensor, t: Tensor, cond: Conditioning):
+    """Per-element time (0 on given frames), x_t with given frames in, network latents and timestep."""
     dtype = net_dtype(net)
-    tb = expand_time(t, x_t)
+    ts = expand_time(t, x_t)
+    keep = cond.generated(x_t)
+    tb = ts if keep is None else ts * keep
     cos, sin = torch.cos(tb), torch.sin(tb)
     a = cos + sin
-    latents = (x_t.to(torch.float64) / a).to(dtype)
-    c_noise = (RF_TIME_SCALE * sin / a).reshape(-1).to(timestep_dtype(dtype))
-    return cos, sin, a, latents, c_noise
+    x = cond.with_given(x_t.to(torch.float64))
+    latents = cond.network_input((x / a).to(dtype))
+    c_noise = (RF_TIME_SCALE * torch.sin(ts) / (torch.cos(ts) + torch.sin(ts))).reshape(-1)
+    c_noise = cond.token_timestep(c_noise, x_t.shape).to(timestep_dtype(dtype))
+    return cos, sin, a, x, latents, c_noise
 
 
-def predict(net: VelocityNet, x_t: Tensor, t: Tensor, context: Tensor) -> Prediction:
-    """(x0_hat, F) of ``net`` at (x_t, t); differentiable wherever grad mode is on."""
-    cos, sin, a, latents, c_noise = _net_inputs(net, x_t, t)
-    v = net(latents, c_noise, context).to(torch.float64)
-    x = x_t.to(torch.float64)
-    return Prediction(x0=(x - sin * v) / a, F=((cos - sin) * x + v) / a)
+def predict(net: VelocityNet, x_t: Tensor, t: Tensor, context: Tensor, cond: Conditioning | None = None) -> Prediction:
+    """(x0_hat, F) of ``net`` at (x_t, t); differentiable wherever grad mode is on.
+    With given frames (``cond.given``) x0_hat is the given latents there and F is 0 (excluded)."""
+    cond = resolve(cond)
+    cos, sin, a, x, latents, c_noise = _net_inputs(net, x_t, t, cond)
+    v = net(latents, c_noise, context, **cond.net_kwargs()).to(torch.float64)
+    return Prediction(x0=(x - sin * v) / a, F=cond.exclude(((cos - sin) * x + v) / a))
 
 
 @torch.no_grad()
 def predict_with_tangent(
-    net: VelocityNet, x_t: Tensor, t: Tensor, context: Tensor, dx: Tensor, dt: Tensor
+    net: VelocityNet, x_t: Tensor, t: Tensor, context: Tensor, dx: Tensor, dt: Tensor,
+    cond: Conditioning | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(F, dF): F and its derivative along the tangent (dx, dt), float64, no grad.
 
@@ -85,19 +93,26 @@ def predict_with_tangent(
       d(c_in x)  = dx/a - (b/a^2) dt x,      d c_noise = 1000 dt/a^2,
       dv         = net tangent of those,
       dF         = (b dx + dv - b F dt)/a - x dt.
+    Given frames are fixed at time 0: dx = dt = 0 there (and F, dF are excluded, 0).
+    Condition channels are not differentiated: the tangent covers the noisy channels only.
     """
-    cos, sin, a, latents, c_noise = _net_inputs(net, x_t, t)
+    cond = resolve(cond)
+    cos, sin, a, x, latents, c_noise = _net_inputs(net, x_t, t, cond)
     b = cos - sin
-    x = x_t.to(torch.float64)
-    dtb = expand_time(dt, x_t)
-    dx = dx.to(torch.float64)
+    ts = expand_time(dt, x_t)
+    keep = cond.generated(x_t)
+    dtb = ts if keep is None else ts * keep
+    dx = cond.exclude(dx.to(torch.float64))
     t_latents = (dx / a - b / a**2 * dtb * x).to(latents.dtype)
-    t_noise = (RF_TIME_SCALE * dtb / a**2).reshape(-1).to(c_noise.dtype)
-    v, dv = net.forward_with_tangent(latents, c_noise, context, t_latents, t_noise)
+    per_sample = expand_time(t, x_t)
+    a_s = torch.cos(per_sample) + torch.sin(per_sample)
+    t_noise = (RF_TIME_SCALE * ts / a_s**2).reshape(-1)
+    t_noise = cond.token_timestep(t_noise, x_t.shape).to(c_noise.dtype)
+    v, dv = net.forward_with_tangent(latents, c_noise, context, t_latents, t_noise, **cond.net_kwargs())
     v, dv = v.to(torch.float64), dv.to(torch.float64)
     F = (b * x + v) / a
     dF = (b * dx + dv - b * F * dtb) / a - x * dtb
-    return F, dF
+    return cond.exclude(F), cond.exclude(dF)
 
 
 def _uncond(uncond_context: Tensor, batch: int) -> Tensor:
@@ -108,23 +123,25 @@ def _uncond(uncond_context: Tensor, batch: int) -> Tensor:
 
 
 def guided_predict(
-    net: VelocityNet, x_t: Tensor, t: Tensor, context: Tensor, uncond_context: Tensor, scale: float
+    net: VelocityNet, x_t: Tensor, t: Tensor, context: Tensor, uncond_context: Tensor, scale: float,
+    cond: Conditioning | None = None,
 ) -> Prediction:
     """Classifier-free guidance: P_u + w (P_c - P_u) for both x0 and F (affine in v, so
-    guiding either is the same). Two network calls (cond, uncond) keep peak memory at B."""
-    c = predict(net, x_t, t, context)
-    u = predict(net, x_t, t, _uncond(uncond_context, x_t.shape[0]))
+    guiding either is the same). Two network calls (cond, uncond) keep peak memory at B.
+    The image condition ``cond`` is on both sides (only the text is dropped)."""
+    c = predict(net, x_t, t, context, cond)
+    u = predict(net, x_t, t, _uncond(uncond_context, x_t.shape[0]), cond)
     return Prediction(x0=u.x0 + scale * (c.x0 - u.x0), F=u.F + scale * (c.F - u.F))
 
 
 @torch.no_grad()
 def guided_predict_with_tangent(
     net: VelocityNet, x_t: Tensor, t: Tensor, context: Tensor, uncond_context: Tensor, scale: float,
-    dx: Tensor, dt: Tensor,
+    dx: Tensor, dt: Tensor, cond: Conditioning | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(F_T, dF_T) with guidance; the guidance combination is linear, so is its tangent."""
-    Fc, dFc = predict_with_tangent(net, x_t, t, context, dx, dt)
-    Fu, dFu = predict_with_tangent(net, x_t, t, _uncond(uncond_context, x_t.shape[0]), dx, dt)
+    Fc, dFc = predict_with_tangent(net, x_t, t, context, dx, dt, cond)
+    Fu, dFu = predict_with_tangent(net, x_t, t, _uncond(uncond_context, x_t.shape[0]), dx, dt, cond)
     return Fu + scale * (Fc - Fu), dFu + scale * (dFc - dFu)
 
 
