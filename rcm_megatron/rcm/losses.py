@@ -168,7 +168,10 @@ def dmd_targets(
         x0_fake = predict(fake_score, x_D, t_D, context, cond).x0
     with training_pass("teacher CFG (DMD)"):
         x0_T = guided_predict(teacher, x_D, t_D, context, uncond_context, cfg_scale, cond).x0
-    weight = (c.exclude(G - x0_T).abs().flatten(1).sum(dim=1) / c.num_generated(G)).clamp_min(weight_clip)
+    diff = (c.exclude(G - x0_T).abs().flatten(1))
+    # mean over the generated elements (all of them without given frames: .mean(), bit for bit as before)
+    mean = diff.mean(dim=1) if c.given is None else diff.sum(dim=1) / c.num_generated(G)
+    weight = mean.clamp_min(weight_clip)
     grad = c.exclude(x0_fake - x0_T) / expand_time(weight, G)
     valid = per_sample_finite(grad) & per_sample_finite(G)
     return DMDTargets(last_x=rollout.last_x, last_t=rollout.last_t, G=G, grad=_mask(valid, grad), valid=valid,
