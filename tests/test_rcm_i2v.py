@@ -245,7 +245,7 @@ def test_given_frame_is_excluded(mode, it):
     outputs on it leaves every loss and gradient unchanged."""
     kind = "wan2.2-ti2v"
     teacher, student, fake = build(kind, 1), build(kind, 2), build(kind, 3)
-    cfg = RCMConfig(mode=mode, rollout_max_steps=3)
+    cfg = RCMConfig(method=mode, rollout_max_steps=3)
     b = make_batch(kind)
     fake_arg = fake if cfg.uses_fake_score else None
     base = student_step(cfg, teacher, student, fake_arg, b, it)
@@ -336,7 +336,7 @@ def test_condition_reaches_every_pass(kind):
     spies = [Spy(build(kind, s), b, kind) for s in (1, 2, 3)]
     teacher, student, fake = spies
     student_step(CFG, teacher, student, fake, b, 4)
-    student_step(RCMConfig(mode="dcm"), teacher, student, None, b, 3)
+    student_step(RCMConfig(method="dcm"), teacher, student, None, b, 3)
     critic_step(CFG, student, fake, b, 1)
     for spy in spies:
         assert spy.calls and all(ok for _, ok in spy.calls), spy.calls
