@@ -25,6 +25,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rcm_megatron.cli import quiet_optional_backends  # noqa: E402
+
+quiet_optional_backends()  # before anything imports megatron-core
 
 import torch  # noqa: E402
 

@@ -28,6 +28,9 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rcm_megatron.cli import quiet_optional_backends  # noqa: E402
+
+quiet_optional_backends()  # before anything imports megatron-core
 
 PROG = "merge_delta.py"
 EXPERT_SUBFOLDERS = ("transformer", "transformer_2")
