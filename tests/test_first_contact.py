@@ -57,7 +57,7 @@ def test_generate_from_toy_checkpoint_uses_its_training_settings(toy_checkpoint,
 def test_generate_refuses_what_would_not_fit_before_allocating(toy_checkpoint, tmp_path):
     # under an address-space limit, so that without the check the process fails instead of the machine
     p = tool("tools/generate.py", "--load", str(toy_checkpoint), "--out", str(tmp_path / "o"),
-             "--latent-shape", "4", "41", "240", "416", limit_bytes=24 << 30)
+             "--latent-shape", "4", "41", "240", "416", limit_bytes=12 << 30)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2, p.stderr[-2000:]
     assert len(lines) == 1 and "latents [4, 41, 240, 416] x batch 1 need about" in lines[0], lines
