@@ -11,11 +11,12 @@ before any model is built. SIGTERM / SIGUSR1 save and exit 0; Ctrl-C saves and e
 
 import os
 import sys
-import warnings
 
 
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    from rcm_megatron.cli import quiet_optional_backends
+
+    quiet_optional_backends()
     from rcm_megatron.parallel.initialize import launched_by_torchrun
     from rcm_megatron.training.arguments import ArgumentError, parse_args
     from rcm_megatron.training.flag_names import format_implied

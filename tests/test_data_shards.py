@@ -238,3 +238,73 @@ def test_writer_is_atomic_and_meta_guards_mixing(tmp_path):
     assert read_dataset_meta(str(tmp_path))["latent_shape"] == list(SHAPE)
     with pytest.raises(ValueError, match="text_dim=8, this run would write 16"):
         write_dataset_meta(str(tmp_path), {"latent_shape": SHAPE, "text_len": 6, "text_dim": 16})
+
+
+def test_bad_shards_counted_with_their_samples(tmp_path, capfd):
+    make_dataset(tmp_path, [4, 4, 4])
+    with open(tmp_path / shard_name(1), "r+b") as f:  # truncated: its index recorded 4 samples
+        f.truncate(700)
+    (tmp_path / shard_name(3)).write_bytes(b"")  # empty file, no index
+    ld = ShardLoader(str(tmp_path), 0, 1, 2, 0, shuffle=False)
+    assert ld.bad_shards == 2 and ld.bad_samples == 4 and len(ld) == 8
+    err = capfd.readouterr().err
+    assert "shard-000001.tar: unreadable shard" in err and "shard-000003.tar: unreadable shard" in err
+    assert ids(ld.next_batch()) == [0, 1]
+    ld.close()
+
+
+def test_absurd_magnitude_is_a_bad_sample(tmp_path, capfd):
+    make_dataset(tmp_path, [4])
+    with ShardWriter(os.path.join(tmp_path, shard_name(1)), latent_dtype=torch.float32) as w:
+        lat, ctx = sample(4)
+        w.write("s000004", lat * 1e30, ctx, "absurd", {})  # finite, but no normalized latent
+        lat, ctx = sample(5)
+        w.write("s000005", lat, ctx, "fine", {})
+    ds = ShardDataset(str(tmp_path))
+    assert float(ds[4]["latents"].max()) == 5 and ds.bad_samples == 1
+    assert "latent magnitude 4e+30 beyond --max-latent-magnitude 10000" in capfd.readouterr().err
+    assert float(ShardDataset(str(tmp_path), max_latent_magnitude=1e31)[4]["latents"].max()) == pytest.approx(4e30)
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="--max-latent-magnitude .*expected a positive finite number"):
+            ShardDataset(str(tmp_path), max_latent_magnitude=bad)
+
+
+def test_tensor_file_drops_absurd_samples(tmp_path, capfd):
+    from rcm_megatron.data import TensorFileLatents
+
+    lat = torch.randn(3, *SHAPE)
+    lat[1] *= 1e30
+    torch.save({"latents": lat, "context": torch.randn(3, TEXT_LEN, TEXT_DIM),
+                "negative_context": torch.zeros(TEXT_LEN, TEXT_DIM)}, tmp_path / "d.pt")
+    ds = TensorFileLatents(str(tmp_path / "d.pt"))
+    assert len(ds) == 2 and ds.bad_samples == 1 and torch.equal(ds[1]["latents"], lat[2])
+    assert "skipping 1 bad sample(s) of 3 (first, sample 1: latent magnitude" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"\x80\x02}q\x00.garbage" * 50, b"not a pickle at all", b""], ids=["pickle", "text", "empty"])
+def test_tensor_file_that_is_not_latents_is_one_clear_error(tmp_path, content):
+    from rcm_megatron.data import TensorFileLatents
+
+    (tmp_path / "corrupt.pt").write_bytes(content)
+    with pytest.raises(ValueError, match=r"--data .*corrupt\.pt: not readable as a latent file"):
+        TensorFileLatents(str(tmp_path / "corrupt.pt"))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match=r"tensor\.pt: holds a Tensor; expected a latent file"):
+        TensorFileLatents(str(tmp_path / "tensor.pt"))
+
+
+@pytest.mark.slow
+def test_pretrain_with_corrupt_data_file_exits_2_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(bytes(range(256)) * 12)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, os.path.join(root, "pretrain_rcm.py"), "--data", str(bad), "--train-iters", "1",
+                        "--save", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": root})
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1 and str(bad) in lines[0] and "not readable as a latent file" in lines[0], lines
+    assert not (tmp_path / "ckpt").exists()

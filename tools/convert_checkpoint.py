@@ -26,7 +26,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rcm_megatron.cli import ArgumentParser  # noqa: E402 (no abbreviations, negative numbers)
+from rcm_megatron.cli import ArgumentParser, quiet_optional_backends  # noqa: E402
+
+quiet_optional_backends()  # before anything imports megatron-core
 
 PROG = "convert_checkpoint.py"
 

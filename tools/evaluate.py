@@ -19,13 +19,16 @@ student (the teacher's weights sampled in N steps, where every distillation star
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rcm_megatron.cli import ArgumentParser  # noqa: E402 (no abbreviations, negative numbers)
+from rcm_megatron.cli import ArgumentParser, quiet_optional_backends  # noqa: E402
+
+quiet_optional_backends()  # before anything imports megatron-core
 
 import torch  # noqa: E402
 
@@ -63,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1024, help="generated videos per model and step count")
     p.add_argument("--num-reference", type=int, default=4096, help="held-out data videos")
     p.add_argument("--seed", type=int, default=SAMPLE_SEED, help="sampling noise seed")
+    p.add_argument("--batch-size", type=int, default=512,
+                   help="samples per forward, one progress line each (other sizes agree to float32 rounding)")
     p.add_argument("--skip-teacher", action="store_true", help="do not sample the teacher (quick student checks)")
     p.add_argument("--teacher-from", default=None, metavar="JSON",
                    help="reuse the teacher's metrics from an earlier OUT.json with the same teacher settings")
@@ -72,6 +77,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replot", default=None, metavar="JSON",
                    help="only redraw OUT.png from an earlier OUT.json (samples regenerated from its models)")
     return p
+
+
+class Usage(Exception):
+    """Bad input, found before any sampling: one line, exit 2."""
+
+
+def validate(args) -> tuple[object, dict]:
+    """Check every option and open every model (teacher and --student; all small toy models) before
+    any sampling, so a wrong path or option fails in seconds. Returns (teacher or None, {name: student})."""
+    from rcm_megatron.rcm.sampling import OFFICIAL_MID_TIMES
+
+    for flag in ("num_samples", "num_reference", "teacher_steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise Usage(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    mid = tuple(args.mid_times) if args.mid_times else OFFICIAL_MID_TIMES
+    if any(not 1 <= s <= len(mid) + 1 for s in args.steps):
+        raise Usage(f"--steps {' '.join(map(str, args.steps))}: expected 1..{len(mid) + 1} (one more than the mid times)")
+    if any(not 0 < t < math.pi / 2 for t in mid) or list(mid) != sorted(mid, reverse=True):
+        raise Usage(f"--mid-times {list(mid)}: expected decreasing TrigFlow times in (0, pi/2)")
+    if not (math.isfinite(args.sigma_max) and args.sigma_max > 0):
+        raise Usage(f"--sigma-max must be a finite number > 0, got {args.sigma_max}")
+    if not math.isfinite(args.cfg_scale):
+        raise Usage(f"--cfg-scale must be finite, got {args.cfg_scale}")
+    names = [name for name, _ in args.student]
+    if len(set(names)) != len(names):
+        raise Usage(f"--student: the name {next(n for n in names if names.count(n) > 1)!r} is given twice")
+    for name, path in args.student:
+        if not os.path.exists(path):
+            raise Usage(f"--student {name}={path}: no such checkpoint directory or model file")
+    if args.teacher_from:
+        try:
+            with open(args.teacher_from) as f:
+                json.load(f)
+        except (OSError, ValueError) as e:
+            raise Usage(f"--teacher-from {args.teacher_from}: not a readable results JSON ({e})") from None
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise Usage(f"--out {args.out}: cannot create {out_dir} ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise Usage(f"--out {args.out}: {out_dir} is not writable")
+    teacher = None
+    if os.path.exists(args.teacher):
+        teacher = _open(f"--teacher {args.teacher}", args.teacher)[0]
+    elif not args.skip_teacher or not args.skip_untrained:
+        raise Usage(f"--teacher {args.teacher}: no such file")
+    students = {}
+    for name, path in args.student:
+        model, meta = _open(f"--student {name}={path}", path, weights=args.weights,
+                            iteration=args.iteration if os.path.isdir(path) else None)
+        if teacher is not None and (model.config.in_channels, model.config.text_dim) != (teacher.config.in_channels,
+                                                                                     teacher.config.text_dim):
+            raise Usage(f"--student {name}={path}: in_channels/text_dim {model.config.in_channels}/{model.config.text_dim} "
+                        f"differ from the teacher's {teacher.config.in_channels}/{teacher.config.text_dim}")
+        students[name] = (model, meta)
+    return teacher, students
+
+
+def _open(what: str, path: str, **kw):
+    from rcm_megatron.checkpointing.errors import CheckpointError
+
+    try:
+        return open_model(path, **kw)
+    except (OSError, ValueError, KeyError, CheckpointError) as e:
+        raise Usage(f"{what}: {e}") from None
+
+
+def progress_printer(label: str):
+    """``progress(done, total)`` printing one plain line per batch: counts, elapsed time and ETA."""
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        el = time.perf_counter() - t0
+        eta = el / done * (total - done)
+        print(f"  {label}: {done}/{total} samples, {el:.1f} s, ETA {eta:.0f} s", flush=True)
+    return progress
 
 
 def _summary(r: dict) -> dict:
@@ -139,6 +221,11 @@ def main(argv=None) -> int:
         from rcm_megatron.training.arguments import TOY_DEFAULTS
 
         args.cfg_scale = TOY_DEFAULTS["cfg_scale"]
+    try:
+        teacher, students = validate(args)
+    except Usage as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     t_start = time.perf_counter()
     ref = reference_features(args.num_reference, HELD_OUT_SEED)
@@ -150,12 +237,6 @@ def main(argv=None) -> int:
     results["data"] = data_floor(args.num_samples, ref)
     samples = {}
     skw = {"sigma_max": args.sigma_max, "mid_times": args.mid_times, "seed": args.seed}
-    teacher = None
-    if os.path.exists(args.teacher):
-        teacher, _ = open_model(args.teacher)
-    elif not args.skip_teacher or not args.skip_untrained:
-        print(f"evaluate.py: error: --teacher {args.teacher}: no such file", file=sys.stderr)
-        return 2
     if args.teacher_from:
         with open(args.teacher_from) as f:
             old = json.load(f)
@@ -173,7 +254,8 @@ def main(argv=None) -> int:
                                                             seed=args.seed)[0]
     elif not args.skip_teacher:
         r = evaluate_model(teacher, "teacher", ref, args.num_samples, steps=args.teacher_steps,
-                           cfg_scale=args.cfg_scale, shift=args.teacher_shift, seed=args.seed)
+                           cfg_scale=args.cfg_scale, shift=args.teacher_shift, seed=args.seed,
+                           batch_size=args.batch_size, progress=progress_printer(f"teacher {args.teacher_steps} steps"))
         results["teacher"] = r
         print(f"teacher {args.teacher_steps} steps: {_summary(r)} ({r['seconds']} s)", flush=True)
         samples[f"TEACHER {args.teacher_steps}"] = generate(teacher, "teacher", 4, steps=args.teacher_steps,
@@ -181,19 +263,17 @@ def main(argv=None) -> int:
                                                             seed=args.seed)[0]
     if not args.skip_untrained:
         for s in args.steps:
-            r = evaluate_model(teacher, "student", ref, args.num_samples, steps=s, **skw)
+            r = evaluate_model(teacher, "student", ref, args.num_samples, steps=s, batch_size=args.batch_size,
+                               progress=progress_printer(f"untrained student {s} step(s)"), **skw)
             results["untrained"][str(s)] = r
             print(f"untrained student {s} step(s): {_summary(r)}", flush=True)
     for name, path in args.student:
-        try:
-            student, meta = open_model(path, weights=args.weights, iteration=args.iteration if os.path.isdir(path) else None)
-        except (OSError, ValueError, KeyError) as e:
-            print(f"evaluate.py: error: --student {name}={path}: {e}", file=sys.stderr)
-            return 2
+        student, meta = students.pop(name)
         results["methods"][name] = {}
         results["students"][name] = {"path": path, **{k: v for k, v in meta.items() if k != "teacher"}}
         for s in args.steps:
-            r = evaluate_model(student, "student", ref, args.num_samples, steps=s, **skw)
+            r = evaluate_model(student, "student", ref, args.num_samples, steps=s, batch_size=args.batch_size,
+                               progress=progress_printer(f"{name} {s} step(s)"), **skw)
             results["methods"][name][str(s)] = r
             print(f"{name} {s} step(s): {_summary(r)} ({r['seconds']} s)", flush=True)
             if s in (min(args.steps), max(args.steps)):

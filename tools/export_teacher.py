@@ -15,7 +15,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rcm_megatron.cli import ArgumentParser  # noqa: E402 (no abbreviations, negative numbers)
+from rcm_megatron.cli import ArgumentParser, quiet_optional_backends  # noqa: E402
+
+quiet_optional_backends()  # before anything imports megatron-core
 
 from rcm_megatron.checkpointing.dist_source import TRAIN_WEIGHTS  # noqa: E402
 from rcm_megatron.checkpointing.loading import read_model_source  # noqa: E402

@@ -32,7 +32,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rcm_megatron.cli import ArgumentParser  # noqa: E402 (no abbreviations, negative numbers)
+from rcm_megatron.cli import ArgumentParser, quiet_optional_backends  # noqa: E402
+
+quiet_optional_backends()  # before anything imports megatron-core
 
 import torch  # noqa: E402
 
@@ -58,9 +60,11 @@ def parser() -> argparse.ArgumentParser:
                    help="which weights of --load (default: ema, else the only model)")
     g.add_argument("--iteration", type=int, help="checkpoint iteration (default: latest)")
     g.add_argument("--steps", type=int, default=4, help="student sampling steps, 1..4 (default 4)")
-    g.add_argument("--sigma-max", type=float, default=80.0, help="starting sigma (default 80; up to 1600 for metrics)")
+    g.add_argument("--sigma-max", type=float, default=None,
+                   help="starting sigma (default: the checkpoint's training setting, else 80; up to 1600 for metrics)")
     g.add_argument("--mid-times", type=float, nargs="+", default=None,
-                   help="intermediate TrigFlow times (default: the official code's 1.5 1.4 1.0; paper: 1.3 1.0 0.6)")
+                   help="intermediate TrigFlow times (default: the checkpoint's training setting, else the official "
+                        "code's 1.5 1.4 1.0; paper: 1.3 1.0 0.6)")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help="a text file, one prompt per line")
@@ -68,16 +72,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", help="tokenizer folder (default: beside the text encoder)")
     g.add_argument("--context-file", help="instead of a text encoder: a .pt with precomputed embeddings "
                                           "{'context': [N,L,D] or list, 'negative': [L,D] (optional)}")
-    g.add_argument("--text-len", type=int, default=512, help="embeddings are zero-padded to this length (Wan: 512)")
+    g.add_argument("--text-len", type=int, default=None,
+                   help="embeddings are zero-padded to this length (default: the checkpoint's data, else Wan's 512)")
     g.add_argument("--negative-prompt", default=None, help="teacher CFG negative prompt (default: Wan's)")
     g = p.add_argument_group("video")
     g.add_argument("--vae", help="AutoencoderKLWan folder, or a Wan2.1 diffusers pipeline folder")
     g.add_argument("--latents-only", action="store_true", help="do not decode (no --vae needed)")
-    g.add_argument("--num-frames", type=int, default=81, help="video frames, 4k+1 (default 81)")
-    g.add_argument("--height", type=int, default=480)
-    g.add_argument("--width", type=int, default=832)
+    g.add_argument("--num-frames", type=int, default=None, help="video frames, 4k+1 (default 81)")
+    g.add_argument("--height", type=int, default=None, help="default 480")
+    g.add_argument("--width", type=int, default=None, help="default 832")
     g.add_argument("--latent-shape", type=int, nargs=4, metavar=("C", "T", "H", "W"),
-                   help="latent shape directly (overrides frames/height/width)")
+                   help="latent shape directly (overrides frames/height/width; default with none of them: the "
+                        "checkpoint's training data, e.g. the toy task's 4 4 8 8)")
     g.add_argument("--fps", type=int, default=16)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=1, help="prompts per forward (results do not depend on it)")
@@ -87,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-steps", type=int, default=0, help="also sample the teacher with N steps (0: off)")
     g.add_argument("--sampler", choices=("euler", "unipc"), default="unipc")
     g.add_argument("--teacher", help="teacher source (default: the teacher recorded in --load's checkpoint)")
-    g.add_argument("--guidance-scale", type=float, default=5.0)
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="teacher CFG scale (default: the checkpoint's training cfg_scale, else Wan's 5)")
     g.add_argument("--shift", type=float, default=5.0, help="flow shift of the teacher grid (Wan: 3 at 480p, 5 at 720p)")
     g.add_argument("--scheduler-config", help="UniPC: a pipeline's scheduler/ folder (default: Wan's settings)")
     g = p.add_argument_group("compute")
@@ -136,7 +143,11 @@ def check_args(args) -> list[str]:
         raise UsageError(f"--teacher-steps must be >= 0, got {args.teacher_steps}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.context_file is None:
+    if args.toy_prompts:
+        if prompts or args.text_encoder is not None or args.context_file is not None:
+            raise UsageError("the toy model's prompts are its class embeddings: pass no --prompt, --prompts-file, "
+                             "--text-encoder or --context-file")
+    elif args.context_file is None:
         if not prompts:
             raise UsageError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
         if args.text_encoder is None:
@@ -146,6 +157,8 @@ def check_args(args) -> list[str]:
         raise UsageError("--context-file and --text-encoder are exclusive")
     if not args.latents_only and args.vae is None:
         raise UsageError("--vae PATH is needed to decode videos (or pass --latents-only)")
+    if args.text_len < 1:
+        raise UsageError(f"--text-len must be >= 1, got {args.text_len}")
     if args.latent_shape is None and (args.num_frames - 1) % 4:
         raise UsageError(f"--num-frames {args.num_frames}: Wan videos have 4k+1 frames (e.g. 81)")
     for flag in ("vae", "text_encoder", "tokenizer", "teacher", "scheduler_config"):
@@ -157,6 +170,31 @@ def check_args(args) -> list[str]:
     return prompts
 
 
+def apply_recorded_settings(args, source) -> None:
+    """Fill the flags not given from the checkpoint's recorded training settings, else Wan's defaults;
+    the toy model (no text encoder, no VAE) samples its class embeddings and writes latents only."""
+    from rcm_megatron.eval.generation_settings import WAN_GUIDANCE, WAN_TEXT_LEN, recorded_settings
+    from rcm_megatron.rcm.sampling import OFFICIAL_MID_TIMES
+
+    meta = getattr(getattr(source, "info", None), "meta", None)
+    rec = recorded_settings(meta, source.config) if meta else {}
+    video_flags = (args.num_frames, args.height, args.width)
+    if args.latent_shape is None and all(v is None for v in video_flags) and "latent_shape" in rec:
+        args.latent_shape = list(rec["latent_shape"])
+    args.num_frames, args.height, args.width = (d if v is None else v for v, d in zip(video_flags, (81, 480, 832)))
+    args.text_len = args.text_len or rec.get("text_len", WAN_TEXT_LEN)
+    args.guidance_scale = rec.get("guidance_scale", WAN_GUIDANCE) if args.guidance_scale is None else args.guidance_scale
+    args.mid_times = args.mid_times or list(rec.get("mid_times", OFFICIAL_MID_TIMES))
+    args.sigma_max = rec.get("sigma_max", 80.0) if args.sigma_max is None else args.sigma_max
+    given = args.prompt or args.prompts_file or args.text_encoder or args.context_file
+    args.toy_prompts = bool(rec.get("toy")) and not given
+    if args.toy_prompts and args.vae is None:
+        args.latents_only = True
+    if rec:
+        log(f"settings from the checkpoint's training run: " + ", ".join(
+            f"{k} {v}" for k, v in rec.items() if k != "toy") + (" (toy task: class prompts)" if args.toy_prompts else ""))
+
+
 # ----------------------------------------------------------------------------- text
 def encode_prompts(args, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(context [N, text_len, D], negative [1, text_len, D] or None), on rank 0 then broadcast."""
@@ -164,7 +202,12 @@ def encode_prompts(args, prompts: list[str], device) -> tuple[torch.Tensor, torc
 
     result = [None]
     if _rank() == 0:
-        if args.context_file is not None:
+        if args.toy_prompts:
+            from rcm_megatron.eval.generation_settings import toy_contexts
+
+            _, embs, neg = toy_contexts()
+            neg = neg[0]
+        elif args.context_file is not None:
             blob = torch.load(args.context_file, map_location="cpu", weights_only=True)
             if not isinstance(blob, dict) or "context" not in blob:
                 raise UsageError(f"--context-file {args.context_file}: expected a dict with 'context'")
@@ -327,6 +370,8 @@ def run(args) -> int:
     from rcm_megatron.rcm.teacher_sampling import euler_sample
     from rcm_megatron.rcm.unipc import unipc_sample, wan_unipc_scheduler
 
+    student_src = open_student(args)
+    apply_recorded_settings(args, student_src)
     prompts = check_args(args)
     try:
         par = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -339,7 +384,6 @@ def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    student_src = open_student(args)
     cfg = student_src.config
     tpath = tsrc = None
     if args.teacher_steps:
@@ -357,7 +401,16 @@ def run(args) -> int:
     validate_cp(cfg, args.tensor_model_parallel_size, args.context_parallel_size, args.cp_comm_type,
                 args.hierarchical_context_parallel_sizes)
     shape = latent_shape(args, cfg)
+    from rcm_megatron.eval.generation_settings import check_memory
+
+    try:
+        check_memory(cfg, shape, min(args.batch_size, max(1, len(prompts))),
+                     sum(t.nbytes for t in student_src.tensors.values()), device)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     context, negative = encode_prompts(args, prompts, device)
+    if args.toy_prompts:
+        prompts = [f"toy class {c}" for c in range(context.shape[0])]
     if args.context_file is not None:
         prompts = prompts or [f"context {i}" for i in range(context.shape[0])]
         if len(prompts) != context.shape[0]:

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from rcm_megatron.cli import ArgumentParser  # noqa: E402
 from rcm_megatron.models.config import PRESETS, preset  # noqa: E402
 from rcm_megatron.planning.layout import Workload  # noqa: E402
 from rcm_megatron.planning.memory import GIB  # noqa: E402
@@ -26,7 +27,7 @@ from rcm_megatron.planning.search import fitting_layouts  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(PRESETS), required=True)
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpu-memory-gib", type=float, required=True)

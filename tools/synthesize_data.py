@@ -24,7 +24,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rcm_megatron.cli import ArgumentParser  # noqa: E402 (no abbreviations, negative numbers)
+from rcm_megatron.cli import ArgumentParser, quiet_optional_backends  # noqa: E402
+
+quiet_optional_backends()  # before anything imports megatron-core
 
 import torch  # noqa: E402
 

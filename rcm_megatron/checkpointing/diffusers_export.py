@@ -64,6 +64,8 @@ def export_diffusers(source: TensorSource, out_dir: str, dtype: torch.dtype | No
     """Write ``source`` to ``out_dir``; returns a summary (files, bytes, number of tensors)."""
     from safetensors.torch import save_file
 
+    from ..cli import follow_umask
+
     source.check()
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
@@ -88,6 +90,7 @@ def export_diffusers(source: TensorSource, out_dir: str, dtype: torch.dtype | No
             total += out[dnames[n]].nbytes
             del t
         save_file(out, os.path.join(tmp, fn), metadata={"format": "pt"})
+        follow_umask(os.path.join(tmp, fn))  # safetensors writes 0600
         del out, tensors
         if progress is not None:
             progress(k + 1, len(shards), fn)

@@ -222,7 +222,7 @@ def load_diffusers_wan_experts(path, dtype: torch.dtype | None = None, boundary_
 
 
 def save_diffusers_wan(model: WanDiT, out_dir, dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
-    """A single-process model as a diffusers ``WanTransformer3DModel`` folder (``export.py``)."""
+    """A single-process model as a diffusers ``WanTransformer3DModel`` folder (``rcm_megatron.checkpointing.diffusers_export``)."""
     from ..checkpointing.diffusers_export import export_diffusers
     from ..checkpointing.sources import StateDictSource
 

@@ -10,8 +10,32 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import torch
+
+# Latents are normalized to about unit variance (the VAE's per-channel mean/std, or the synthetic and
+# toy generators' own scaling), so a value beyond this is a corrupt or unnormalized sample, not data.
+DEFAULT_MAX_LATENT_MAGNITUDE = 1e4
+
+
+def check_max_latent_magnitude(value: float) -> float:
+    """``--max-latent-magnitude``: a positive finite bound (a latent value beyond it makes a bad sample)."""
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"--max-latent-magnitude {value}: expected a positive finite number "
+                         f"(default {DEFAULT_MAX_LATENT_MAGNITUDE:g}: latents have about unit variance)")
+    return value
+
+
+def latent_problem(latents: torch.Tensor, context: torch.Tensor, max_magnitude: float) -> str | None:
+    """Why a sample cannot be trained on (non-finite values, or latents beyond ``max_magnitude``), or None."""
+    if not (torch.isfinite(latents).all() and torch.isfinite(context).all()):
+        return "non-finite values"
+    peak = float(latents.abs().max()) if latents.numel() else 0.0
+    if peak > max_magnitude:
+        return f"latent magnitude {peak:.3g} beyond --max-latent-magnitude {max_magnitude:g}"
+    return None
 
 
 class LatentDataset:
@@ -74,20 +98,42 @@ class SyntheticLatents(LatentDataset):
 
 
 class TensorFileLatents(LatentDataset):
-    """A ``.pt`` file holding {"latents": [N,C,T,H,W], "context": [N,L,D], "negative_context": [L,D]}."""
+    """A ``.pt`` file holding {"latents": [N,C,T,H,W], "context": [N,L,D], "negative_context": [L,D]}.
 
-    def __init__(self, path: str):
+    Samples with non-finite values or latents beyond ``max_latent_magnitude`` are dropped when the
+    file is read, warned about and counted in ``bad_samples``."""
+
+    EXPECTED = "a latent file: a torch.save'd dict {latents [N,C,T,H,W], context [N,L,D], negative_context [L,D]}"
+
+    def __init__(self, path: str, max_latent_magnitude: float = DEFAULT_MAX_LATENT_MAGNITUDE):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        bound = check_max_latent_magnitude(max_latent_magnitude)
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch/pickle raise KeyError, UnpicklingError, RuntimeError... on garbage
+            raise ValueError(f"--data {path}: not readable as {self.EXPECTED} "
+                             f"(torch.load: {type(e).__name__})") from None
+        if not isinstance(blob, dict):
+            raise ValueError(f"--data {path}: holds a {type(blob).__name__}; expected {self.EXPECTED}")
         for key in ("latents", "context", "negative_context"):
-            if key not in blob:
+            if not isinstance(blob.get(key), torch.Tensor):
                 raise ValueError(f"--data {path}: missing key {key!r}; expected latents, context, negative_context")
         lat, ctx, neg = blob["latents"], blob["context"], blob["negative_context"]
         if lat.dim() != 5 or ctx.dim() != 3 or neg.dim() != 2 or lat.shape[0] != ctx.shape[0] or ctx.shape[2] != neg.shape[1]:
             raise ValueError(f"--data {path}: expected latents [N,C,T,H,W], context [N,L,D], negative_context [L,D]; "
                              f"got {tuple(lat.shape)}, {tuple(ctx.shape)}, {tuple(neg.shape)}")
-        self.latents, self.context, self.negative_context = lat.float(), ctx.float(), neg.float()
+        lat, ctx = lat.float(), ctx.float()
+        problems = [latent_problem(lat[i], ctx[i], bound) for i in range(lat.shape[0])]
+        keep = [i for i, p in enumerate(problems) if p is None]
+        self.bad_samples = lat.shape[0] - len(keep)
+        if not keep:
+            raise ValueError(f"--data {path}: none of its {lat.shape[0]} samples is usable (first: {problems[0]})")
+        if self.bad_samples:
+            first = next(i for i, p in enumerate(problems) if p)
+            print(f"warning: --data {path}: skipping {self.bad_samples} bad sample(s) of {lat.shape[0]} "
+                  f"(first, sample {first}: {problems[first]})", file=sys.stderr, flush=True)
+        self.latents, self.context, self.negative_context = lat[keep], ctx[keep], neg.float()
         self.latent_shape = tuple(lat.shape[1:])
         self.text_len, self.text_dim = ctx.shape[1], ctx.shape[2]
 
@@ -98,7 +144,8 @@ class TensorFileLatents(LatentDataset):
         return {"latents": self.latents[i], "context": self.context[i]}
 
 
-def build_dataset(data: str | None, in_channels: int, text_dim: int, latent_shape=None, seed: int = 1234):
+def build_dataset(data: str | None, in_channels: int, text_dim: int, latent_shape=None, seed: int = 1234,
+                  max_latent_magnitude: float = DEFAULT_MAX_LATENT_MAGNITUDE):
     """``data`` None or "synthetic" -> SyntheticLatents matching the model; "toy" -> the toy video
     task (data/toy.py, fixed shape); otherwise a tensor file."""
     if data == "toy":  # the built-in toy task with measurable quality (issue 10)
@@ -112,4 +159,4 @@ def build_dataset(data: str | None, in_channels: int, text_dim: int, latent_shap
     if data in (None, "", "synthetic"):
         shape = tuple(latent_shape) if latent_shape else (in_channels, 3, 8, 8)
         return SyntheticLatents(latent_shape=shape, text_dim=text_dim, seed=seed)
-    return TensorFileLatents(data)
+    return TensorFileLatents(data, max_latent_magnitude)

@@ -39,10 +39,13 @@ copies shards to a local cache and prints on construction. Shards are written wi
 reading uses the member offsets recorded at write time (``os.pread``, thread-safe, one
 read per member) so any position maps straight to a sample.
 
-**Bad samples** (unreadable member, wrong shape, non-finite values) are replaced by the
+**Bad samples** (unreadable member, wrong shape, non-finite values or values beyond
+``--max-latent-magnitude``) are replaced by the
 next valid sample in index order (a function of the data alone, so resume and every
 layout still agree), counted in ``bad_samples`` and warned about; only when no valid
-sample remains does reading fail, with an error naming the dataset.
+sample remains does reading fail, with an error naming the dataset. A shard that is
+unreadable, truncated or empty when the loader starts gives no samples; it is counted in
+``bad_shards`` and the samples its index recorded in ``bad_samples``.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .datasets import LatentDataset
+from .datasets import DEFAULT_MAX_LATENT_MAGNITUDE, LatentDataset, check_max_latent_magnitude, latent_problem
 
 FORMAT = "rcm-megatron-shards/1"
 META_FILE = "meta.json"
@@ -303,21 +306,35 @@ def read_shard_index(path: str) -> list[tuple[str, dict[str, list[int]]]]:
     return scan_tar(path)
 
 
-def _shard_count(path: str) -> int:
+def _recorded_count(path: str) -> int:
+    """The sample count the shard's index recorded when it was written (0 without a readable index)."""
+    try:
+        with open(path + INDEX_SUFFIX) as f:
+            return int(json.load(f)["count"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _shard_count(path: str) -> tuple[int, int]:
+    """(usable samples, samples lost) of one shard. An unreadable, truncated or empty shard is
+    warned about and contributes no samples; the samples its index recorded are the ones lost."""
     side = path + INDEX_SUFFIX
     if os.path.isfile(side):
         try:
             with open(side) as f:
                 idx = json.load(f)
-            if idx.get("size") == os.path.getsize(path):
-                return int(idx["count"])
+            if idx.get("size") == os.path.getsize(path) and int(idx["count"]) > 0:
+                return int(idx["count"]), 0
         except (OSError, ValueError, KeyError):
             pass
     try:
-        return len(read_shard_index(path))
+        count = len(read_shard_index(path))
     except (OSError, tarfile.TarError) as e:
         _warn(f"{path}: unreadable shard ({e}); skipping its samples")
-        return 0
+        return 0, _recorded_count(path)
+    if count == 0:
+        _warn(f"{path}: empty shard (no samples); skipping it")
+    return count, 0
 
 
 class ShardDataset(LatentDataset):
@@ -328,7 +345,8 @@ class ShardDataset(LatentDataset):
     Also usable with the trainer's ``global_batch_indices`` as a map-style dataset.
     """
 
-    def __init__(self, data, dtype: torch.dtype = torch.float32, max_open_files: int = 64, index_threads: int = 8):
+    def __init__(self, data, dtype: torch.dtype = torch.float32, max_open_files: int = 64, index_threads: int = 8,
+                 max_latent_magnitude: float = DEFAULT_MAX_LATENT_MAGNITUDE):
         self.spec = data
         self.urls = resolve_shards(data)
         self.root = os.path.dirname(os.path.abspath(self.urls[0]))
@@ -343,14 +361,19 @@ class ShardDataset(LatentDataset):
         self.negative_prompt = neg.get("prompt", "")
         self.negative_context = self._pad_context(neg["context"], neg_path)
         with ThreadPoolExecutor(max(1, index_threads)) as ex:
-            self.counts = list(ex.map(_shard_count, self.urls))
+            health = list(ex.map(_shard_count, self.urls))
+        self.counts = [c for c, _ in health]
+        # shards that gave no samples (unreadable, truncated, empty) and the samples they recorded
+        self.bad_shards = sum(1 for c, _ in health if c == 0)
+        self.lost_samples = sum(lost for _, lost in health)
+        self.max_latent_magnitude = check_max_latent_magnitude(max_latent_magnitude)
         self.offsets = [0]
         for c in self.counts:
             self.offsets.append(self.offsets[-1] + c)
         self.num_samples = self.offsets[-1]
         if self.num_samples == 0:
             raise ValueError(f"--data {data}: the {len(self.urls)} shard(s) hold no samples")
-        self.bad_samples = 0
+        self.bad_samples = self.lost_samples
         self._bad: set[int] = set()
         self._lock = threading.Lock()
         self._tables: OrderedDict[int, list] = OrderedDict()
@@ -457,8 +480,9 @@ class ShardDataset(LatentDataset):
             raise BadSample(f"{where}: latents {shape}, expected {self.latent_shape}")
         context = self._pad_context(ctx, where)
         lat = lat.to(self.dtype)
-        if not (torch.isfinite(lat).all() and torch.isfinite(context).all()):
-            raise BadSample(f"{where}: non-finite values")
+        problem = latent_problem(lat, context, self.max_latent_magnitude)
+        if problem:
+            raise BadSample(f"{where}: {problem}")
         prompt = raw["txt"].decode("utf-8", "replace") if "txt" in raw else ""
         return {"latents": lat, "context": context, "prompt": prompt}
 
@@ -605,6 +629,11 @@ class ShardLoader:
     @property
     def bad_samples(self) -> int:
         return self.dataset.bad_samples
+
+    @property
+    def bad_shards(self) -> int:
+        """Shards that gave no samples (unreadable, truncated or empty); their samples are in bad_samples."""
+        return self.dataset.bad_shards
 
     def __len__(self) -> int:
         return len(self.dataset)

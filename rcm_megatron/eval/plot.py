@@ -1,5 +1,5 @@
 """The benchmark figure: one bar panel per metric (methods x sampling steps, with the teacher and
-the data floor as reference lines) and a grid of generated videos, drawn with eval.png."""
+the data floor as reference lines) and a grid of generated videos, drawn with ``png.py``."""
 
 from __future__ import annotations
 

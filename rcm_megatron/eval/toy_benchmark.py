@@ -40,28 +40,38 @@ def prompts(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def generate(model, kind: str, n: int, *, steps: int, seed: int = SAMPLE_SEED, cfg_scale: float = 1.0,
-             shift: float = 3.0, mid_times=None, sigma_max: float = 80.0, batch_size: int = 512) -> tuple[Tensor, Tensor]:
-    """(samples [n, ...] float64, labels [n]); kind 'teacher' (Euler + CFG) or 'student' (few-step)."""
+             shift: float = 3.0, mid_times=None, sigma_max: float = 80.0, batch_size: int = 512,
+             progress=None) -> tuple[Tensor, Tensor]:
+    """(samples [n, ...] float64, labels [n]); kind 'teacher' (Euler + CFG) or 'student' (few-step).
+
+    Sampled ``batch_size`` at a time (noise is keyed by sample index, so another batch size changes
+    only float32 rounding);
+    ``progress(done, n)`` is called after each batch."""
+    if kind not in ("teacher", "student"):
+        raise ValueError(f"kind: expected 'teacher' or 'student', got {kind!r}")
     labels = torch.arange(n) % NUM_CLASSES
     device = next(model.parameters()).device
     ctx, uncond = (t.to(device) for t in prompts(labels))
-    idx = list(range(n))
-    if kind == "teacher":
-        x = teacher_sample(model, ctx, uncond, LATENT_SHAPE, idx, seed=seed, steps=steps, cfg_scale=cfg_scale,
-                           shift=shift, batch_size=batch_size)
-    elif kind == "student":
-        kw = {} if mid_times is None else {"mid_times": tuple(mid_times)}
-        x = student_sample(model, ctx, LATENT_SHAPE, idx, seed=seed, num_steps=steps, sigma_max=sigma_max,
-                           batch_size=batch_size, **kw)
-    else:
-        raise ValueError(f"kind: expected 'teacher' or 'student', got {kind!r}")
-    return x.cpu(), labels
+    kw = {} if mid_times is None else {"mid_times": tuple(mid_times)}
+    parts = []
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(n, start + batch_size)))
+        if kind == "teacher":
+            x = teacher_sample(model, ctx[idx], uncond, LATENT_SHAPE, idx, seed=seed, steps=steps,
+                               cfg_scale=cfg_scale, shift=shift, batch_size=batch_size)
+        else:
+            x = student_sample(model, ctx[idx], LATENT_SHAPE, idx, seed=seed, num_steps=steps, sigma_max=sigma_max,
+                               batch_size=batch_size, **kw)
+        parts.append(x.cpu())
+        if progress is not None:
+            progress(idx[-1] + 1, n)
+    return torch.cat(parts), labels
 
 
-def evaluate_model(model, kind: str, ref: tuple[Tensor, Tensor], n: int, *, steps: int, **kw) -> dict:
+def evaluate_model(model, kind: str, ref: tuple[Tensor, Tensor], n: int, *, steps: int, progress=None, **kw) -> dict:
     """Generate n samples and return their metrics (plus timing and the settings)."""
     t0 = time.perf_counter()
-    x, labels = generate(model, kind, n, steps=steps, **kw)
+    x, labels = generate(model, kind, n, steps=steps, progress=progress, **kw)
     seconds = time.perf_counter() - t0
     out = evaluate_features(toy_features(x, labels), labels, *ref)
     out.update({"kind": kind, "steps": steps, "seconds": round(seconds, 2),

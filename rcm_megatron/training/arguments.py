@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..cli import ArgumentParser
 
+from ..data.datasets import DEFAULT_MAX_LATENT_MAGNITUDE, check_max_latent_magnitude
 from ..models.config import PRESETS, WanConfig, preset
 from ..models.recompute import GRANULARITIES, RECOMPUTE_MODULES, RecomputeConfig
 from ..parallel.config import CP_COMM_TYPES, ParallelConfig
@@ -65,6 +66,7 @@ class TrainingConfig:
     recompute: RecomputeConfig = RecomputeConfig()  # activation recompute of the with-grad passes
     compile_blocks: bool = False  # regional torch.compile of the DiT blocks (WanDiT.compile_blocks)
     fp8_teacher: bool = False  # the frozen teacher's block linears in FP8 (WanDiT.quantize_fp8)
+    max_latent_magnitude: float = DEFAULT_MAX_LATENT_MAGNITUDE  # larger |latent| values make a bad sample
     memory_check: bool = True  # --no-memory-check skips the memory plan check before building models
     model: str | None = None  # --model: the architecture preset (checked against --teacher-checkpoint's)
     implied: dict = field(default_factory=dict)  # flag -> value a preset or the teacher chose (printed at start)
@@ -140,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'synthetic' (default with other presets) or a .pt latent file")
     g.add_argument("--latent-shape", type=int, nargs=4, metavar=("C", "T", "H", "W"), default=None,
                    help="latent shape of the built-in synthetic data (default C=in_channels, 3, 8, 8)")
+    g.add_argument("--max-latent-magnitude", type=float, default=DEFAULT_MAX_LATENT_MAGNITUDE,
+                   help="a sample with a latent value beyond this is bad: skipped and counted (latents have about "
+                        "unit variance)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-dir", default="runs/default")
     g.add_argument("--log-interval", type=int, default=10)
@@ -215,6 +220,10 @@ def parse_args(argv=None):
     _positive("--micro-batch-size", args.micro_batch_size)
     _positive("--global-batch-size", args.global_batch_size, allow_none=True)
     _positive("--log-interval", args.log_interval)
+    try:
+        check_max_latent_magnitude(args.max_latent_magnitude)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from e
     _positive("--recompute-num-layers", args.recompute_num_layers)
     _positive("--save-interval", args.save_interval, allow_none=True)
     _positive("--keep-last", args.keep_last, allow_none=True)
@@ -343,7 +352,7 @@ def parse_args(argv=None):
         lr_schedule=schedule, recompute=RecomputeConfig(args.recompute_granularity, args.recompute_num_layers,
                                                         tuple(args.recompute_modules)),
         compile_blocks=_compile_blocks(args, device), fp8_teacher=args.fp8_teacher,
-        memory_check=not args.no_memory_check,
+        memory_check=not args.no_memory_check, max_latent_magnitude=args.max_latent_magnitude,
         model=args.model, implied=implied, implied_by=implied_by)
     return train, model_cfg, rcm_cfg, par
 

@@ -20,8 +20,9 @@ def open_dataset(train: TrainingConfig, cfg: WanConfig):
     from ..data.shards import ShardDataset, is_shard_spec
 
     if is_shard_spec(train.data):
-        return ShardDataset(train.data)
-    return build_dataset(train.data, cfg.in_channels, cfg.text_dim, train.latent_shape, seed=train.seed)
+        return ShardDataset(train.data, max_latent_magnitude=train.max_latent_magnitude)
+    return build_dataset(train.data, cfg.in_channels, cfg.text_dim, train.latent_shape, seed=train.seed,
+                         max_latent_magnitude=train.max_latent_magnitude)
 
 
 def check_data_against_model(dataset, cfg: WanConfig, source: str) -> None:
@@ -64,7 +65,9 @@ class BatchSource:
                         uncond_context=self.uncond, indices=raw["index"])
 
     def metrics(self) -> dict:
-        return {"bad_samples": self.loader.bad_samples} if self.loader is not None else {}
+        if self.loader is None:
+            return {}
+        return {"bad_samples": self.loader.bad_samples, "bad_shards": self.loader.bad_shards}
 
     def set_iteration(self, iteration: int) -> None:
         if self.loader is not None:
