@@ -64,7 +64,7 @@ class TrainingConfig:
     optimizer_cpu_offload: bool = False
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
     recompute: RecomputeConfig = RecomputeConfig()  # activation recompute of the with-grad passes
-    compile_blocks: bool = False  # regional torch.compile of the DiT blocks (WanDiT.compile_blocks)
+    compile_blocks: str = "off"  # --compile-blocks auto|on|off (model_building.compile_wanted)
     fp8_teacher: bool = False  # the frozen teacher's block linears in FP8 (WanDiT.quantize_fp8)
     max_latent_magnitude: float = DEFAULT_MAX_LATENT_MAGNITUDE  # larger |latent| values make a bad sample
     memory_check: bool = True  # --no-memory-check skips the memory plan check before building models
@@ -88,20 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "default assets/toy_teacher.pt when --model is not given")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters/activations (fp32 norms, time embedding)")
     g.add_argument("--recompute-granularity", choices=GRANULARITIES, default=None,
-                   help="activation recompute of the trained models' with-grad passes: full (groups of blocks) or "
-                        "selective (keep GEMM and attention outputs, recompute the elementwise work)")
+                   help="recompute in with-grad passes: full (groups of blocks) or selective (elementwise work)")
     g.add_argument("--recompute-method", choices=("uniform",), default="uniform",
                    help="uniform: checkpoint every group of --recompute-num-layers blocks")
     g.add_argument("--recompute-num-layers", type=int, default=1, help="blocks per group (full)")
     g.add_argument("--no-memory-check", action="store_true",
-                   help="skip the check that the planned per-GPU (or host, on CPU) memory fits before building models")
+                   help="skip the memory plan check (GPU, or host RAM on CPU) before building models")
     g.add_argument("--fp8-teacher", action="store_true",
-                   help="quantize the frozen teacher's block linears to FP8 (e4m3, row-wise scales) once and run "
-                        "them through torch._scaled_mm; the trained models stay bf16")
+                   help="the frozen teacher's block linears in FP8 (e4m3, row-wise scales, torch._scaled_mm)")
     g.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="off",
-                   help="regional torch.compile of the DiT blocks (fused elementwise work); auto: on for CUDA "
-                        "without tensor or context parallelism and without selective recompute. Off by default "
-                        "until its speed is measured through the trainer on a GPU (docs/performance.md)")
+                   help="regional torch.compile of the DiT blocks; auto: on for CUDA without TP, CP or selective "
+                        "recompute. Off by default until measured through the trainer (docs/performance.md)")
     g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=["elementwise"],
                    help="selective: what is recomputed; core_attn also recomputes attention")
     g.add_argument("--mode", choices=("distill", "teacher"), default="distill",
@@ -143,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latent-shape", type=int, nargs=4, metavar=("C", "T", "H", "W"), default=None,
                    help="latent shape of the built-in synthetic data (default C=in_channels, 3, 8, 8)")
     g.add_argument("--max-latent-magnitude", type=float, default=DEFAULT_MAX_LATENT_MAGNITUDE,
-                   help="a sample with a latent value beyond this is bad: skipped and counted (latents have about "
-                        "unit variance)")
+                   help="a sample with a latent beyond this is bad: skipped and counted (latents ~ unit variance)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-dir", default="runs/default")
     g.add_argument("--log-interval", type=int, default=10)
@@ -351,19 +347,10 @@ def parse_args(argv=None):
         overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
         lr_schedule=schedule, recompute=RecomputeConfig(args.recompute_granularity, args.recompute_num_layers,
                                                         tuple(args.recompute_modules)),
-        compile_blocks=_compile_blocks(args, device), fp8_teacher=args.fp8_teacher,
+        compile_blocks=args.compile_blocks, fp8_teacher=args.fp8_teacher,
         memory_check=not args.no_memory_check, max_latent_magnitude=args.max_latent_magnitude,
         model=args.model, implied=implied, implied_by=implied_by)
     return train, model_cfg, rcm_cfg, par
-
-
-def _compile_blocks(args, device: str) -> bool:
-    """--compile-blocks: 'auto' compiles on CUDA unless collectives run inside blocks (TP, CP) or
-    selective recompute (torch's op-level policy runs in eager code) is on."""
-    if args.compile_blocks != "auto":
-        return args.compile_blocks == "on"
-    return (device.startswith("cuda") and args.tensor_model_parallel_size == 1 and args.context_parallel_size == 1
-            and args.recompute_granularity != "selective")
 
 
 def _apply_toy_defaults(args) -> tuple[dict, str]:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..models import WanConfig, WanDiT
+from ..parallel import state as pstate
 from ..parallel.pipeline import stage_layer_range
 from ..parallel.sharding import load_full_state_dict
 from ..rcm import PowerEMA, RCMConfig
@@ -65,6 +66,15 @@ class Models:
     fake: WanDiT | None
 
 
+def compile_wanted(train: TrainingConfig) -> bool:
+    """--compile-blocks: 'auto' compiles on CUDA unless collectives run inside the blocks (TP, CP) or
+    selective recompute is on (its op policy runs in eager code)."""
+    if train.compile_blocks != "auto":
+        return train.compile_blocks == "on"
+    return (train.device.startswith("cuda") and pstate.tensor_parallel_world_size() == 1
+            and pstate.context_parallel_world_size() == 1 and train.recompute.granularity != "selective")
+
+
 def build_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, ctx: RankContext,
                  teacher_weights: dict | None) -> Models:
     distill = train.mode == "distill"
@@ -81,7 +91,7 @@ def build_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, ctx: Ran
     for m in (student, fake):
         if m is not None:
             m.set_activation_recompute(train.recompute)
-    if train.compile_blocks:
+    if compile_wanted(train):
         for m in (teacher, student, fake):
             if m is not None:
                 m.compile_blocks()
