@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         progress.shard()
     if not mine:
         progress.line()
-    written = sum(_shard_count(os.path.join(args.output, shard_name(s))) for s in mine
+    written = sum(_shard_count(os.path.join(args.output, shard_name(s)))[0] for s in mine
                   if shard_complete(os.path.join(args.output, shard_name(s))))
     total, bad = barrier_and_sum([written, sum(progress.bad.values())], ranks)
     if ranks.rank == 0:

@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         progress.shard()
     if not mine:
         progress.line()
-    written = sum(_shard_count(os.path.join(args.output, shard_name(s))) for s in mine
+    written = sum(_shard_count(os.path.join(args.output, shard_name(s)))[0] for s in mine
                   if shard_complete(os.path.join(args.output, shard_name(s))))
     total, = barrier_and_sum([written], ranks)
     if ranks.rank == 0:
