@@ -35,6 +35,7 @@ import tempfile
 from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as pretrain_rcm.py sets it
 sys.path.insert(0, ROOT)
 
 S, L, HEADS, HEAD_DIM, D, FFN = 32760, 512, 12, 128, 1536, 8960
