@@ -103,12 +103,36 @@ def shard_model(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = N
         if hasattr(model, method):                                     # itself: registering them would
             register_fsdp_forward_method(model, method)                # gather the root twice per pass
     # Losses are sums over samples divided by the global batch: gradients add over DP x CP
-    # (every unit's reduce-scatter; the setting is per unit).
+    # (every unit's reduce-scatter; the setting is per unit). A plain SUM: for fp32 / bf16 FSDP2
+    # would otherwise use PREMUL_SUM(1), which gloo does not have.
     for unit in model.modules():
         if isinstance(unit, FSDPModule):
             unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)
     restore_parallel_attributes(model, attrs)
     return model
+
+
+def set_reshard_after_forward(model: nn.Module, reshard: bool) -> None:
+    """Whether ``model``'s units free their gathered parameters after each forward (False: they
+    stay gathered until ``reshard_all`` or a backward). The root unit keeps FSDP2's setting when
+    True (not resharded: the backward needs it first)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule) and not (reshard and unit is model):
+            unit.set_reshard_after_forward(reshard, recurse=False)
+
+
+def reshard_all(model: nn.Module | None) -> None:
+    """Free every gathered unit of a sharded model (no-op for an unsharded one or None)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if model is None:
+        return
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
 
 
 def parallel_attributes(model: nn.Module) -> dict[str, dict]:

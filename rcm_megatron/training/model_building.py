@@ -67,11 +67,11 @@ class Models:
 
 
 def compile_wanted(train: TrainingConfig) -> bool:
-    """--compile-blocks: 'auto' compiles on CUDA unless collectives run inside the blocks (TP, CP) or
-    selective recompute is on (its op policy runs in eager code)."""
+    """--compile-blocks: 'auto' compiles on CUDA unless collectives run inside the blocks (TP, CP, FSDP2's
+    per-block gathers) or selective recompute is on (its op policy runs in eager code)."""
     if train.compile_blocks != "auto":
         return train.compile_blocks == "on"
-    return (train.device.startswith("cuda") and pstate.tensor_parallel_world_size() == 1
+    return (train.device.startswith("cuda") and pstate.tensor_parallel_world_size() == 1 and not train.use_torch_fsdp2
             and pstate.context_parallel_world_size() == 1 and train.recompute.granularity != "selective")
 
 
@@ -85,6 +85,10 @@ def build_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, ctx: Ran
             teacher.to_dtype(torch.bfloat16)
         if train.fp8_teacher:
             teacher.quantize_fp8()
+        if train.use_torch_fsdp2:  # ZeRO-3: 1/n of the frozen teacher per DP x CP rank, gathered per block
+            from ..parallel.fsdp import shard_model
+
+            shard_model(teacher)
     student = stage_model(cfg, ctx, train.seed, teacher_weights, trainable=True)
     fake = stage_model(cfg, ctx, train.seed, teacher_weights, trainable=True) \
         if distill and rcm.uses_fake_score else None
@@ -102,7 +106,7 @@ def build_trained_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, 
                          models: Models) -> dict[str, TrainedModel]:
     """'student' (and 'fake_score') as TrainedModels of the chosen backend, each with its lr
     scheduler (lr_schedule.py; the step-0 lr is set)."""
-    backend = backend_name(train.use_distributed_optimizer)
+    backend = backend_name(train.use_distributed_optimizer, train.use_torch_fsdp2)
     named = {"student": models.student, "fake_score": models.fake}
     if backend == "megatron" and train.bf16:  # megatron-core keeps fp32 main parameters itself
         for m in named.values():
@@ -128,7 +132,12 @@ def build_trained_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, 
 
 
 def sharded_ema(student: WanDiT, sigma_rel: float, group) -> PowerEMA:
-    """The student's power EMA, this rank's size-balanced share of the tensors over DP x CP."""
+    """The student's power EMA, this rank's size-balanced share of the tensors over DP x CP; under
+    ZeRO-3 the student's parameters are already 1/n per rank: the shadow is their DTensor shards."""
+    from ..parallel.fsdp import is_sharded
+
+    if is_sharded(student):
+        return PowerEMA(student, sigma_rel)
     sizes = {n: p.numel() for n, p in student.named_parameters()}
     names = partition_names(sizes, dist.get_world_size(group))[dist.get_rank(group)]
     return PowerEMA(student, sigma_rel, names=names)
