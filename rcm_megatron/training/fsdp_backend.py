@@ -38,7 +38,12 @@ class LockstepNet:
     call, and its later no-grad calls need no collective. A call with grad reshards after its
     forward as usual (the backward gathers again, on every rank alike). ``fsdp.reshard_all``
     frees what is left gathered at the end of the iteration. Cost: the model's compute-dtype
-    weights stay whole through the forward-only half of a step (the planner counts them)."""
+    weights stay whole through the forward-only half of a step.
+
+    Not under pipeline parallelism (``--use-torch-fsdp2`` with PP > 1 exits 2): the pipelined
+    step calls the stage modules directly, and keeping the ranks of a stage in step there
+    (forward-only sweeps of different lengths per DP rank, the teacher's and fake score's units)
+    did not work in the time this was written; the pipeline's p2p messages themselves compose."""
 
     def __init__(self, module):
         self.module = module
