@@ -85,7 +85,8 @@ def model_states(w: Workload, lay: Layout, stage: int = 0) -> tuple[dict[str, fl
     sharded = sum(fsdp_shard_numel(s.shape, n) for s in shapes.values())
     sharded32 = sum(fsdp_shard_numel(s.shape, n) for s in shapes.values() if s.keep_fp32)
     trained = ["student"] + (["fake_score"] if w.uses_fake_score else [])
-    gpu["teacher"] = weights if lay.zero < 3 else compute * (sharded - sharded32) + 4 * sharded32
+    if w.mode == "distill":
+        gpu["teacher"] = weights if lay.zero < 3 else compute * (sharded - sharded32) + 4 * sharded32
     for name in trained:
         if lay.zero == 0:
             gpu[f"{name}_params"], gpu[f"{name}_grads"], gpu[f"{name}_optimizer"] = 4 * (p16 + p32), 4 * (p16 + p32), 8 * (p16 + p32)
@@ -147,8 +148,10 @@ def _stage_plan(w: Workload, lay: Layout, stage: int, assume: MemoryAssumptions)
     r = _rank_shape(w, lay)
     pipe_msgs = 2 * 2 * r.batch * r.act_bytes * r.stream * w.model.hidden_size if lay.pp > 1 else 0  # x, tx in/out
     plan = MemoryPlan(gpu, host, stage=stage)
-    student_passes = {"forward": passes["forward"].peak, "with_grad": passes["with_grad"].peak}
-    if w.method in ("rcm", "scm"):
+    student_passes = {"with_grad": passes["with_grad"].peak}
+    if w.mode == "distill":
+        student_passes["forward"] = passes["forward"].peak
+    if w.mode == "distill" and w.method in ("rcm", "scm"):
         student_passes["tangent"] = passes["tangent"].peak
     phases = {"student_step": student_passes}
     if w.uses_fake_score:
