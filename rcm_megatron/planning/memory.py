@@ -14,7 +14,9 @@ dtype, P32 kept in fp32), n = DP x CP:
                              (CPU offload: all three on the host); the block being computed is
                              gathered in bf16, the next one prefetched, and with grad its fp32
                              gradient is reduce-scattered; the root unit (embeddings, head)
-                             stays gathered through a pass
+                             stays gathered through a pass; the forward-only passes (rollout,
+                             tangent) keep the whole student gathered (DP ranks roll out
+                             different step counts, and gathers are collectives)
     student EMA              fp32 shadow, whole tensors size-balanced over n (rcm.ema)
 
 Activations (planning.activations) are per pass; a phase's peak is its largest pass. Under
@@ -112,6 +114,12 @@ def model_states(w: Workload, lay: Layout, stage: int = 0) -> tuple[dict[str, fl
     return gpu, host
 
 
+def _gathered_student(w: Workload, lay: Layout, stage: int) -> float:
+    """Bytes of the whole student stage in its compute dtype (fp32-kept modules in fp32)."""
+    p32, p16 = count(_stage_shapes(w, lay, stage)[1])
+    return (2 if w.bf16 else 4) * p16 + 4 * p32
+
+
 @functools.lru_cache(maxsize=256)
 def _largest_ema_share(cfg, tp, pre, post, layer_range, n) -> int:
     """Elements of the largest of rcm.ema.partition_names' n shares (whole tensors)."""
@@ -156,6 +164,12 @@ def _stage_plan(w: Workload, lay: Layout, stage: int, assume: MemoryAssumptions)
     phases = {"student_step": student_passes}
     if w.uses_fake_score:
         phases["critic_step"] = {"forward": passes["forward"].peak, "with_grad": passes["with_grad"].peak}
+    if lay.zero == 3 and w.mode == "distill":  # forward-only passes leave the student gathered (ranks roll out
+        kept = _gathered_student(w, lay, stage)  # different step counts: fsdp_backend.LockstepNet)
+        for peaks in phases.values():
+            for kind in ("forward", "tangent"):
+                if kind in peaks:
+                    peaks[kind] += kept
     autocast = {k: v for k, v in gpu.items() if k.endswith("_autocast_weights")}
     base = {k: v for k, v in gpu.items() if not k.endswith("_autocast_weights")}
     for name, peaks in phases.items():
