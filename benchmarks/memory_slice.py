@@ -55,7 +55,7 @@ def rel_error(measured: float, planned: float) -> float:
 def planned_layout(cfg, latent, gpus: int, gib: float):
     from rcm_megatron.planning import Workload, fitting_layouts
 
-    w = Workload(cfg, latent, bf16=True, global_batch_size=gpus)
+    w = Workload(cfg, latent, bf16=True, global_batch_size=64)  # tools/plan_memory.py's default (the recipe's)
     fits = fitting_layouts(w, gpus, gib)
     if not fits:
         raise SystemExit(f"memory_slice.py: no layout of {gpus} x {gib} GiB fits {latent}")
@@ -151,7 +151,8 @@ def run_shape(name, latent, cfg_full, layers, device, lay, reps):
     cfg = cfg_full.replace(num_layers=layers)
     bf16 = device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    model = WanDiT(cfg).to(device)
+    with torch.device(device):
+        model = WanDiT(cfg)
     if bf16:
         model.to_dtype(torch.bfloat16)
     for p in model.parameters():  # gradients are reduce-scattered and freed as they are made

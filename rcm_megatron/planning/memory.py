@@ -176,7 +176,8 @@ def _stage_plan(w: Workload, lay: Layout, stage: int, assume: MemoryAssumptions)
         which, act = max(peaks.items(), key=lambda kv: kv[1])
         items = dict(base)
         items.update(autocast)  # every trained model runs under autocast in both steps (rollouts, DMD)
-        items[f"activations ({which})"] = act
+        kept = lay.zero == 3 and w.mode == "distill" and which != "with_grad"
+        items[f"activations ({which})" + (" + gathered student" if kept else "")] = act
         items["pipeline_messages"] = pipe_msgs
         items["collective_workspace"] = assume.collective_workspace_gib * GIB
         items["allocator_slack"] = assume.allocator_fraction * sum(items.values())
