@@ -19,6 +19,7 @@ from ..models.recompute import GRANULARITIES, RECOMPUTE_MODULES, RecomputeConfig
 from ..parallel.config import CP_COMM_TYPES, ParallelConfig
 from ..rcm.config import MODES, TANGENT_WARMUP_FORMS, RCMConfig
 from .lr_schedule import DECAY_STYLES, WSD_DECAY_STYLES, LRScheduleConfig
+from .trained_model import backend_flag_error
 from .flag_names import METHOD_FLAGS, RENAMED_FLAGS, RENAMED_TYPES, flag_error
 
 
@@ -59,6 +60,7 @@ class TrainingConfig:
     max_consecutive_skipped_steps: int | None = None
     log_images_interval: int | None = None
     use_distributed_optimizer: bool = False
+    use_torch_fsdp2: bool = False  # ZeRO-3 (training/fsdp_backend.py)
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     optimizer_cpu_offload: bool = False
@@ -193,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU: megatron-core DDP + distributed optimizer (fp32 main params sharded over DP)")
     g.add_argument("--overlap-grad-reduce", action="store_true", help="with --use-distributed-optimizer")
     g.add_argument("--overlap-param-gather", action="store_true", help="with --use-distributed-optimizer")
-    g.add_argument("--optimizer-cpu-offload", action="store_true", help="with --use-distributed-optimizer")
+    g.add_argument("--optimizer-cpu-offload", action="store_true",
+                   help="with --use-distributed-optimizer or --use-torch-fsdp2")
+    g.add_argument("--use-torch-fsdp2", action="store_true",
+                   help="ZeRO-3: teacher, student, fake score sharded over DP x CP (torch FSDP2), any device")
     return p
 
 
@@ -233,10 +238,6 @@ def parse_args(argv=None):
     _positive("--log-images-interval", args.log_images_interval, allow_none=True)
     if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
         raise ArgumentError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
-    if (args.overlap_grad_reduce or args.overlap_param_gather or args.optimizer_cpu_offload) \
-            and not args.use_distributed_optimizer:
-        raise ArgumentError("--overlap-grad-reduce / --overlap-param-gather / --optimizer-cpu-offload need "
-                            "--use-distributed-optimizer")
     if args.auto_resume and args.save is None:
         raise ArgumentError("--auto-resume needs --save DIR (where checkpoints are looked for)")
     if args.teacher_checkpoint is not None and not os.path.exists(args.teacher_checkpoint):
@@ -252,9 +253,8 @@ def parse_args(argv=None):
     if args.device not in (None, "cpu", "cuda"):
         raise ArgumentError(f"--device must be cpu or cuda, got {args.device!r}")
     device = args.device or ("cuda" if _cuda() else "cpu")
-    if args.use_distributed_optimizer and device != "cuda":
-        raise ArgumentError("--use-distributed-optimizer needs CUDA (megatron-core's DDP and distributed optimizer); "
-                            "without it the CPU path reduces gradients over DP x CP with the same semantics")
+    if (line := backend_flag_error(args, device)) is not None:
+        raise ArgumentError(line)
     if device == "cuda" and not _cuda():
         raise ArgumentError("--device cuda: no CUDA device is available")
 
@@ -343,7 +343,8 @@ def parse_args(argv=None):
         teacher_checkpoint=args.teacher_checkpoint, bf16=args.bf16, device=device, keep_last=args.keep_last,
         teacher_lr=args.teacher_lr, auto_resume=args.auto_resume, exit_duration_in_mins=args.exit_duration_in_mins,
         max_consecutive_skipped_steps=args.max_consecutive_skipped_steps, log_images_interval=args.log_images_interval,
-        use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer, use_torch_fsdp2=args.use_torch_fsdp2,
+        overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
         lr_schedule=schedule, recompute=RecomputeConfig(args.recompute_granularity, args.recompute_num_layers,
                                                         tuple(args.recompute_modules)),

@@ -42,6 +42,7 @@ from ..checkpointing.errors import CheckpointError
 from ..checkpointing.save import CheckpointManager
 from ..models import WanConfig
 from ..parallel.config import ParallelConfig
+from ..parallel.fsdp import reshard_all
 from ..rcm import RCMConfig, critic_step, phase, student_step
 from . import pipeline_step, train_state
 from .arguments import TrainingConfig
@@ -177,6 +178,8 @@ class Trainer:
         totals = ctx.reduce_totals(totals)
         record = {"iteration": it + 1, "phase": "teacher" if not distill else ph.model}
         stepped, grad_norm = trained.step()
+        for m in (self.teacher, self.student, self.fake):  # ZeRO-3: free what forward-only passes left gathered
+            reshard_all(m)
         if stepped:
             self.consecutive_skips = 0
             if name == "student":
