@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import shlex
@@ -39,11 +40,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CONFIG = os.path.join(REPO, "examples", "configs", "wan-1.3b.sh")
 # flags of the shipped config the pipeline replaces: paths, the run's length and, on one GPU, the batch
+# and the tangent warmup (1000 iterations of sCM-only student steps): a short one, so that the run
+# also takes the critic and the sCM + DMD student steps, the largest of the method's passes
 REPLACED = {"--teacher-checkpoint", "--data", "--train-iters", "--global-batch-size", "--save-interval",
-            "--log-interval"}
+            "--log-interval", "--tangent-warmup-iters"}
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
 FULL = dict(videos=8, source_frames=85, frames=81, height=480, width=832, text_len=512, iters=20,
-            model="wan-1.3b", text_encoder="xxl", video_interval=10, prompts=2)
+            model="wan-1.3b", text_encoder="small", video_interval=10, prompts=2)
 TINY = dict(videos=4, source_frames=13, frames=9, height=64, width=64, text_len=64, iters=6,
             model="tiny", text_encoder="tiny", video_interval=3, prompts=2)
 
@@ -134,9 +137,9 @@ def sampling_rates(rec: dict, cfg, shape, text_len: int, runs: list[tuple[int, i
     n = sum(s for s, _, _ in runs)
     secs = sum(t for _, _, t in runs)
     flops = sum(s * k * wan_forward_flops(cfg, tokens, text_len).total for s, k, _ in runs)
-    rec.update(sampling_seconds=round(secs, 2), videos_per_sec=round(n / max(secs, 1e-9), 4),
-               tokens_per_sec=round(sum(s * k * tokens for s, k, _ in runs) / max(secs, 1e-9), 1),
-               model_tflops=round(flops / max(secs, 1e-9) / 1e12, 3))
+    rec.update(sampling_seconds=round(secs, 2), videos_per_sec=n / max(secs, 1e-9),
+               tokens_per_sec=sum(s * k * tokens for s, k, _ in runs) / max(secs, 1e-9),
+               model_tflops=flops / max(secs, 1e-9) / 1e12)
 
 
 def parse_seconds(log_path: str, marker: str) -> float:
@@ -154,7 +157,7 @@ def training_rates(rec: dict, metrics_path: str) -> None:
 
     def med(key):
         vals = sorted(r[key] for r in steady if isinstance(r.get(key), (int, float)))
-        return round(vals[len(vals) // 2], 4) if vals else None
+        return vals[len(vals) // 2] if vals else None
 
     peaks = [r[k] for r in rows for k in ("mem_peak_allocated_gib", "mem_peak_rss_gib") if k in r]
     rec.update(iterations=len(rows), samples_per_sec=med("samples_per_sec"), tokens_per_sec=med("tokens_per_sec"),
@@ -167,23 +170,29 @@ def tensorboard_tags(log_dir: str) -> dict:
     """{tag: [steps]} of the image/video summaries in the run's event files (None without tensorboard)."""
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError:
-        return None
-    acc = EventAccumulator(log_dir, size_guidance={"images": 0, "tensors": 0})
-    acc.Reload()
-    return {t: [e.step for e in acc.Images(t)] for t in acc.Tags().get("images", [])}
+
+        acc = EventAccumulator(log_dir, size_guidance={"images": 0, "tensors": 0})
+        acc.Reload()
+        return {t: [e.step for e in acc.Images(t)] for t in acc.Tags().get("images", [])}
+    except Exception as e:  # noqa: BLE001 - a partial tensorboard install writes events but may not read them
+        return {"unreadable": f"{type(e).__name__}: {e}"}
 
 
-def compare(generate_dirs: dict, diffusers_out: str, dtype: str) -> dict:
+def compare(generate_dirs: dict, diffusers_out: str, dtype: str, text_dir: str) -> dict:
+    """generate.py's latents against WanPipeline's: the data's text embeddings at 1/2/4 steps, and
+    the captions through each side's own umT5 ('text_4_step')."""
     import torch
 
     ref = torch.load(diffusers_out, map_location="cpu")
     out = {"tolerance_rel_l2": TOLERANCE[dtype], "dtype": dtype}
-    for steps, d in generate_dirs.items():
-        a = torch.load(os.path.join(d, "latents.pt"), map_location="cpu")["student"].double()
-        b = ref["context"][steps].double()
-        out[f"{steps}_step"] = {"rel_l2": (a - b).norm().item() / max(a.norm().item(), 1e-30),
-                                "max_abs": (a - b).abs().max().item(), "max_ref": a.abs().max().item()}
+    pairs = {f"{steps}_step": (os.path.join(d, "latents.pt"), ref["context"][steps])
+             for steps, d in generate_dirs.items()}
+    pairs["text_4_step"] = (os.path.join(text_dir, "latents.pt"), ref["prompt"][4])
+    for key, (path, b) in pairs.items():
+        a = torch.load(path, map_location="cpu")["student"].double()
+        b = b.double()
+        out[key] = {"rel_l2": (a - b).norm().item() / max(a.norm().item(), 1e-30),
+                    "max_abs": (a - b).abs().max().item(), "max_ref": a.abs().max().item()}
     out["ok"] = all(v["rel_l2"] <= TOLERANCE[dtype] for k, v in out.items() if k.endswith("_step"))
     return out
 
@@ -221,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, help="training iterations (default 20; --tiny 6)")
     p.add_argument("--videos", type=int, help="videos to make (default 8; --tiny 4)")
     p.add_argument("--text-encoder-config", choices=("xxl", "small", "tiny"),
-                   help="umT5 made here: xxl (default: umT5-XXL's encoder), small (width 4096, 2 layers), tiny")
+                   help="umT5 made here: small (default; umT5-XXL's width 4096 and layer shape, 2 layers), xxl "
+                        "(umT5-XXL's 24-layer encoder: ~1-2 min more, loaded three times), tiny (--tiny's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", help="JSON path (default benchmarks/results/pipeline_<date>_<card>.json; "
                                      "--tiny: WORK/pipeline_<date>_cpu.json)")
@@ -239,6 +249,15 @@ def main(argv=None) -> int:
         if path is not None and not os.path.exists(path):
             print(f"run_pipeline.py: error: --{flag} {path}: no such file or directory", file=sys.stderr)
             return 2
+    missing = [m for m in (["av"] if args.manifest is None else []) + ["diffusers", "transformers", "webdataset"]
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"run_pipeline.py: error: missing Python packages {missing} (pip install {' '.join(missing)}; PyAV is "
+              "the 'av' package, its manylinux wheels bring FFmpeg with libx264 and libvpx)", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("tensorboard") is None:
+        print("run_pipeline.py: warning: tensorboard is not installed: training writes metrics.jsonl only, no "
+              "TensorBoard videos (pip install tensorboard)", file=sys.stderr)
     if s["iters"] < 1 or s["videos"] < 1:
         print("run_pipeline.py: error: --iters and --videos must be positive", file=sys.stderr)
         return 2
@@ -293,10 +312,12 @@ def main(argv=None) -> int:
         teacher = ["--teacher-checkpoint", args.teacher] if args.teacher else ["--model", s["model"]]
         r = stages.run("pretrain", [py, "pretrain_rcm.py", *flags, *teacher, "--data", shards, "--train-iters",
                                     str(s["iters"]), "--global-batch-size", "1", "--log-interval", "1",
+                                    "--tangent-warmup-iters", str(max(1, s["iters"] // 5)),
                                     "--save", os.path.join(run_dir, "checkpoints"),
                                     "--log-dir", os.path.join(run_dir, "tensorboard"),
                                     "--log-video-interval", str(s["video_interval"]), "--vae", wan,
-                                    "--log-video-context", ctx_file, "--seed", str(args.seed), *device])
+                                    "--log-video-context", ctx_file, "--log-video-prompts", "1",
+                                    "--log-video-teacher-steps", "4", "--seed", str(args.seed), *device])
         training_rates(r, os.path.join(run_dir, "tensorboard", "metrics.jsonl"))
         r["tensorboard_images"] = tensorboard_tags(os.path.join(run_dir, "tensorboard"))
         ckpt = os.path.join(run_dir, "checkpoints")
@@ -319,12 +340,13 @@ def main(argv=None) -> int:
         diff_out = os.path.join(work, "diffusers_latents.pt")
         r = stages.run("diffusers", [py, os.path.join(HERE, "diffusers_sample.py"), "--transformer", exported,
                                      "--pipeline", wan, "--scheduler-out", os.path.join(work, "student-scheduler"),
-                                     "--context-file", ctx_file, "--steps", "1", "2", "4", "--seed", str(args.seed),
+                                     "--context-file", ctx_file, *sum((["--prompt", p] for p in prompts), []),
+                                     "--steps", "1", "2", "4", "--seed", str(args.seed),
                                      "--latent-shape", *map(str, shape), "--text-len", str(s["text_len"]),
                                      "--out", diff_out, "--decode", os.path.join(work, "samples"), *dt, *device])
         sampling_rates(r, cfg, shape, s["text_len"],
                        [(k, n, parse_seconds(r["log"], f"context: {k} sample(s), {n} step(s)")) for n in (1, 2, 4)])
-        agreement = compare(gen_dirs, diff_out, "bf16" if gpu else "fp32")
+        agreement = compare(gen_dirs, diff_out, "bf16" if gpu else "fp32", os.path.join(work, "samples"))
     finally:
         card = card_name() if gpu else "cpu"
         date = started.strftime("%Y%m%dT%H%M%SZ")
@@ -340,9 +362,9 @@ def main(argv=None) -> int:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
         print(f"\nwrote {path}\n\n{table(stages.records)}\ntotal {result['total_seconds']:.1f} s", flush=True)
-    for steps in (1, 2, 4):
-        a = agreement[f"{steps}_step"]
-        print(f"generate.py vs WanPipeline, {steps} step(s): relative L2 {a['rel_l2']:.2e}, max |diff| "
+    for key in ("1_step", "2_step", "4_step", "text_4_step"):
+        a = agreement[key]
+        print(f"generate.py vs WanPipeline, {key.replace('_', ' ')}: relative L2 {a['rel_l2']:.2e}, max |diff| "
               f"{a['max_abs']:.3g} (|latent| up to {a['max_ref']:.3g}); tolerance {agreement['tolerance_rel_l2']:g} "
               f"({agreement['dtype']})")
     if not agreement["ok"]:
