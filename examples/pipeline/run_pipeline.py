@@ -160,7 +160,7 @@ def training_rates(rec: dict, metrics_path: str) -> None:
         return vals[len(vals) // 2] if vals else None
 
     peaks = [r[k] for r in rows for k in ("mem_peak_allocated_gib", "mem_peak_rss_gib") if k in r]
-    rec.update(iterations=len(rows), samples_per_sec=med("samples_per_sec"), tokens_per_sec=med("tokens_per_sec"),
+    rec.update(iterations=len(rows), videos_per_sec=med("samples_per_sec"), tokens_per_sec=med("tokens_per_sec"),
                model_tflops=med("model_tflops_per_gpu"), mfu=med("mfu"),
                peak_allocated_gib=round(max(peaks), 2) if peaks else None,
                loss_last=rows[-1].get("loss"), phases=sorted({r.get("phase") for r in rows}))
