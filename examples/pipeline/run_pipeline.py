@@ -233,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="umT5 made here: small (default; umT5-XXL's width 4096 and layer shape, 2 layers), xxl "
                         "(umT5-XXL's 24-layer encoder: ~1-2 min more, loaded three times), tiny (--tiny's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", help="JSON path (default benchmarks/results/pipeline_<date>_<card>.json; "
-                                     "--tiny: WORK/pipeline_<date>_cpu.json)")
+    p.add_argument("--results", help="JSON path, or a folder for the default name (default "
+                                     "benchmarks/results/pipeline_<date>_<card>.json; --tiny: WORK/pipeline_<date>_cpu.json)")
     return p
 
 
@@ -353,6 +353,8 @@ def main(argv=None) -> int:
         default = (os.path.join(work, f"pipeline_{date}_cpu.json") if args.tiny else
                    os.path.join(REPO, "benchmarks", "results", f"pipeline_{date}_{card.replace(' ', '-')}.json"))
         path = args.results or default
+        if args.results and (os.path.isdir(args.results) or args.results.endswith(os.sep)):
+            path = os.path.join(args.results, os.path.basename(default))
         result = {"card": card, "date": started.isoformat(), "command": shlex.join([sys.executable, *sys.argv]),
                   "settings": s, "total_seconds": round(sum(r["seconds"] for r in stages.records), 1),
                   "stages": stages.records}

@@ -5,7 +5,8 @@ noise (stream 'tensorboard_video' of the run's seed): the live student's 1/2/4-s
 once, at the first log, the teacher's reference (Euler with CFG against the data's negative
 prompt). Sampling runs on every rank (the models are sharded over TP/CP, pipelined over PP);
 the logging rank alone decodes with the VAE and writes, per model and step count, an animated
-video (``videos/...``) and a frame grid (``frames/...``: a row per prompt, frames left to right).
+video (``videos/...``) and a frame grid (``frames/...``: a row per prompt, frames left to right),
+both scaled down to at most ``MAX_WIDTH`` pixels wide.
 
 Memory: the VAE lives on the CPU between logs and visits the GPU only to decode, one sample at a
 time (``AutoencoderKLWan`` decodes one latent frame at a time with its causal cache); frames go
@@ -25,6 +26,7 @@ from ..rcm.teacher_sampling import euler_sample
 from .reporting import VIDEO_STEPS, VideoLogConfig
 
 TEACHER_SHIFT = 5.0  # tools/generate.py's default flow shift for the teacher grid
+MAX_WIDTH = 416  # videos are logged at most this wide (480p's half: GIF encoding and event files stay small)
 STREAM = "tensorboard_video"
 
 
@@ -138,7 +140,7 @@ class VideoSampleLogger:
         vae.device = self.device
         try:
             for name, latents in samples.items():
-                videos = [decode_video(vae, z) for z in latents]
+                videos = [shrink(decode_video(vae, z), MAX_WIDTH) for z in latents]
                 for i, v in enumerate(videos):
                     logger.add_video(f"videos/{name}/prompt{i}", v, iteration, self.cfg.fps)
                 logger.add_image(f"frames/{name}", frame_grid(videos).numpy(), iteration)
@@ -154,6 +156,16 @@ def sample_noise(seed: int, idx: list[int], shape, device) -> torch.Tensor:
     from ..rcm.rng import KeyedRNG
 
     return KeyedRNG(seed, 0).normal(f"{STREAM}.noise", idx, shape, device=device)
+
+
+def shrink(frames: torch.Tensor, max_width: int) -> torch.Tensor:
+    """uint8 [T,H,W,3] scaled down (area average) to at most ``max_width`` wide, sizes kept even."""
+    t, h, w, _ = frames.shape
+    if w <= max_width:
+        return frames
+    size = (max(2, round(h * max_width / w / 2) * 2), max_width)
+    x = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2).float(), size=size, mode="area")
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 @torch.no_grad()
