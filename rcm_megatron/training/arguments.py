@@ -191,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--distributed-timeout-minutes", type=int, default=10,
                    help="a collective (NCCL/gloo) that waits longer aborts the job instead of hanging it")
-    g.add_argument("--use-distributed-optimizer", action="store_true", help="GPU: megatron-core DDP + distributed "
-                   "optimizer (fp32 main params sharded over DP)")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="GPU: megatron-core DDP + dist. optimizer")
     for flag in ("--overlap-grad-reduce", "--overlap-param-gather"):
         g.add_argument(flag, action="store_true", help="with --use-distributed-optimizer")
     g.add_argument("--optimizer-cpu-offload", action="store_true",
