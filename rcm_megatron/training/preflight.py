@@ -81,7 +81,9 @@ def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMCo
     if train.memory_check and train.device == "cpu":
         source = f"--teacher-checkpoint {train.teacher_checkpoint}" if train.teacher_checkpoint else \
             f"--model {model_cfg_name(model_cfg)}"
-        line = check_host_memory(plan_flags(train, rcm_cfg, par), model_cfg, source)
+        flags = plan_flags(train, rcm_cfg, par)
+        flags.latent_shape, flags.text_len = tuple(dataset.latent_shape), dataset.text_len  # the data's own
+        line = check_host_memory(flags, model_cfg, source)
         if line:
             raise ArgumentError(line)
     return Preflight(model_cfg, dataset, teacher_weights, teacher_meta, load_path, resume_meta, lease)
