@@ -100,7 +100,7 @@ def plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig) -
         use_distributed_optimizer=train.use_distributed_optimizer, use_torch_fsdp2=train.use_torch_fsdp2,
         optimizer_cpu_offload=train.optimizer_cpu_offload,
         recompute_granularity=train.recompute.granularity, recompute_num_layers=train.recompute.num_layers,
-        device=train.device)
+        device=train.device, compile_blocks=train.compile_blocks)
 
 
 def claim_outputs(train: TrainingConfig, model_cfg: WanConfig, rcm_cfg: RCMConfig):
