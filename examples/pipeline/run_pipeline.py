@@ -54,7 +54,8 @@ TINY = dict(videos=4, source_frames=13, frames=9, height=64, width=64, text_len=
 def config_flags(path: str = CONFIG) -> list[str]:
     """TRAIN_ARGS of a shipped config (sourced by bash, as the sbatch scripts do)."""
     out = subprocess.run(["bash", "-c", f'source "{path}"; printf "%s\\0" "${{TRAIN_ARGS[@]}}"'],
-                         env={**os.environ, "TEACHER": "TEACHER", "DATA": "DATA"}, check=True, capture_output=True)
+                         env={**os.environ, "TEACHER": "TEACHER", "DATA": "DATA", "VAE": ""}, check=True,
+                         capture_output=True)
     return out.stdout.decode().split("\0")[:-1]
 
 
