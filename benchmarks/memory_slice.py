@@ -151,8 +151,7 @@ def run_shape(name, latent, cfg_full, layers, device, lay, reps):
     cfg = cfg_full.replace(num_layers=layers)
     bf16 = device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    with torch.device(device):
-        model = WanDiT(cfg)
+    model = WanDiT(cfg).to(device)  # initialized on the host: its seeded init draws from a CPU generator
     if bf16:
         model.to_dtype(torch.bfloat16)
     for p in model.parameters():  # gradients are reduce-scattered and freed as they are made

@@ -34,15 +34,3 @@ def test_without_recompute_it_would_not_fit():
                       world_size=1, gpu_memory_gib=H100_GIB)
     assert line is not None and "--recompute-granularity full" in line, line
 
-
-def test_cpu_preflight_plans_the_datas_shape():
-    """The toy run's pre-flight memory plan uses the toy data's latents, not Wan's 480p default (which
-    asked 35 GiB of host memory for the 0.00B-parameter toy model and refused the default run on a
-    machine with less available)."""
-    from rcm_megatron.planning.search import check_host_memory
-    from rcm_megatron.training import arguments as A
-    from rcm_megatron.training.preflight import open_dataset, plan_flags
-
-    train, _, rcm, par = A.parse_args(["--model", "toy", "--teacher-checkpoint", A.DEFAULT_TEACHER])
-    data = open_dataset(train, preset("toy"))
-    assert check_host_memory(plan_flags(train, rcm, par, data), preset("toy"), "x", available_bytes=4 * 2**30) is None

@@ -317,3 +317,20 @@ def test_memory_estimate_counts_every_model_copy():
     # fp32: teacher + 2 x (weights + grads) + EMA + 2 x 2 moments = 10 copies
     assert training_bytes(distill=True) == 10 * 4 * n
     assert training_bytes(distill=False) == 5 * 4 * n
+
+
+def test_cpu_memory_check_plans_the_datas_own_latent_shape(monkeypatch, tmp_path):
+    """The default toy run (small latents) passes the CPU memory check on a small host: the planner
+    sees the data's latent shape, not the 480p default of the flags."""
+    import types
+
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=4 * 2**30))
+    from rcm_megatron.training.arguments import parse_args
+    from rcm_megatron.training.preflight import preflight
+
+    train, cfg, rcm, par = parse_args(["--train-iters", "1", "--log-dir", str(tmp_path / "log")])
+    checked = preflight(train, cfg, rcm, par)  # raised ArgumentError ("needs about 35 GiB") before the fix
+    if checked.lease is not None:
+        checked.lease.release()

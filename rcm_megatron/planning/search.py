@@ -155,7 +155,7 @@ def check_host_memory(args, model_cfg, what: str, available_bytes: float | None 
 
     n = sum(count(stage_shapes(model_cfg)))
     return (f"{what}: a CPU run needs about {need / GIB:.0f} GiB of host memory (models, gradients, EMA, AdamW "
-            f"state and activations of {n / 1e9:.2f}B parameters, tools/plan_memory.py's plan), "
+            f"state and activations of {n / 1e6:,.1f}M parameters, tools/plan_memory.py's plan), "
             f"{have / GIB:.0f} GiB are available; train it on GPUs (--device cuda, model parallel under torchrun) "
             "or pick a smaller --model")
 

@@ -75,27 +75,27 @@ def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMCo
         resume_meta = train_state.check_resume_compatible(load_path, train, rcm_cfg, model_cfg,
                                                           peak_lrs(train, rcm_cfg))
     if train.memory_check and train.device.startswith("cuda"):  # the last checks: the models are built next
-        line = check_fits(plan_flags(train, rcm_cfg, par, dataset), model_cfg)
+        line = check_fits(plan_flags(train, rcm_cfg, par), model_cfg)
         if line:
             raise ArgumentError(line)
     if train.memory_check and train.device == "cpu":
         source = f"--teacher-checkpoint {train.teacher_checkpoint}" if train.teacher_checkpoint else \
             f"--model {model_cfg_name(model_cfg)}"
-        line = check_host_memory(plan_flags(train, rcm_cfg, par, dataset), model_cfg, source)
+        flags = plan_flags(train, rcm_cfg, par)
+        flags.latent_shape, flags.text_len = tuple(dataset.latent_shape), dataset.text_len  # the data's own
+        line = check_host_memory(flags, model_cfg, source)
         if line:
             raise ArgumentError(line)
     return Preflight(model_cfg, dataset, teacher_weights, teacher_meta, load_path, resume_meta, lease)
 
 
-def plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig, dataset=None) -> SimpleNamespace:
-    """This run's settings under pretrain_rcm's flag names, as the memory planner reads them; the latent
-    shape and text length are the data's (without them the planner assumes Wan's 480p and 512 tokens)."""
-    shape = getattr(dataset, "latent_shape", None) or train.latent_shape
-    return SimpleNamespace(text_len=getattr(dataset, "text_len", None),
+def plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig) -> SimpleNamespace:
+    """This run's settings under pretrain_rcm's flag names, as the memory planner reads them."""
+    return SimpleNamespace(
         tensor_model_parallel_size=par.tensor_model_parallel_size, context_parallel_size=par.context_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size, sequence_parallel=par.sequence_parallel,
         cp_comm_type=par.cp_comm_type, micro_batch_size=par.micro_batch_size, global_batch_size=par.global_batch_size,
-        latent_shape=tuple(shape) if shape else None, bf16=train.bf16, method=rcm_cfg.method, mode=train.mode,
+        latent_shape=train.latent_shape, bf16=train.bf16, method=rcm_cfg.method, mode=train.mode,
         rollout_max_steps=rcm_cfg.rollout_max_steps, student_update_freq=rcm_cfg.student_update_freq,
         use_distributed_optimizer=train.use_distributed_optimizer, use_torch_fsdp2=train.use_torch_fsdp2,
         optimizer_cpu_offload=train.optimizer_cpu_offload,
