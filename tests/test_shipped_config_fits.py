@@ -33,4 +33,3 @@ def test_without_recompute_it_would_not_fit():
     line = check_fits(parsed(drop={"--recompute-granularity", "--recompute-num-layers"}), preset("wan-1.3b"),
                       world_size=1, gpu_memory_gib=H100_GIB)
     assert line is not None and "--recompute-granularity full" in line, line
-
