@@ -1,0 +1,94 @@
+"""Wan's q/k RMSNorm over the whole hidden size, then 3D RoPE, primal and tangent in one Triton kernel.
+
+Why our own kernel: the tangent pass needs RMSNorm (across all heads, with weight) and the
+rotary embedding of q and k together with their forward-mode derivatives. Fused RMSNorm and
+RoPE kernels (Apex, Transformer Engine, flash-attn's rotary, Liger) carry the primal and its
+backward only; in PyTorch the pair costs about a dozen fp32 passes over q and k and their
+tangents. Here one program reads a token's row of x and x_tan once and writes both rotated:
+
+    r = 1 / sqrt(mean x^2 + eps),  y = w r x
+    y_tan = w r (x_tan - x r^2 mean(x x_tan))
+    RoPE (linear, the same rotation for y and y_tan): interleaved pairs (y_2i, y_2i+1) of each head
+    rotate by the token's angle table row, as ``models.rope.apply_rope``.
+
+The row is the whole hidden size (every head), so this kernel serves tensor-parallel size 1;
+under TP the sums need an all-reduce across ranks and the model keeps its PyTorch path (one packed
+all-reduce of both sums, ``parallel.tensor_parallel.all_reduce_tp_sum``).
+Math in fp32, inputs and outputs in bf16 / fp16 / fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .norm_modulate import row_warps
+
+
+@triton.jit
+def _rotate(e, o, c, s):
+    return e * c - o * s, e * s + o * c
+
+
+@triton.jit
+def _qk_norm_rope_kernel(X, X_TAN, Y, Y_TAN, W, COS, SIN, S, HALF_D, HALF_HEAD, eps, inv_full,
+                         HAS_TAN: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    mask = j < HALF_D
+    even = row * 2 * HALF_D + 2 * j
+    xe = tl.load(X + even, mask=mask, other=0.0).to(tl.float32)
+    xo = tl.load(X + even + 1, mask=mask, other=0.0).to(tl.float32)
+    we = tl.load(W + 2 * j, mask=mask, other=0.0).to(tl.float32)
+    wo = tl.load(W + 2 * j + 1, mask=mask, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(xe * xe + xo * xo, axis=0) * inv_full + eps)
+    ye = xe * r * we
+    yo = xo * r * wo
+    if HAS_ROPE:
+        angle = (row % S) * HALF_HEAD + j % HALF_HEAD
+        c = tl.load(COS + angle, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(SIN + angle, mask=mask, other=0.0).to(tl.float32)
+        ye, yo = _rotate(ye, yo, c, s)
+    tl.store(Y + even, ye.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + even + 1, yo.to(Y.dtype.element_ty), mask=mask)
+    if HAS_TAN:
+        te = tl.load(X_TAN + even, mask=mask, other=0.0).to(tl.float32)
+        to = tl.load(X_TAN + even + 1, mask=mask, other=0.0).to(tl.float32)
+        k = r * r * tl.sum(xe * te + xo * to, axis=0) * inv_full
+        ye_tan = we * r * (te - xe * k)
+        yo_tan = wo * r * (to - xo * k)
+        if HAS_ROPE:
+            ye_tan, yo_tan = _rotate(ye_tan, yo_tan, c, s)
+        tl.store(Y_TAN + even, ye_tan.to(Y_TAN.dtype.element_ty), mask=mask)
+        tl.store(Y_TAN + even + 1, yo_tan.to(Y_TAN.dtype.element_ty), mask=mask)
+
+
+def qk_norm_rope(x, x_tan, weight, eps: float, rope=None, head_dim: int | None = None):
+    """(y, y_tan) [B, S, D] of RMSNorm over the whole D (weight [D]), then RoPE if ``rope`` =
+    (cos, sin) [S, head_dim/2] is given. Outputs in x's dtype; x_tan None: primal only."""
+    if x.dim() != 3 or x.shape[-1] % 2:
+        raise ValueError(f"qk_norm_rope: x must be [B, S, D] with even D, got {tuple(x.shape)}")
+    B, S, D = x.shape
+    if weight.shape != (D,):
+        raise ValueError(f"qk_norm_rope: weight must be [{D}] (the whole hidden size), got {tuple(weight.shape)}")
+    x = x.contiguous()
+    weight = weight.contiguous()
+    has_tan = x_tan is not None
+    x_tan = x_tan.contiguous() if has_tan else x
+    y = torch.empty_like(x)
+    y_tan = torch.empty_like(x) if has_tan else y
+    cos = sin = x
+    half_head = 1
+    if rope is not None:
+        cos, sin = (t.to(torch.float32).contiguous() for t in rope)
+        half_head = (head_dim or 0) // 2
+        if not head_dim or D % head_dim or cos.shape != (S, half_head) or sin.shape != cos.shape:
+            raise ValueError(f"qk_norm_rope: rope tables must be [S={S}, head_dim/2={half_head}], "
+                             f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    block = triton.next_power_of_2(D // 2)
+    if B * S:
+        _qk_norm_rope_kernel[(B * S,)](x, x_tan, y, y_tan, weight, cos, sin, S, D // 2, half_head, float(eps),
+                                       1.0 / D, HAS_TAN=has_tan, HAS_ROPE=rope is not None, BLOCK=block,
+                                       num_warps=row_warps(block))
+    return y, (y_tan if has_tan else None)
