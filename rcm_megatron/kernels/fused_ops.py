@@ -51,8 +51,10 @@ def fused_ops_mode() -> str:
 
 def use_fused_ops(*tensors: torch.Tensor | None) -> bool:
     """True when the fused kernels should compute an op on these tensors (None entries ignored)."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return False
     mode = fused_ops_mode()
-    if mode == "off" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if mode == "off":
         return False
     present = [t for t in tensors if t is not None]
     if any(t.dtype not in KERNEL_DTYPES for t in present):
