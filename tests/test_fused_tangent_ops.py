@@ -183,3 +183,25 @@ def test_mode_switch():
         assert not fused_ops.use_fused_ops(x)  # autograd records this pass: PyTorch
     with pytest.raises(ValueError, match="fused tangent ops mode"):
         fused_ops.set_fused_ops("sometimes")
+
+
+@pytest.mark.slow
+def test_fused_ops_benchmark_tiny(tmp_path):
+    """benchmarks/fused_tangent_ops.py runs end to end on its CPU path and reports sane errors."""
+    import importlib.util
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("fused_bench", os.path.join(root, "benchmarks", "fused_tangent_ops.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("fused_tangent_ops_*.json")
+    result = json.loads(path.read_text())
+    assert [r["op"] for r in result["ops"]] == ["layernorm + modulate", "q/k rmsnorm + rope", "gelu-tanh",
+                                                 "gated residual"]
+    for r in result["ops"]:  # bf16 outputs (the interpreter truncates to bf16, the GPU rounds to nearest)
+        assert 0 < r["fused_rel_err_vs_fp64"] < 1e-2 and r["fused_ms"] > 0
+    assert set(result["whole_pass_ms"]) == {"tangent pass, fused ops on", "tangent pass, fused ops off",
+                                            "fused vs PyTorch: rel diff of v, dv"}
