@@ -34,34 +34,32 @@ def _rotate(e, o, c, s):
 @triton.jit
 def _qk_norm_rope_kernel(X, X_TAN, Y, Y_TAN, W, COS, SIN, S, HALF_D, HALF_HEAD, eps, inv_full,
                          HAS_TAN: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK: tl.constexpr):
+    # The row as [BLOCK, 2] (pair index, even/odd): contiguous, vectorized loads; tl.split gives the
+    # even and odd channels of every pair.
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK)
-    mask = j < HALF_D
-    even = row * 2 * HALF_D + 2 * j
-    xe = tl.load(X + even, mask=mask, other=0.0).to(tl.float32)
-    xo = tl.load(X + even + 1, mask=mask, other=0.0).to(tl.float32)
-    we = tl.load(W + 2 * j, mask=mask, other=0.0).to(tl.float32)
-    wo = tl.load(W + 2 * j + 1, mask=mask, other=0.0).to(tl.float32)
+    pairs = 2 * j[:, None] + tl.arange(0, 2)[None, :]
+    mask = pairs < 2 * HALF_D
+    offs = row * 2 * HALF_D + pairs
+    xe, xo = tl.split(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32))
+    we, wo = tl.split(tl.load(W + pairs, mask=mask, other=0.0).to(tl.float32))
     r = 1.0 / tl.sqrt(tl.sum(xe * xe + xo * xo, axis=0) * inv_full + eps)
     ye = xe * r * we
     yo = xo * r * wo
     if HAS_ROPE:
         angle = (row % S) * HALF_HEAD + j % HALF_HEAD
-        c = tl.load(COS + angle, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(SIN + angle, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(COS + angle, mask=j < HALF_D, other=0.0).to(tl.float32)
+        s = tl.load(SIN + angle, mask=j < HALF_D, other=0.0).to(tl.float32)
         ye, yo = _rotate(ye, yo, c, s)
-    tl.store(Y + even, ye.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Y + even + 1, yo.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, tl.join(ye, yo).to(Y.dtype.element_ty), mask=mask)
     if HAS_TAN:
-        te = tl.load(X_TAN + even, mask=mask, other=0.0).to(tl.float32)
-        to = tl.load(X_TAN + even + 1, mask=mask, other=0.0).to(tl.float32)
+        te, to = tl.split(tl.load(X_TAN + offs, mask=mask, other=0.0).to(tl.float32))
         k = r * r * tl.sum(xe * te + xo * to, axis=0) * inv_full
         ye_tan = we * r * (te - xe * k)
         yo_tan = wo * r * (to - xo * k)
         if HAS_ROPE:
             ye_tan, yo_tan = _rotate(ye_tan, yo_tan, c, s)
-        tl.store(Y_TAN + even, ye_tan.to(Y_TAN.dtype.element_ty), mask=mask)
-        tl.store(Y_TAN + even + 1, yo_tan.to(Y_TAN.dtype.element_ty), mask=mask)
+        tl.store(Y_TAN + offs, tl.join(ye_tan, yo_tan).to(Y_TAN.dtype.element_ty), mask=mask)
 
 
 def qk_norm_rope(x, x_tan, weight, eps: float, rope=None, head_dim: int | None = None):
