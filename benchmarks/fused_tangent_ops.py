@@ -101,7 +101,7 @@ def op_cases(dev, tiny: bool):
         ("layernorm + modulate", lambda: nm.norm_modulate(x, x_tan, 1e-6, mod[0], mod_tan[0], mod[1], mod_tan[1]),
          lambda: ln_mod(x, x_tan, mod[0], mod_tan[0], mod[1], mod_tan[1]),
          lambda: ln_mod(*d64(x, x_tan, mod[0], mod_tan[0], mod[1], mod_tan[1])), 4 * B * S * D * e),
-        ("q/k rmsnorm + rope", lambda: qk.qk_norm_rope(x, x_tan, w, 1e-6, (cos, sin), hd),
+        ("q/k rmsnorm + rope", lambda: qk.qk_norm_rope(x, x_tan, w, 1e-6, (cos, sin)),
          lambda: rms_rope(x, x_tan, cos, sin), lambda: rms_rope(*d64(x, x_tan, cos, sin)), 4 * B * S * D * e),
         ("gelu-tanh", lambda: pw.gelu_tanh(u, u_tan), lambda: layers.gelu_tanh(u, u_tan),
          lambda: layers.gelu_tanh(*d64(u, u_tan)), 4 * B * S * F * e),

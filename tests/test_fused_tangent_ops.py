@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from rcm_megatron.kernels import fused_ops
 from rcm_megatron.kernels.norm_modulate import norm_modulate
 from rcm_megatron.kernels.pointwise import gated_residual, gelu_tanh
-from rcm_megatron.kernels.qk_norm_rope import qk_norm_rope
+from rcm_megatron.kernels.qk_norm_rope import qk_norm_rope, row_sums
 from rcm_megatron.models.rope import apply_rope, rope_cos_sin
 
 B, S, HEADS, HEAD_DIM = 2, 7, 5, 20
@@ -108,11 +108,11 @@ def test_qk_norm_rope(dtype, rope):
     if rope:  # random angles: every pair of every head rotates by its own angle
         angles = 6.0 * torch.rand(S, HEAD_DIM // 2)
         cos, sin = angles.cos(), angles.sin()
-    y, y_tan = qk_norm_rope(x, x_tan, w, EPS, None if cos is None else (cos, sin), HEAD_DIM)
+    y, y_tan = qk_norm_rope(x, x_tan, w, EPS, None if cos is None else (cos, sin))
     ref, ref_tan = jvp64(rms_rope_oracle(w, cos, sin), (x,), (x_tan,))
     close(y, ref, dtype)
     close(y_tan, ref_tan, dtype)
-    y_only, none = qk_norm_rope(x, None, w, EPS, None if cos is None else (cos, sin), HEAD_DIM)
+    y_only, none = qk_norm_rope(x, None, w, EPS, None if cos is None else (cos, sin))
     assert none is None and torch.equal(y_only, y)
 
 
@@ -124,10 +124,34 @@ def test_qk_norm_rope_real_tables_match_model_layout():
     x, x_tan = rnd(B, s, D), rnd(B, s, D)
     w = rnd(D) + 1
     cos, sin = rope_cos_sin(grid, HEAD_DIM, dtype=torch.float32)
-    y, y_tan = qk_norm_rope(x, x_tan, w, EPS, (cos, sin), HEAD_DIM)
+    y, y_tan = qk_norm_rope(x, x_tan, w, EPS, (cos, sin))
     ref, ref_tan = jvp64(rms_rope_oracle(w, cos, sin), (x,), (x_tan,))
     close(y, ref, torch.float32)
     close(y_tan, ref_tan, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_tangent", [True, False])
+def test_qk_norm_rope_tensor_parallel_split(dtype, with_tangent):
+    """TP = 2 by hand: each rank's slice of the heads, its partial row sums, their sum (the
+    all-reduce), then the norm and RoPE of the slice: together the whole-row result."""
+    torch.manual_seed(7)
+    x, x_tan = rnd(B, S, D, dtype=dtype, scale=2.0), rnd(B, S, D, dtype=dtype)
+    w = rnd(D) + 1
+    angles = 6.0 * torch.rand(S, HEAD_DIM // 2)
+    rope = (angles.cos(), angles.sin())
+    ref, ref_tan = jvp64(rms_rope_oracle(w, *rope), (x,), (x_tan,))
+    cut = 2 * HEAD_DIM  # rank 0: 2 heads, rank 1: 3 heads
+    slices = [slice(0, cut), slice(cut, D)]
+    tan = (lambda sl: x_tan[..., sl]) if with_tangent else (lambda sl: None)
+    sums = sum(row_sums(x[..., sl], tan(sl)) for sl in slices)
+    assert sums.shape == (B, S, 2 if with_tangent else 1)
+    parts = [qk_norm_rope(x[..., sl], tan(sl), w[sl], EPS, rope, full_size=D, sums=sums) for sl in slices]
+    close(torch.cat([p[0] for p in parts], -1), ref, dtype)
+    if with_tangent:
+        close(torch.cat([p[1] for p in parts], -1), ref_tan, dtype)
+    with pytest.raises(ValueError, match="needs the all-reduced row sums"):
+        qk_norm_rope(x[..., :cut], None, w[:cut], EPS, rope, full_size=D)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
