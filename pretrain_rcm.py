@@ -12,6 +12,12 @@ before any model is built. SIGTERM / SIGUSR1 save and exit 0; Ctrl-C saves and e
 import os
 import sys
 
+# Expandable segments keep the caching allocator from stranding reserved-but-unallocated blocks
+# between the differently shaped passes of an rCM iteration (the eager Wan-1.3B run that ran out of
+# memory on an H100 had 15.9 GiB reserved and unused); set before torch is imported, as torchtitan's
+# and NeMo's launch scripts do. A user's own PYTORCH_CUDA_ALLOC_CONF wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 
 def main(argv=None) -> int:
     from rcm_megatron.cli import quiet_optional_backends

@@ -39,6 +39,7 @@ import tempfile
 from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as pretrain_rcm.py sets it
 sys.path.insert(0, ROOT)
 
 S, L, HEADS, HEAD_DIM, D, FFN = 32760, 512, 12, 128, 1536, 8960
@@ -243,7 +244,8 @@ def main(argv=None) -> int:
               "triton": triton.__version__, "tokens": S, "text_len": L,
               "period_model_tflops_per_gpu": period_tflops, "period_exact_model_tflops_per_gpu": period_exact,
               "period_mfu": period_tflops / peak if peak else None, "period_seconds": total_s,
-              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "ceiling_rates_tflops": rates,
+              "peak_memory_gib": max([r["mem_peak_allocated_gib"] or 0 for r in iter_rows] + [torch.cuda.max_memory_allocated() / 2**30]),
+              "ceiling_rates_tflops": rates,
               "passes": table, "iterations": iter_rows}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"rcm_step_{now:%Y%m%dT%H%M%SZ}_{card_slug(card)}.json")

@@ -138,7 +138,7 @@ def tiny(kind):
 @pytest.mark.parametrize("kind,which", [(k, "both") for k in sorted(KINDS)] + [("wan2.2-ti2v", "t")])
 def test_tangent_matches_jvp(kind, which):
     """The noisy channels and the time carry tangents; condition channels, text and image tokens
-    none. t_latents covering only the noisy channels = the full-width tangent zero on the rest."""
+    none. latents_tan covering only the noisy channels = the full-width tangent zero on the rest."""
     cfg = tiny(kind)
     model = WanDiT(cfg).double()
     model.reset_parameters(seed=4)
@@ -239,11 +239,11 @@ def test_bad_inputs_name_the_shape():
         i2v(x, t, ctx, image_context=torch.randn(1, 5, 32))
     with pytest.raises(ValueError, match="image_context given to a model without image conditioning"):
         ti2v(torch.randn(1, 48, 2, 4, 4), t, ctx, image_context=img)
-    with pytest.raises(ValueError, match=r"t_latents must be \[B, in_channels=36 or out_channels=16"):
+    with pytest.raises(ValueError, match=r"latents_tan must be \[B, in_channels=36 or out_channels=16"):
         i2v.forward_with_tangent(x, t, ctx, torch.randn(1, 20, 2, 4, 4), t, image_context=img)
     with pytest.raises(ValueError, match=r"timestep must have shape \[1\] or per token \[1, 8\], got \(1, 7\)"):
         ti2v(torch.randn(1, 48, 2, 4, 4), torch.ones(1, 7), ctx)
-    with pytest.raises(ValueError, match=r"t_timestep must have the timestep's shape \(1, 8\), got \(1,\)"):
+    with pytest.raises(ValueError, match=r"timestep_tan must have the timestep's shape \(1, 8\), got \(1,\)"):
         ti2v.forward_with_tangent(torch.randn(1, 48, 2, 4, 4), torch.ones(1, 8), ctx, None, torch.ones(1))
     state = i2v.embed(x, t, ctx, image_context=img)
     state.image_context = None  # a pipeline stage that did not pass the image tokens on

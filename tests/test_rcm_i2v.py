@@ -234,8 +234,8 @@ class PlantGiven(torch.nn.Module):
     def forward(self, latents, timestep, context):
         return self._plant(self.net(latents, timestep, context))
 
-    def forward_with_tangent(self, latents, timestep, context, t_latents, t_timestep):
-        v, dv = self.net.forward_with_tangent(latents, timestep, context, t_latents, t_timestep)
+    def forward_with_tangent(self, latents, timestep, context, latents_tan, timestep_tan):
+        v, dv = self.net.forward_with_tangent(latents, timestep, context, latents_tan, timestep_tan)
         return self._plant(v), self._plant(dv)
 
 
@@ -315,12 +315,12 @@ class Spy(torch.nn.Module):
         self._check(latents, timestep, context, image_context, "forward")
         return self.net(latents, timestep, context, image_context)
 
-    def forward_with_tangent(self, latents, timestep, context, t_latents, t_timestep, image_context=None):
+    def forward_with_tangent(self, latents, timestep, context, latents_tan, timestep_tan, image_context=None):
         self._check(latents, timestep, context, image_context, "tangent")
         if self.b.cond.given is not None:
-            assert (t_timestep[:, :4] == 0).all() and (t_latents[:, :, :1] == 0).all()
-        assert t_latents.shape[1] == C
-        return self.net.forward_with_tangent(latents, timestep, context, t_latents, t_timestep, image_context)
+            assert (timestep_tan[:, :4] == 0).all() and (latents_tan[:, :, :1] == 0).all()
+        assert latents_tan.shape[1] == C
+        return self.net.forward_with_tangent(latents, timestep, context, latents_tan, timestep_tan, image_context)
 
 
 def kind_has_image(kind):

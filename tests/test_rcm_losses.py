@@ -59,8 +59,8 @@ class Poison(torch.nn.Module):
     def forward(self, latents, timestep, context):
         return self._bad(self.net(latents, timestep, context), context)
 
-    def forward_with_tangent(self, latents, timestep, context, t_latents, t_timestep):
-        v, tv = self.net.forward_with_tangent(latents, timestep, context, t_latents, t_timestep)
+    def forward_with_tangent(self, latents, timestep, context, latents_tan, timestep_tan):
+        v, tv = self.net.forward_with_tangent(latents, timestep, context, latents_tan, timestep_tan)
         return self._bad(v, context), self._bad(tv, context)
 
 

@@ -130,9 +130,9 @@ class Recorder(torch.nn.Module):
         self.seen.append((latents.dtype, timestep.dtype))
         return latents * self.w
 
-    def forward_with_tangent(self, latents, timestep, context, t_latents, t_timestep):
-        self.seen.append((t_latents.dtype, t_timestep.dtype))
-        return latents * self.w, t_latents * self.w
+    def forward_with_tangent(self, latents, timestep, context, latents_tan, timestep_tan):
+        self.seen.append((latents_tan.dtype, timestep_tan.dtype))
+        return latents * self.w, latents_tan * self.w
 
 
 @pytest.mark.parametrize("dtype,ts_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),

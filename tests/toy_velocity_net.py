@@ -32,8 +32,8 @@ class ToyVelocityNet(nn.Module):
         return self.conv_out(torch.tanh(h)) - 0.5 * latents
 
     @torch.no_grad()
-    def forward_with_tangent(self, latents, timestep, context, t_latents, t_timestep):
-        return torch.func.jvp(lambda x, ts: self(x, ts, context), (latents, timestep), (t_latents, t_timestep))
+    def forward_with_tangent(self, latents, timestep, context, latents_tan, timestep_tan):
+        return torch.func.jvp(lambda x, ts: self(x, ts, context), (latents, timestep), (latents_tan, timestep_tan))
 
 
 def toy_batch(batch: int = 4, channels: int = 4, frames: int = 2, height: int = 4, width: int = 4,

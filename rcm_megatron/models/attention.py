@@ -32,8 +32,8 @@ class QKNorm(nn.Module):
         self.full_size, self.eps = hidden_size, eps
         self.weight = mark_tensor_parallel(nn.Parameter(torch.ones(hidden_size // tp)), 0)
 
-    def forward(self, x, tx=None):
-        return rms_norm_across_heads(x, tx, self.weight, self.eps, self.full_size)
+    def forward(self, x, x_tan=None):
+        return rms_norm_across_heads(x, x_tan, self.weight, self.eps, self.full_size)
 
 
 class _Attention(nn.Module):
@@ -54,33 +54,33 @@ class _Attention(nn.Module):
     def _heads(self, x):
         return None if x is None else x.unflatten(-1, (self.local_heads, self.head_dim))
 
-    def _attend(self, q, k, v, tq, tk, tv):
-        if tq is None:
-            o, to = attention(q, k, v), None
+    def _attend(self, q, k, v, q_tan, k_tan, v_tan):
+        if q_tan is None:
+            o, o_tan = attention(q, k, v), None
         else:
-            o, to, _, _ = attention_with_tangent(q, k, v, tq, tk, tv)
-        return o.flatten(-2), None if to is None else to.flatten(-2)
+            o, o_tan, _, _ = attention_with_tangent(q, k, v, q_tan, k_tan, v_tan)
+        return o.flatten(-2), None if o_tan is None else o_tan.flatten(-2)
 
 
-def _flat(o, to):
-    return o.flatten(-2), None if to is None else to.flatten(-2)
+def _flat(o, o_tan):
+    return o.flatten(-2), None if o_tan is None else o_tan.flatten(-2)
 
 
 class SelfAttention(_Attention):
-    def forward(self, x, tx, rope, seq_len: int | None = None):
+    def forward(self, x, x_tan, rope, seq_len: int | None = None):
         """x [B, S, D] (this rank's context-parallel chunk / sequence-parallel shard of the tokens;
         seq_len = S real tokens of the whole sequence); rope: cos, sin of x's positions."""
         cos, sin = rope
-        x, tx = tensor_parallel_input(x, tx, chunk_length(seq_len))
-        q, tq = self.norm_q(*self.to_q(x, tx))
-        k, tk = self.norm_k(*self.to_k(x, tx))
-        v, tv = self.to_v(x, tx)
-        q, k, v, tq, tk, tv = map(self._heads, (q, k, v, tq, tk, tv))
+        x, x_tan = tensor_parallel_input(x, x_tan, chunk_length(seq_len))
+        q, q_tan = self.norm_q(*self.to_q(x, x_tan))
+        k, k_tan = self.norm_k(*self.to_k(x, x_tan))
+        v, v_tan = self.to_v(x, x_tan)
+        q, k, v, q_tan, k_tan, v_tan = map(self._heads, (q, k, v, q_tan, k_tan, v_tan))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if tq is not None:
-            tq, tk = apply_rope(tq, cos, sin), apply_rope(tk, cos, sin)
-        o, to = _flat(*context_parallel_attention(q, k, v, tq, tk, tv, seq_len=seq_len))
-        return self.to_out(o, to)
+        if q_tan is not None:
+            q_tan, k_tan = apply_rope(q_tan, cos, sin), apply_rope(k_tan, cos, sin)
+        o, o_tan = _flat(*context_parallel_attention(q, k, v, q_tan, k_tan, v_tan, seq_len=seq_len))
+        return self.to_out(o, o_tan)
 
 
 class CrossAttention(_Attention):
@@ -99,19 +99,19 @@ class CrossAttention(_Attention):
             self.add_v_proj = ColumnParallelLinear(hidden_size, hidden_size)
             self.norm_added_k = QKNorm(hidden_size, eps)
 
-    def forward(self, x, tx, context, seq_len: int | None = None, image_context=None):
-        x, tx = tensor_parallel_input(x, tx, chunk_length(seq_len))
-        q, tq = self.norm_q(*self.to_q(x, tx))
-        q, tq = self._heads(q), self._heads(tq)
-        o, to = self._attend_condition(q, tq, replicated_input(context), self.to_k, self.to_v, self.norm_k)
+    def forward(self, x, x_tan, context, seq_len: int | None = None, image_context=None):
+        x, x_tan = tensor_parallel_input(x, x_tan, chunk_length(seq_len))
+        q, q_tan = self.norm_q(*self.to_q(x, x_tan))
+        q, q_tan = self._heads(q), self._heads(q_tan)
+        o, o_tan = self._attend_condition(q, q_tan, replicated_input(context), self.to_k, self.to_v, self.norm_k)
         if image_context is not None:
-            oi, toi = self._attend_condition(q, tq, replicated_input(image_context), self.add_k_proj,
-                                             self.add_v_proj, self.norm_added_k)
+            oi, oi_tan = self._attend_condition(q, q_tan, replicated_input(image_context), self.add_k_proj,
+                                                self.add_v_proj, self.norm_added_k)
             o = o + oi
-            to = None if to is None else to + toi
-        return self.to_out(o, to)
+            o_tan = None if o_tan is None else o_tan + oi_tan
+        return self.to_out(o, o_tan)
 
-    def _attend_condition(self, q, tq, cond, to_k, to_v, norm_k):
+    def _attend_condition(self, q, q_tan, cond, to_k, to_v, norm_k):
         k, _ = norm_k(*to_k(cond))
         v, _ = to_v(cond)
-        return self._attend(q, self._heads(k), self._heads(v), tq, None, None)
+        return self._attend(q, self._heads(k), self._heads(v), q_tan, None, None)

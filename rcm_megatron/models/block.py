@@ -14,7 +14,7 @@ from ..parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                         tensor_parallel_input)
 from .attention import CrossAttention, SelfAttention
 from .config import WanConfig
-from .layers import LayerNorm, compute_dtype, gated_residual, gelu_tanh, modulate
+from .layers import LayerNorm, gated_residual, gelu_tanh, modulate
 
 
 class FeedForward(nn.Module):
@@ -23,9 +23,9 @@ class FeedForward(nn.Module):
         self.fc1 = ColumnParallelLinear(hidden_size, ffn_hidden_size)
         self.fc2 = RowParallelLinear(ffn_hidden_size, hidden_size)
 
-    def forward(self, x, tx=None, seq_len: int | None = None):
-        x, tx = tensor_parallel_input(x, tx, chunk_length(seq_len))
-        return self.fc2(*gelu_tanh(*self.fc1(x, tx)))
+    def forward(self, x, x_tan=None, seq_len: int | None = None):
+        x, x_tan = tensor_parallel_input(x, x_tan, chunk_length(seq_len))
+        return self.fc2(*gelu_tanh(*self.fc1(x, x_tan)))
 
 
 class WanBlock(nn.Module):
@@ -40,7 +40,7 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(d, cfg.ffn_hidden_size)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
-    def forward(self, x, tx, tproj, ttproj, context, rope, seq_len: int | None = None, image_context=None):
+    def forward(self, x, x_tan, tproj, tproj_tan, context, rope, seq_len: int | None = None, image_context=None):
         """x [B,S,D]; tproj (time projection, fp32) [B,6,D], or per token [B,S,6,D] (sharded
         like x), and its tangent; context [B,L,D]; image_context [B,L_img,D] or None.
 
@@ -50,25 +50,25 @@ class WanBlock(nn.Module):
         table = self.scale_shift_table.to(tproj.dtype)
         if tproj.dim() == 4:  # per-token times: the tokens' own modulation, [B,S,D] each
             mod = (grad_sum_over_sequence_shards(table).unsqueeze(0) + tproj).unbind(2)
-            tmod = (None,) * 6 if ttproj is None else ttproj.unbind(2)
+            mod_tan = (None,) * 6 if tproj_tan is None else tproj_tan.unbind(2)
         else:
             mod = grad_sum_over_sequence_shards(table + tproj).unsqueeze(2).unbind(1)
-            tmod = (None,) * 6 if ttproj is None else ttproj.unsqueeze(2).unbind(1)
+            mod_tan = (None,) * 6 if tproj_tan is None else tproj_tan.unsqueeze(2).unbind(1)
         shift, scale, gate, c_shift, c_scale, c_gate = mod
-        t_shift, t_scale, t_gate, t_c_shift, t_c_scale, t_c_gate = tmod
+        shift_tan, scale_tan, gate_tan, c_shift_tan, c_scale_tan, c_gate_tan = mod_tan
 
-        def cast(h, th):
-            return h.to(x.dtype), None if th is None else th.to(x.dtype)
+        def cast(h, h_tan):
+            return h.to(x.dtype), None if h_tan is None else h_tan.to(x.dtype)
 
-        h, th = cast(*modulate(*self.norm1(x, tx), shift, t_shift, scale, t_scale))
-        a, ta = self.attn1(h, th, rope, seq_len)
-        x, tx = gated_residual(x, tx, a, ta, gate, t_gate)
+        h, h_tan = cast(*modulate(*self.norm1(x, x_tan), shift, shift_tan, scale, scale_tan))
+        a, a_tan = self.attn1(h, h_tan, rope, seq_len)
+        x, x_tan = gated_residual(x, x_tan, a, a_tan, gate, gate_tan)
 
-        h, th = cast(*self.norm2(x, tx))
-        a, ta = self.attn2(h, th, context, seq_len, image_context)
+        h, h_tan = cast(*self.norm2(x, x_tan))
+        a, a_tan = self.attn2(h, h_tan, context, seq_len, image_context)
         x = x + a
-        tx = None if tx is None else tx + ta
+        x_tan = None if x_tan is None else x_tan + a_tan
 
-        h, th = cast(*modulate(*self.norm3(x, tx), c_shift, t_c_shift, c_scale, t_c_scale))
-        f, tf = self.ffn(h, th, seq_len)
-        return gated_residual(x, tx, f, tf, c_gate, t_c_gate)
+        h, h_tan = cast(*modulate(*self.norm3(x, x_tan), c_shift, c_shift_tan, c_scale, c_scale_tan))
+        f, f_tan = self.ffn(h, h_tan, seq_len)
+        return gated_residual(x, x_tan, f, f_tan, c_gate, c_gate_tan)

@@ -16,26 +16,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import WanConfig
-from .layers import compute_dtype, silu
+from ..kernels.numerics import accumulate_dtype
+from .layers import silu
 
 
-def sinusoidal_embedding(t, tt, dim: int, max_period: float = 10000.0):
+def sinusoidal_embedding(t, t_tan, dim: int, max_period: float = 10000.0):
     """[cos(t f), sin(t f)] (diffusers' flip_sin_to_cos=True, shift 0) and its tangent in t."""
     half = dim // 2
-    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    dtype = accumulate_dtype(t)
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     freqs = freqs.to(dtype)
     arg = t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
-    if tt is None:
+    if t_tan is None:
         return emb, None
-    dt = tt.to(dtype)[:, None] * freqs[None]
-    return emb, torch.cat([-torch.sin(arg) * dt, torch.cos(arg) * dt], dim=-1)
+    arg_tan = t_tan.to(dtype)[:, None] * freqs[None]
+    return emb, torch.cat([-torch.sin(arg) * arg_tan, torch.cos(arg) * arg_tan], dim=-1)
 
 
-def _linear(x, tx, layer: nn.Linear):
+def _linear(x, x_tan, layer: nn.Linear):
     y = F.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
-    return y, None if tx is None else F.linear(tx, layer.weight.to(tx.dtype))
+    return y, None if x_tan is None else F.linear(x_tan, layer.weight.to(x_tan.dtype))
 
 
 class TimeEmbedding(nn.Module):
@@ -49,20 +50,20 @@ class TimeEmbedding(nn.Module):
         self.linear_2 = nn.Linear(d, d)
         self.time_proj = nn.Linear(d, 6 * d)
 
-    def forward(self, timestep, t_timestep=None):
-        """timestep [B] or [B, S] -> (temb [..., D], t_temb, tproj [..., 6, D], t_tproj), in fp32 or fp64."""
+    def forward(self, timestep, timestep_tan=None):
+        """timestep [B] or [B, S] -> (temb [..., D], temb_tan, tproj [..., 6, D], tproj_tan), in fp32 or fp64."""
         lead = timestep.shape
-        e, te = sinusoidal_embedding(timestep.flatten(), None if t_timestep is None else t_timestep.flatten(),
-                                     self.freq_dim)
+        e, e_tan = sinusoidal_embedding(timestep.flatten(), None if timestep_tan is None else timestep_tan.flatten(),
+                                        self.freq_dim)
         if self.linear_1.weight.dtype == torch.float64:
-            e, te = e.double(), None if te is None else te.double()
-        h, th = silu(*_linear(e, te, self.linear_1))
-        temb, ttemb = _linear(h, th, self.linear_2)
-        p, tp = _linear(*silu(temb, ttemb), self.time_proj)
+            e, e_tan = e.double(), None if e_tan is None else e_tan.double()
+        h, h_tan = silu(*_linear(e, e_tan, self.linear_1))
+        temb, temb_tan = _linear(h, h_tan, self.linear_2)
+        p, p_tan = _linear(*silu(temb, temb_tan), self.time_proj)
 
         def shaped(y, *tail):
             return None if y is None else y.reshape(*lead, *tail, -1)
-        return shaped(temb), shaped(ttemb), shaped(p, 6), shaped(tp, 6)
+        return shaped(temb), shaped(temb_tan), shaped(p, 6), shaped(p_tan, 6)
 
 
 class TextEmbedding(nn.Module):
@@ -95,7 +96,7 @@ class ImageEmbedding(nn.Module):
 
     @staticmethod
     def _norm(x, norm: nn.LayerNorm):
-        dt = compute_dtype(x)
+        dt = accumulate_dtype(x)
         return F.layer_norm(x.to(dt), norm.normalized_shape, norm.weight.to(dt), norm.bias.to(dt), norm.eps).to(x.dtype)
 
     def forward(self, image):
@@ -111,14 +112,14 @@ class PatchEmbedding(nn.Module):
         super().__init__()
         self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
-    def forward(self, x, tx=None):
+    def forward(self, x, x_tan=None):
         """[B,C,T,H,W] -> tokens [B, S, D] in (t, h, w) order.
 
         The tangent may cover only the leading channels of x (an image-to-video model's noisy
         latents; the condition channels after them are fixed and carry zero tangent)."""
         y = self.proj(x).flatten(2).transpose(1, 2)
-        if tx is None:
+        if x_tan is None:
             return y, None
-        weight = self.proj.weight[:, :tx.shape[1]]
-        ty = F.conv3d(tx.to(x.dtype), weight, None, stride=self.proj.stride)
-        return y, ty.flatten(2).transpose(1, 2)
+        weight = self.proj.weight[:, :x_tan.shape[1]]
+        y_tan = F.conv3d(x_tan.to(x.dtype), weight, None, stride=self.proj.stride)
+        return y, y_tan.flatten(2).transpose(1, 2)

@@ -69,8 +69,8 @@ class WanExperts(nn.Module):
         return self._route(lambda m, x, t, c, i: (m(x, t, c, i),), latents, timestep, context, image_context)[0]
 
     @torch.no_grad()
-    def forward_with_tangent(self, latents, timestep, context, t_latents, t_timestep, image_context=None):
-        if t_timestep is None:
-            t_timestep = torch.zeros_like(timestep)
-        return self._route(lambda m, x, t, c, tx, tt, i: m.forward_with_tangent(x, t, c, tx, tt, i),
-                           latents, timestep, context, t_latents, t_timestep, image_context)
+    def forward_with_tangent(self, latents, timestep, context, latents_tan, timestep_tan, image_context=None):
+        if timestep_tan is None:
+            timestep_tan = torch.zeros_like(timestep)
+        return self._route(lambda m, x, t, c, x_tan, t_tan, i: m.forward_with_tangent(x, t, c, x_tan, t_tan, i),
+                           latents, timestep, context, latents_tan, timestep_tan, image_context)

@@ -1,6 +1,6 @@
 """Elementwise and normalization layers with their tangent rules (docs/design.md §3).
 
-Every function takes the primal and an optional tangent and returns ``(y, ty)``; a tangent
+Every function takes the primal and an optional tangent and returns ``(y, y_tan)``; a tangent
 of None means "no tangent pass" and costs nothing. Normalizations compute in at least fp32
 (float64 stays float64, so the oracle tests stay exact) and cast back, as diffusers' Wan does.
 """
@@ -13,104 +13,96 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.numerics import accumulate_dtype
 from ..parallel.tensor_parallel import all_reduce_tp_sum, grad_sum_over_sequence_shards
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32 for half types, the tensor's own dtype otherwise."""
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
-def up(x):
-    return None if x is None else x.to(compute_dtype(x))
-
-
-def layer_norm(x, tx, eps: float, weight=None, bias=None):
-    """LayerNorm over the last dim in fp32. Tangent: rstd (tx_c - y mean(y tx_c)) (times weight)."""
-    xf = x.to(compute_dtype(x))
+def layer_norm(x, x_tan, eps: float, weight=None, bias=None):
+    """LayerNorm over the last dim in fp32. Tangent: rstd (xc_tan - y mean(y xc_tan)) (times weight)."""
+    xf = x.to(accumulate_dtype(x))
     mu = xf.mean(-1, keepdim=True)
     xc = xf - mu
     rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
     y = xc * rstd
-    ty = None
-    if tx is not None:
-        txf = tx.to(xf.dtype)
-        txc = txf - txf.mean(-1, keepdim=True)
-        ty = rstd * (txc - y * (y * txc).mean(-1, keepdim=True))
+    y_tan = None
+    if x_tan is not None:
+        xf_tan = x_tan.to(xf.dtype)
+        xc_tan = xf_tan - xf_tan.mean(-1, keepdim=True)
+        y_tan = rstd * (xc_tan - y * (y * xc_tan).mean(-1, keepdim=True))
         if weight is not None:
-            ty = ty * weight
+            y_tan = y_tan * weight
     if weight is not None:
         y = y * weight
     if bias is not None:
         y = y + bias
-    return y, ty
+    return y, y_tan
 
 
-def rms_norm_across_heads(x, tx, weight, eps: float, full_size: int):
+def rms_norm_across_heads(x, x_tan, weight, eps: float, full_size: int):
     """RMSNorm over the whole hidden size (Wan's q/k norm), TP-correct.
 
     Under tensor parallelism each rank holds a slice of the hidden size; the sums of x^2
-    and of x*tx are all-reduced in one packed collective.
+    and of x*x_tan are all-reduced in one packed collective.
     """
-    xf = x.to(compute_dtype(x))
+    xf = x.to(accumulate_dtype(x))
     sums = xf.pow(2).sum(-1, keepdim=True)
-    if tx is not None:
-        txf = tx.to(xf.dtype)
-        sums = torch.cat([sums, (xf * txf).sum(-1, keepdim=True)], dim=-1)
+    if x_tan is not None:
+        xf_tan = x_tan.to(xf.dtype)
+        sums = torch.cat([sums, (xf * xf_tan).sum(-1, keepdim=True)], dim=-1)
     sums = all_reduce_tp_sum(sums)
     r = torch.rsqrt(sums[..., :1] / full_size + eps)
     w = weight.to(xf.dtype)
     y = (xf * r * w).to(x.dtype)
-    ty = None
-    if tx is not None:
-        ty = (w * r * (txf - xf * (r * r) * sums[..., 1:] / full_size)).to(x.dtype)
-    return y, ty
+    y_tan = None
+    if x_tan is not None:
+        y_tan = (w * r * (xf_tan - xf * (r * r) * sums[..., 1:] / full_size)).to(x.dtype)
+    return y, y_tan
 
 
 _GELU_K = math.sqrt(2.0 / math.pi)
 
 
-def gelu_tanh(u, tu):
-    """GELU with the tanh approximation; tangent f'(u) tu."""
+def gelu_tanh(u, u_tan):
+    """GELU with the tanh approximation; tangent f'(u) u_tan."""
     y = F.gelu(u, approximate="tanh")
-    if tu is None:
+    if u_tan is None:
         return y, None
-    uf = u.to(compute_dtype(u))
+    uf = u.to(accumulate_dtype(u))
     z = _GELU_K * (uf + 0.044715 * uf.pow(3))
     th = torch.tanh(z)
     d = 0.5 * (1 + th) + 0.5 * uf * (1 - th * th) * _GELU_K * (1 + 3 * 0.044715 * uf * uf)
-    return y, (d * tu.to(uf.dtype)).to(tu.dtype)
+    return y, (d * u_tan.to(uf.dtype)).to(u_tan.dtype)
 
 
-def silu(u, tu):
-    """SiLU; tangent sigma(u) (1 + u (1 - sigma(u))) tu."""
+def silu(u, u_tan):
+    """SiLU; tangent sigma(u) (1 + u (1 - sigma(u))) u_tan."""
     y = F.silu(u)
-    if tu is None:
+    if u_tan is None:
         return y, None
     s = torch.sigmoid(u)
-    return y, tu * s * (1 + u * (1 - s))
+    return y, u_tan * s * (1 + u * (1 - s))
 
 
-def modulate(n, tn, shift, tshift, scale, tscale):
+def modulate(n, n_tan, shift, shift_tan, scale, scale_tan):
     """adaLN: n (1 + scale) + shift, with the product rule for the tangent."""
     y = n * (1 + scale) + shift
-    if tn is None:
+    if n_tan is None:
         return y, None
-    ty = tn * (1 + scale)
-    if tscale is not None:
-        ty = ty + n * tscale + tshift
-    return y, ty
+    y_tan = n_tan * (1 + scale)
+    if scale_tan is not None:
+        y_tan = y_tan + n * scale_tan + shift_tan
+    return y, y_tan
 
 
-def gated_residual(x, tx, a, ta, gate, tgate):
+def gated_residual(x, x_tan, a, a_tan, gate, gate_tan):
     """x + a * gate in fp32, cast back to the residual dtype; product rule for the tangent."""
-    y = (x.to(compute_dtype(x)) + a.to(compute_dtype(a)) * gate).to(x.dtype)
-    if tx is None:
+    y = (x.to(accumulate_dtype(x)) + a.to(accumulate_dtype(a)) * gate).to(x.dtype)
+    if x_tan is None:
         return y, None
-    ty = tx.to(compute_dtype(tx)) + ta.to(compute_dtype(ta)) * gate
-    if tgate is not None:
-        ty = ty + a.to(compute_dtype(a)) * tgate
-    return y, ty.to(tx.dtype)
+    y_tan = x_tan.to(accumulate_dtype(x_tan)) + a_tan.to(accumulate_dtype(a_tan)) * gate
+    if gate_tan is not None:
+        y_tan = y_tan + a.to(accumulate_dtype(a)) * gate_tan
+    return y, y_tan.to(x_tan.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -130,7 +122,7 @@ class LayerNorm(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def forward(self, x, tx=None):
-        w = None if self.weight is None else grad_sum_over_sequence_shards(self.weight).to(compute_dtype(x))
-        b = None if self.bias is None else grad_sum_over_sequence_shards(self.bias).to(compute_dtype(x))
-        return layer_norm(x, tx, self.eps, w, b)
+    def forward(self, x, x_tan=None):
+        w = None if self.weight is None else grad_sum_over_sequence_shards(self.weight).to(accumulate_dtype(x))
+        b = None if self.bias is None else grad_sum_over_sequence_shards(self.bias).to(accumulate_dtype(x))
+        return layer_norm(x, x_tan, self.eps, w, b)

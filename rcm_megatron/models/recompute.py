@@ -75,16 +75,17 @@ def _checkpoint(fn, args, recompute_attention: bool):
 def run_blocks_with_recompute(cfg: RecomputeConfig, blocks, call, *args):
     """Run ``call(group_of_blocks, *args) -> args[:2]`` over the blocks with grad enabled.
 
-    ``call`` runs a list of consecutive blocks on (x, tx, *rest) and returns the new (x, tx);
-    ``args`` = (x, tx, *rest). Returns the final (x, tx).
+    ``call`` runs a list of consecutive blocks on (x, x_tan, *rest) and returns the new (x, x_tan);
+    ``args`` = (x, x_tan, *rest). Returns the final (x, x_tan).
     """
-    x, tx, rest = args[0], args[1], args[2:]
+    x, x_tan, rest = args[0], args[1], args[2:]
     if cfg.granularity == "full":
         step = cfg.num_layers
         for i in range(0, len(blocks), step):
-            x, tx = ckpt.checkpoint(functools.partial(call, blocks[i:i + step]), x, tx, *rest, use_reentrant=False)
-        return x, tx
+            group = functools.partial(call, blocks[i:i + step])
+            x, x_tan = ckpt.checkpoint(group, x, x_tan, *rest, use_reentrant=False)
+        return x, x_tan
     attention = "core_attn" in cfg.modules
     for block in blocks:
-        x, tx = _checkpoint(functools.partial(call, [block]), (x, tx, *rest), recompute_attention=attention)
-    return x, tx
+        x, x_tan = _checkpoint(functools.partial(call, [block]), (x, x_tan, *rest), recompute_attention=attention)
+    return x, x_tan

@@ -3,15 +3,15 @@
 ``WanDiT(latents, timestep, context, image_context=None)`` computes what diffusers'
 ``WanTransformer3DModel`` computes (same parameter names after ``convert/``);
 ``forward_with_tangent`` is the no-grad pass that also returns the derivative along
-(t_latents, t_timestep), used by the sCM loss.
+(latents_tan, timestep_tan), used by the sCM loss.
 
 Image-to-video conditioning, as diffusers' ``WanImageToVideoPipeline`` feeds it:
 - Wan2.1 I2V / Wan2.2 I2V A14B: latents = [noisy 16 | mask 4 | condition 16] channels,
-  concatenated by the caller; ``t_latents`` may hold only the leading (noisy) channels, the
+  concatenated by the caller; ``latents_tan`` may hold only the leading (noisy) channels, the
   condition channels then carry zero tangent. Wan2.1 I2V also takes ``image_context``, the
   CLIP image tokens [B, L_img, image_dim], which carry no tangent.
 - Wan2.2 TI2V: ``timestep`` per token [B, S] (``timesteps.expand_timesteps``: 0 on the given
-  first frame); ``t_timestep`` has the same shape (and is 0 where the timestep is given).
+  first frame); ``timestep_tan`` has the same shape (and is 0 where the timestep is given).
 
 For pipeline parallelism a model holds a contiguous range of blocks; ``pre_process`` stages
 own the embeddings, ``post_process`` stages own the head (megatron-core's GPTModel
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..kernels.numerics import accumulate_dtype
 from ..parallel import context_parallel as cp
 from ..parallel import state as parallel_state
 from ..parallel.tensor_parallel import (grad_sum_over_sequence_shards, linear_with_tangent, shard_sequence,
@@ -55,11 +56,11 @@ class StageState:
     """What flows between pipeline stages: tokens with tangent plus the per-sample conditioning."""
 
     x: torch.Tensor
-    tx: torch.Tensor | None
+    x_tan: torch.Tensor | None
     temb: torch.Tensor
-    ttemb: torch.Tensor | None
+    temb_tan: torch.Tensor | None
     tproj: torch.Tensor
-    ttproj: torch.Tensor | None
+    tproj_tan: torch.Tensor | None
     context: torch.Tensor
     grid: tuple[int, int, int]
     image_context: torch.Tensor | None = None  # embedded image tokens (Wan2.1 I2V)
@@ -77,10 +78,10 @@ class _BlockGroup:
     def __init__(self, blocks, seq_len: int):
         self.blocks, self.seq_len = blocks, seq_len
 
-    def __call__(self, x, tx, tproj, ttproj, context, rope, image_context=None):
+    def __call__(self, x, x_tan, tproj, tproj_tan, context, rope, image_context=None):
         for block in self.blocks:
-            x, tx = block(x, tx, tproj, ttproj, context, rope, self.seq_len, image_context)
-        return x, tx
+            x, x_tan = block(x, x_tan, tproj, tproj_tan, context, rope, self.seq_len, image_context)
+        return x, x_tan
 
 
 class WanDiT(nn.Module):
@@ -140,7 +141,7 @@ class WanDiT(nn.Module):
         return self
 
     # ----------------------------------------------------------------- validation
-    def check_inputs(self, latents, timestep, context, image_context=None, t_latents=None, t_timestep=None):
+    def check_inputs(self, latents, timestep, context, image_context=None, latents_tan=None, timestep_tan=None):
         c = self.config
         if latents.dim() != 5:
             raise ValueError(f"latents must be [B, C, T, H, W], got shape {tuple(latents.shape)}")
@@ -161,26 +162,26 @@ class WanDiT(nn.Module):
                                         or image_context.shape[0] != b or image_context.shape[2] != c.image_dim):
             got = None if image_context is None else tuple(image_context.shape)
             raise ValueError(f"image_context must be [B={b}, L_img, image_dim={c.image_dim}], got {got}")
-        if t_latents is not None and (t_latents.shape[1] not in (ch, c.out_channels)
-                                      or t_latents.shape[2:] != latents.shape[2:] or t_latents.shape[0] != b):
-            raise ValueError(f"t_latents must be [B, in_channels={ch} or out_channels={c.out_channels}, "
-                             f"{t}, {h}, {w}], got {tuple(t_latents.shape)}")
-        if t_timestep is not None and t_timestep.shape != timestep.shape:
-            raise ValueError(f"t_timestep must have the timestep's shape {tuple(timestep.shape)}, "
-                             f"got {tuple(t_timestep.shape)}")
+        if latents_tan is not None and (latents_tan.shape[1] not in (ch, c.out_channels)
+                                        or latents_tan.shape[2:] != latents.shape[2:] or latents_tan.shape[0] != b):
+            raise ValueError(f"latents_tan must be [B, in_channels={ch} or out_channels={c.out_channels}, "
+                             f"{t}, {h}, {w}], got {tuple(latents_tan.shape)}")
+        if timestep_tan is not None and timestep_tan.shape != timestep.shape:
+            raise ValueError(f"timestep_tan must have the timestep's shape {tuple(timestep.shape)}, "
+                             f"got {tuple(timestep_tan.shape)}")
 
     # ----------------------------------------------------------------- stages
-    def embed(self, latents, timestep, context, t_latents=None, t_timestep=None, image_context=None) -> StageState:
+    def embed(self, latents, timestep, context, latents_tan=None, timestep_tan=None, image_context=None) -> StageState:
         c = self.config
         pt, ph, pw = c.patch_size
         grid = (latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
-        x, tx = shard_sequence(*cp.split_to_cp_chunk(*self.patch_embedding(latents, t_latents)))
+        x, x_tan = shard_sequence(*cp.split_to_cp_chunk(*self.patch_embedding(latents, latents_tan)))
         ctx = self.text_embedding(context.to(self.text_embedding.linear_1.weight.dtype))
         img = None if image_context is None else self.image_embedding(image_context)
-        state = StageState(x, tx, None, None, None, None, ctx, grid, img)
-        return self.time_conditioning(state, timestep, t_timestep)
+        state = StageState(x, x_tan, None, None, None, None, ctx, grid, img)
+        return self.time_conditioning(state, timestep, timestep_tan)
 
-    def time_conditioning(self, state: StageState, timestep, t_timestep=None):
+    def time_conditioning(self, state: StageState, timestep, timestep_tan=None):
         """The time embedding of every stage (non-first pipeline stages recompute it, it is cheap).
 
         Per-token timesteps [B, S] are split over context / sequence parallelism like the tokens:
@@ -188,12 +189,12 @@ class WanDiT(nn.Module):
         """
         per_token = timestep.dim() == 2
         if per_token:
-            timestep, t_timestep = cp.split_to_cp_chunk(timestep, t_timestep)
-        temb, ttemb, tproj, ttproj = self.time_embedding(timestep, t_timestep)
+            timestep, timestep_tan = cp.split_to_cp_chunk(timestep, timestep_tan)
+        temb, temb_tan, tproj, tproj_tan = self.time_embedding(timestep, timestep_tan)
         if per_token:
-            temb, ttemb = shard_sequence(temb, ttemb)
-            tproj, ttproj = shard_sequence(tproj, ttproj)
-        state.temb, state.ttemb, state.tproj, state.ttproj = temb, ttemb, tproj, ttproj
+            temb, temb_tan = shard_sequence(temb, temb_tan)
+            tproj, tproj_tan = shard_sequence(tproj, tproj_tan)
+        state.temb, state.temb_tan, state.tproj, state.tproj_tan = temb, temb_tan, tproj, tproj_tan
         return state
 
     def run_blocks(self, state: StageState) -> StageState:
@@ -202,17 +203,16 @@ class WanDiT(nn.Module):
             raise ValueError("an image-conditioned model's blocks need the embedded image tokens: StageState."
                              "image_context is None (pipeline stages must pass it on with the text)")
         rope = rope_cos_sin(state.grid, c.head_dim, c.rope_max_seq_len, c.rope_theta, device=state.x.device,
-                            dtype=torch.float64 if state.x.dtype == torch.float64 else torch.float32,
-                            token_range=cp.token_range(state.seq_len))
+                            dtype=accumulate_dtype(state.x), token_range=cp.token_range(state.seq_len))
         blocks = list(self.blocks.values())
         if not (self.recompute.enabled and torch.is_grad_enabled()):
             for block in blocks:
-                state.x, state.tx = block(state.x, state.tx, state.tproj, state.ttproj, state.context, rope,
-                                          state.seq_len, state.image_context)
+                state.x, state.x_tan = block(state.x, state.x_tan, state.tproj, state.tproj_tan, state.context, rope,
+                                             state.seq_len, state.image_context)
             return state
-        state.x, state.tx = run_blocks_with_recompute(
+        state.x, state.x_tan = run_blocks_with_recompute(
             self.recompute, blocks, lambda group, *a: _BlockGroup(group, state.seq_len)(*a),
-            state.x, state.tx, state.tproj, state.ttproj, state.context, rope, state.image_context)
+            state.x, state.x_tan, state.tproj, state.tproj_tan, state.context, rope, state.image_context)
         return state
 
     def quantize_fp8(self) -> int:
@@ -255,24 +255,24 @@ class WanDiT(nn.Module):
         self.recompute = recompute
 
     def head(self, state: StageState, out_shape):
-        c = self.config
         table = self.scale_shift_table.to(state.temb.dtype)
         if state.temb.dim() == 3:  # per-token times [B, S, D], sharded like the tokens
             shift, scale = (grad_sum_over_sequence_shards(table).unsqueeze(0) + state.temb.unsqueeze(2)).unbind(2)
-            t_shift = t_scale = state.ttemb
+            shift_tan = scale_tan = state.temb_tan
         else:
             mod = grad_sum_over_sequence_shards(table + state.temb.unsqueeze(1))
             shift, scale = mod.unsqueeze(2).unbind(1)
-            t_shift = t_scale = None if state.ttemb is None else state.ttemb.unsqueeze(1)
-        n, tn = self.norm_out(state.x, state.tx)
-        h, th = modulate(n, tn, shift, t_shift, scale, t_scale)
+            shift_tan = scale_tan = None if state.temb_tan is None else state.temb_tan.unsqueeze(1)
+        n, n_tan = self.norm_out(state.x, state.x_tan)
+        h, h_tan = modulate(n, n_tan, shift, shift_tan, scale, scale_tan)
         h = h.to(state.x.dtype)
-        th = None if th is None else th.to(state.x.dtype)
-        y, ty = linear_with_tangent(h, th, grad_sum_over_sequence_shards(self.proj_out.weight),
-                                    grad_sum_over_sequence_shards(self.proj_out.bias))
-        y, ty = unshard_sequence(y, ty, cp.chunk_length(state.seq_len))
-        y, ty = cp.gather_cp_chunks(y, ty, state.seq_len)
-        return self._unpatchify(y, state.grid, out_shape), None if ty is None else self._unpatchify(ty, state.grid, out_shape)
+        h_tan = None if h_tan is None else h_tan.to(state.x.dtype)
+        y, y_tan = linear_with_tangent(h, h_tan, grad_sum_over_sequence_shards(self.proj_out.weight),
+                                       grad_sum_over_sequence_shards(self.proj_out.bias))
+        y, y_tan = unshard_sequence(y, y_tan, cp.chunk_length(state.seq_len))
+        y, y_tan = cp.gather_cp_chunks(y, y_tan, state.seq_len)
+        v = self._unpatchify(y, state.grid, out_shape)
+        return v, None if y_tan is None else self._unpatchify(y_tan, state.grid, out_shape)
 
     def _unpatchify(self, y, grid, out_shape):
         pt, ph, pw = self.config.patch_size
@@ -282,11 +282,11 @@ class WanDiT(nn.Module):
         return y.reshape(b, -1, f * pt, h * ph, w * pw)
 
     # ----------------------------------------------------------------- single-stage API
-    def _run(self, latents, timestep, context, t_latents, t_timestep, image_context):
+    def _run(self, latents, timestep, context, latents_tan, timestep_tan, image_context):
         if not (self.pre_process and self.post_process):
             raise RuntimeError("forward() of a single pipeline stage: use embed/run_blocks/head")
-        self.check_inputs(latents, timestep, context, image_context, t_latents, t_timestep)
-        state = self.run_blocks(self.embed(latents, timestep, context, t_latents, t_timestep, image_context))
+        self.check_inputs(latents, timestep, context, image_context, latents_tan, timestep_tan)
+        state = self.run_blocks(self.embed(latents, timestep, context, latents_tan, timestep_tan, image_context))
         return self.head(state, (latents.shape[0], self.config.out_channels, *latents.shape[2:]))
 
     def forward(self, latents, timestep, context, image_context=None):
@@ -295,12 +295,12 @@ class WanDiT(nn.Module):
         return self._run(latents, timestep, context, None, None, image_context)[0]
 
     @torch.no_grad()
-    def forward_with_tangent(self, latents, timestep, context, t_latents, t_timestep, image_context=None):
-        """(v, dv) with dv the derivative of v along (t_latents, t_timestep); no autograd graph.
-        The conditions (text, image tokens, condition channels beyond t_latents') carry no tangent."""
-        if t_timestep is None:
-            t_timestep = torch.zeros_like(timestep)
-        return self._run(latents, timestep, context, t_latents, t_timestep, image_context)
+    def forward_with_tangent(self, latents, timestep, context, latents_tan, timestep_tan, image_context=None):
+        """(v, dv) with dv the derivative of v along (latents_tan, timestep_tan); no autograd graph.
+        The conditions (text, image tokens, condition channels beyond those of latents_tan) carry no tangent."""
+        if timestep_tan is None:
+            timestep_tan = torch.zeros_like(timestep)
+        return self._run(latents, timestep, context, latents_tan, timestep_tan, image_context)
 
 
 def _stable_seed(seed: int, name: str) -> int:

@@ -6,7 +6,7 @@ batch dimension) and one collective (packed, see ``mappings``).
 A tensor-parallel region is entered once per input, however many column-parallel linears
 read it (q, k and v share one all-gather):
 
-- ``tensor_parallel_input(x, tx, seq_len)``: the token stream. Without sequence parallelism
+- ``tensor_parallel_input(x, x_tan, seq_len)``: the token stream. Without sequence parallelism
   it is replicated: identity forward, gradient all-reduced. With sequence parallelism it is
   sharded along the sequence: all-gather forward (padding stripped), reduce-scatter backward.
 - ``replicated_input(context)``: a replicated tensor that is never sequence-sharded (text).
@@ -62,35 +62,35 @@ def mark_tensor_parallel(param: nn.Parameter, dim: int) -> nn.Parameter:
     return param
 
 
-def linear_with_tangent(x, tx, weight, bias):
-    """y = x W^T + b and ty = tx W^T, in one GEMM when a tangent is present.
+def linear_with_tangent(x, x_tan, weight, bias):
+    """y = x W^T + b and y_tan = x_tan W^T, in one GEMM when a tangent is present.
 
     The outputs are the two halves of one buffer, so a following collective packs them for free.
     The bias is added in the GEMM output's dtype, as ``F.linear(x, weight, bias)`` does under
     autocast: adding an fp32 master bias to a bf16 output would promote the primal to fp32 in the
     tangent pass only, and every later op (attention included) would follow it into fp32.
     """
-    if tx is None:
+    if x_tan is None:
         return F.linear(x, weight, bias), None
-    buf, n = pack(x, tx)  # no copy when x and tx are already stacked
-    y, ty = unpack(F.linear(buf, weight), n)
+    buf, n = pack(x, x_tan)  # no copy when x and x_tan are already stacked
+    y, y_tan = unpack(F.linear(buf, weight), n)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y, ty
+    return y, y_tan
 
 
 # ------------------------------------------------------------------ region edges
 
 
-def tensor_parallel_input(x, tx=None, seq_len: int | None = None):
+def tensor_parallel_input(x, x_tan=None, seq_len: int | None = None):
     """Enter a tensor-parallel region with the token stream (see the module docstring).
 
     ``seq_len`` is the number of real tokens (sequence parallelism strips the padding with it).
-    The returned (x, tx) are stacked in one buffer, so each linear reading them runs one GEMM.
+    The returned (x, x_tan) are stacked in one buffer, so each linear reading them runs one GEMM.
     """
     if state.sequence_parallel_enabled():
-        return all_gather_sequence(x, tx, seq_len=seq_len, grad="reduce_scatter")
-    buf, n = pack(x, tx)
+        return all_gather_sequence(x, x_tan, seq_len=seq_len, grad="reduce_scatter")
+    buf, n = pack(x, x_tan)
     return unpack(copy_to_tensor_parallel(buf), n)
 
 
@@ -99,28 +99,28 @@ def replicated_input(x):
     return copy_to_tensor_parallel(x)
 
 
-def tensor_parallel_output(y, ty=None):
+def tensor_parallel_output(y, y_tan=None):
     """Leave a tensor-parallel region with partial sums: all-reduce, or reduce-scatter to
-    sequence shards (zero-padded) under sequence parallelism. One collective for y and ty."""
+    sequence shards (zero-padded) under sequence parallelism. One collective for y and y_tan."""
     if state.sequence_parallel_enabled():
-        return reduce_scatter_sequence(y, ty)
-    return all_reduce_tensor_parallel(y, ty)
+        return reduce_scatter_sequence(y, y_tan)
+    return all_reduce_tensor_parallel(y, y_tan)
 
 
-def shard_sequence(x, tx=None):
+def shard_sequence(x, x_tan=None):
     """Model entry to sequence parallelism: keep this rank's token shard (identity without SP)."""
     if not state.sequence_parallel_enabled():
-        return x, tx
-    return split_to_sp_shard(x, tx)
+        return x, x_tan
+    return split_to_sp_shard(x, x_tan)
 
 
-def unshard_sequence(y, ty=None, seq_len: int | None = None):
+def unshard_sequence(y, y_tan=None, seq_len: int | None = None):
     """Model exit from sequence parallelism: all-gather the token shards into the replicated
     [B, seq_len, ...] output (identity without SP). The loss must then be computed the same
     way on every TP rank, as at TP = 1; the backward keeps each rank's part of the gradient."""
     if not state.sequence_parallel_enabled():
-        return y, ty
-    return all_gather_sequence(y, ty, seq_len=seq_len, grad="split")
+        return y, y_tan
+    return all_gather_sequence(y, y_tan, seq_len=seq_len, grad="split")
 
 
 # ------------------------------------------------------------------ layers
@@ -139,10 +139,10 @@ class _FP8Frozen:
         self.register_parameter("weight", None)
         self.weight_fp8, self.weight_scale = q, scale
 
-    def _fp8_linear(self, x, tx, bias):
+    def _fp8_linear(self, x, x_tan, bias):
         from ..kernels.fp8 import fp8_linear
 
-        if tx is not None:
+        if x_tan is not None:
             raise RuntimeError("an FP8-frozen linear (the --fp8-teacher teacher) has no tangent pass")
         return fp8_linear(x, self.weight_fp8, self.weight_scale, bias), None
 
@@ -168,10 +168,10 @@ class ColumnParallelLinear(_FP8Frozen, nn.Module):
         self.register_buffer("weight_fp8", None)
         self.register_buffer("weight_scale", None)
 
-    def forward(self, x, tx=None):
+    def forward(self, x, x_tan=None):
         if self.weight_fp8 is not None:
-            return self._fp8_linear(x, tx, self.bias)
-        return linear_with_tangent(x, tx, self.weight, self.bias)
+            return self._fp8_linear(x, x_tan, self.bias)
+        return linear_with_tangent(x, x_tan, self.weight, self.bias)
 
 
 class RowParallelLinear(_FP8Frozen, nn.Module):
@@ -193,11 +193,11 @@ class RowParallelLinear(_FP8Frozen, nn.Module):
         self.register_buffer("weight_fp8", None)
         self.register_buffer("weight_scale", None)
 
-    def forward(self, x, tx=None):
+    def forward(self, x, x_tan=None):
         if self.weight_fp8 is not None:
-            y, ty = tensor_parallel_output(*self._fp8_linear(x, tx, None))
+            y, y_tan = tensor_parallel_output(*self._fp8_linear(x, x_tan, None))
         else:
-            y, ty = tensor_parallel_output(*linear_with_tangent(x, tx, self.weight, None))
+            y, y_tan = tensor_parallel_output(*linear_with_tangent(x, x_tan, self.weight, None))
         if self.bias is not None:
             y = y + grad_sum_over_sequence_shards(self.bias)
-        return y, ty
+        return y, y_tan

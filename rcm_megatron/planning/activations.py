@@ -46,6 +46,7 @@ class RankShape:
     sequence_parallel: bool = False
     act_bytes: int = 2  # e
     compute_bytes: int = 4  # c
+    fused_elementwise: bool = False  # blocks under torch.compile (training/compile_policy.py)
 
     @property
     def chunk(self) -> int:  # Sc
@@ -98,6 +99,19 @@ RESIDUAL_TANGENT = 2 * RESIDUAL_FORWARD
 # output and the affine product (4c); with a tangent twice that.
 NORM_FORWARD = 4 * 4
 NORM_TANGENT = 2 * NORM_FORWARD
+# Compiled blocks (--compile-blocks): inductor fuses each run of elementwise ops into one kernel,
+# so a no-grad phase holds only the fused kernels' outputs, in the activation dtype, besides the
+# GEMM and attention tensors: self-attention with tangents, per Sc x Dl, q, k, v, out and their
+# tangents (8e) plus the normed and rotated q, k and tangents (4e); the FFN with tangent, per
+# Sc x Fl, fc1's output pair and GELU's output pair (4e); residual and norm, per Ss x D, the new
+# value (and tangent) in fp32 (c, 2c with a tangent). The with-grad passes keep the eager count
+# (what autograd saves there is an upper bound of what the compiled graph saves).
+FUSED_SELF_ATTENTION_FORWARD = 6 * 2
+FUSED_SELF_ATTENTION_TANGENT = 12 * 2
+FUSED_FFN_FORWARD = 2 * 2
+FUSED_FFN_TANGENT = 4 * 2
+FUSED_RESIDUAL_FORWARD = FUSED_NORM_FORWARD = 4
+FUSED_RESIDUAL_TANGENT = FUSED_NORM_TANGENT = 2 * 4
 # With grad, besides what is saved: the fp32 residual arithmetic of the block being run or
 # differentiated (the stream's gradient and its fp32 partials), per Ss x D.
 WITH_GRAD_TRANSIENT = 4 * 4
@@ -114,10 +128,16 @@ def block_working_set(cfg: WanConfig, r: RankShape, tangent: bool) -> float:
     gathered = r.sequence_parallel and r.tp > 1
     region_input = k * e * d * (r.stream + (r.chunk if gathered or tangent else 0))
     stream = k * e * r.stream * d  # the block's new residual stream
-    attention = (SELF_ATTENTION_TANGENT if tangent else SELF_ATTENTION_FORWARD) * r.chunk * dl
-    ffn = (FFN_TANGENT if tangent else FFN_FORWARD) * r.chunk * fl
-    residual = (RESIDUAL_TANGENT if tangent else RESIDUAL_FORWARD) * r.stream * d
-    norm = (NORM_TANGENT if tangent else NORM_FORWARD) * r.stream * d
+    if r.fused_elementwise:
+        attention = (FUSED_SELF_ATTENTION_TANGENT if tangent else FUSED_SELF_ATTENTION_FORWARD) * r.chunk * dl
+        ffn = (FUSED_FFN_TANGENT if tangent else FUSED_FFN_FORWARD) * r.chunk * fl
+        residual = (FUSED_RESIDUAL_TANGENT if tangent else FUSED_RESIDUAL_FORWARD) * r.stream * d
+        norm = (FUSED_NORM_TANGENT if tangent else FUSED_NORM_FORWARD) * r.stream * d
+    else:
+        attention = (SELF_ATTENTION_TANGENT if tangent else SELF_ATTENTION_FORWARD) * r.chunk * dl
+        ffn = (FFN_TANGENT if tangent else FFN_FORWARD) * r.chunk * fl
+        residual = (RESIDUAL_TANGENT if tangent else RESIDUAL_FORWARD) * r.stream * d
+        norm = (NORM_TANGENT if tangent else NORM_FORWARD) * r.stream * d
     return b * (stream + max(region_input + attention, region_input + ffn, residual, norm))
 
 

@@ -30,6 +30,7 @@ class Layout:
     num_micro_batches: int = 1
     recompute_num_layers: int = 0
     optimizer_cpu_offload: bool = False
+    compiled_blocks: bool = False  # --compile-blocks (training/compile_policy.py)
 
     def __post_init__(self):
         for name in ("tp", "cp", "pp", "dp", "micro_batch_size", "num_micro_batches"):

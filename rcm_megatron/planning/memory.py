@@ -120,7 +120,7 @@ def _largest_ema_share(cfg, tp, pre, post, layer_range, n) -> int:
 
 def _rank_shape(w: Workload, lay: Layout) -> RankShape:
     return RankShape(lay.micro_batch_size, w.tokens, w.text_len, lay.tp, lay.cp, lay.sp,
-                     2 if w.bf16 else 4, 4)
+                     2 if w.bf16 else 4, 4, fused_elementwise=lay.compiled_blocks)
 
 
 def pass_memory(w: Workload, lay: Layout, stage: int = 0) -> dict[str, PassMemory]:

@@ -13,6 +13,7 @@ from typing import Optional
 
 from ..parallel.context_parallel import validate_cp
 from ..parallel.tensor_parallel import validate_tp
+from ..training.compile_policy import blocks_compiled
 from .layout import Layout, Workload
 from .memory import GIB, MemoryAssumptions, MemoryPlan, plan_memory
 from .step_time import TimeAssumptions, step_seconds
@@ -157,5 +158,7 @@ def workload_and_layout(args, cfg, world_size: int) -> tuple[Workload, Layout]:
     lay = Layout(tp=tp, cp=cp, pp=pp, dp=dp, sequence_parallel=bool(g("sequence_parallel", False)),
                  cp_comm_type=g("cp_comm_type", "p2p"), zero=zero, micro_batch_size=mbs,
                  num_micro_batches=max(1, gbs // (mbs * dp)), recompute_num_layers=recompute,
-                 optimizer_cpu_offload=bool(g("optimizer_cpu_offload", False)) and zero > 0)
+                 optimizer_cpu_offload=bool(g("optimizer_cpu_offload", False)) and zero > 0,
+                 compiled_blocks=blocks_compiled(g("compile_blocks", "off"), g("device", "cpu"), tp, cp,
+                                                 g("recompute_granularity")))
     return w, lay

@@ -19,9 +19,9 @@ class VelocityNet(Protocol):
     def __call__(self, latents: Tensor, timestep: Tensor, context: Tensor) -> Tensor: ...
 
     def forward_with_tangent(
-        self, latents: Tensor, timestep: Tensor, context: Tensor, t_latents: Tensor, t_timestep: Tensor
+        self, latents: Tensor, timestep: Tensor, context: Tensor, latents_tan: Tensor, timestep_tan: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """No-grad (v, tv) with tv the derivative of v along (t_latents, t_timestep)."""
+        """No-grad (v, v_tan) with v_tan the derivative of v along (latents_tan, timestep_tan)."""
         ...
 
 

@@ -103,12 +103,12 @@ def predict_with_tangent(
     keep = cond.generated(x_t)
     dtb = ts if keep is None else ts * keep
     dx = cond.exclude(dx.to(torch.float64))
-    t_latents = (dx / a - b / a**2 * dtb * x).to(latents.dtype)
+    latents_tan = (dx / a - b / a**2 * dtb * x).to(latents.dtype)
     per_sample = expand_time(t, x_t)
     a_s = torch.cos(per_sample) + torch.sin(per_sample)
-    t_noise = (RF_TIME_SCALE * ts / a_s**2).reshape(-1)
-    t_noise = cond.token_timestep(t_noise, x_t.shape).to(c_noise.dtype)
-    v, dv = net.forward_with_tangent(latents, c_noise, context, t_latents, t_noise, **cond.net_kwargs())
+    c_noise_tan = (RF_TIME_SCALE * ts / a_s**2).reshape(-1)
+    c_noise_tan = cond.token_timestep(c_noise_tan, x_t.shape).to(c_noise.dtype)
+    v, dv = net.forward_with_tangent(latents, c_noise, context, latents_tan, c_noise_tan, **cond.net_kwargs())
     v, dv = v.to(torch.float64), dv.to(torch.float64)
     F = (b * x + v) / a
     dF = (b * dx + dv - b * F * dtb) / a - x * dtb

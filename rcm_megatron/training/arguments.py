@@ -64,7 +64,7 @@ class TrainingConfig:
     optimizer_cpu_offload: bool = False
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
     recompute: RecomputeConfig = RecomputeConfig()  # activation recompute of the with-grad passes
-    compile_blocks: str = "off"  # --compile-blocks auto|on|off (model_building.compile_wanted)
+    compile_blocks: str = "auto"  # --compile-blocks auto|on|off (model_building.compile_wanted)
     fp8_teacher: bool = False  # the frozen teacher's block linears in FP8 (WanDiT.quantize_fp8)
     fused_tangent_ops: bool = True  # fused Triton elementwise kernels in no-grad passes on CUDA (kernels/fused_ops.py)
     max_latent_magnitude: float = DEFAULT_MAX_LATENT_MAGNITUDE  # larger |latent| values make a bad sample
@@ -97,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the memory plan check (GPU, or host RAM on CPU) before building models")
     g.add_argument("--fp8-teacher", action="store_true",
                    help="the frozen teacher's block linears in FP8 (e4m3, row-wise scales, torch._scaled_mm)")
-    g.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="off",
-                   help="regional torch.compile of the DiT blocks; auto: on for CUDA without TP, CP or selective "
-                        "recompute. Off by default until measured through the trainer (docs/performance.md)")
+    g.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="auto",
+                   help="regional torch.compile of the DiT blocks; auto (default): on for CUDA without TP, CP or "
+                        "selective recompute (training/compile_policy.py)")
     g.add_argument("--no-fused-tangent-ops", action="store_true", help="PyTorch elementwise ops in no-grad passes (A/B)")
     g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=["elementwise"],
                    help="selective: what is recomputed; core_attn also recomputes attention")

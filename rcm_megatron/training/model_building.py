@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ..kernels.fused_ops import set_fused_ops
 from ..models import WanConfig, WanDiT
+from .compile_policy import blocks_compiled
 from ..parallel import state as pstate
 from ..parallel.pipeline import stage_layer_range
 from ..parallel.sharding import load_full_state_dict
@@ -68,12 +69,9 @@ class Models:
 
 
 def compile_wanted(train: TrainingConfig) -> bool:
-    """--compile-blocks: 'auto' compiles on CUDA unless collectives run inside the blocks (TP, CP) or
-    selective recompute is on (its op policy runs in eager code)."""
-    if train.compile_blocks != "auto":
-        return train.compile_blocks == "on"
-    return (train.device.startswith("cuda") and pstate.tensor_parallel_world_size() == 1
-            and pstate.context_parallel_world_size() == 1 and train.recompute.granularity != "selective")
+    """--compile-blocks for this run's process groups (``blocks_compiled``)."""
+    return blocks_compiled(train.compile_blocks, train.device, pstate.tensor_parallel_world_size(),
+                           pstate.context_parallel_world_size(), train.recompute.granularity)
 
 
 def build_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, ctx: RankContext,

@@ -55,21 +55,21 @@ def _grid(model: WanDiT, shape) -> tuple[int, int, int]:
     return shape[2] // pt, shape[3] // ph, shape[4] // pw
 
 
-def stage_forward(model: WanDiT, latents, timestep, context, t_latents, t_timestep, received):
-    """This stage's share of ``net(latents, timestep, context)`` (with tangent when t_latents
-    is given). Returns the activations to send on, [x, tx, embedded text], or on the last
+def stage_forward(model: WanDiT, latents, timestep, context, latents_tan, timestep_tan, received):
+    """This stage's share of ``net(latents, timestep, context)`` (with tangent when latents_tan
+    is given). Returns the activations to send on, [x, x_tan, embedded text], or on the last
     stage the head's (v, dv)."""
     if model.pre_process:
         model.check_inputs(latents, timestep, context)
-        state = model.embed(latents, timestep, context, t_latents, t_timestep)
+        state = model.embed(latents, timestep, context, latents_tan, timestep_tan)
     else:
-        x, tx, ctx = received
-        state = StageState(x, tx, None, None, None, None, ctx, _grid(model, latents.shape))
-        model.time_conditioning(state, timestep, t_timestep)
+        x, x_tan, ctx = received
+        state = StageState(x, x_tan, None, None, None, None, ctx, _grid(model, latents.shape))
+        model.time_conditioning(state, timestep, timestep_tan)
     state = model.run_blocks(state)
     if model.post_process:
         return model.head(state, latents.shape)
-    return [state.x, state.tx, state.context]
+    return [state.x, state.x_tan, state.context]
 
 
 class PipelinedNet:
@@ -87,24 +87,24 @@ class PipelinedNet:
     def __call__(self, latents: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
         return self._call(latents, timestep, context, None, None)[0]
 
-    def forward_with_tangent(self, latents, timestep, context, t_latents, t_timestep):
-        if t_timestep is None:
-            t_timestep = torch.zeros_like(timestep)
-        return self._call(latents, timestep, context, t_latents, t_timestep)
+    def forward_with_tangent(self, latents, timestep, context, latents_tan, timestep_tan):
+        if timestep_tan is None:
+            timestep_tan = torch.zeros_like(timestep)
+        return self._call(latents, timestep, context, latents_tan, timestep_tan)
 
     @torch.no_grad()
-    def _call(self, latents, timestep, context, t_latents, t_timestep):
+    def _call(self, latents, timestep, context, latents_tan, timestep_tan):
         n, mbs = latents.shape[0], self.micro_batch_size
         chunks = [slice(lo, min(lo + mbs, n)) for lo in range(0, n, mbs)]
 
         def step(k, received):
             s = chunks[k]
             return stage_forward(self.model, latents[s], timestep[s], context[s],
-                                 None if t_latents is None else t_latents[s],
-                                 None if t_timestep is None else t_timestep[s], received)
+                                 None if latents_tan is None else latents_tan[s],
+                                 None if timestep_tan is None else timestep_tan[s], received)
 
         outs = forward_sweep(len(chunks), step, self.link)
-        tangent = t_latents is not None
+        tangent = latents_tan is not None
         shape = (n, self.model.config.out_channels, *latents.shape[2:])
         result = torch.empty((2 if tangent else 1, *shape), dtype=torch.float64, device=latents.device)
         if self.link.layout.is_last:

@@ -101,7 +101,7 @@ def plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig) -
         rollout_max_steps=rcm_cfg.rollout_max_steps, student_update_freq=rcm_cfg.student_update_freq,
         use_distributed_optimizer=train.use_distributed_optimizer, optimizer_cpu_offload=train.optimizer_cpu_offload,
         recompute_granularity=train.recompute.granularity, recompute_num_layers=train.recompute.num_layers,
-        device=train.device)
+        device=train.device, compile_blocks=train.compile_blocks)
 
 
 def claim_outputs(train: TrainingConfig, model_cfg: WanConfig, rcm_cfg: RCMConfig):
