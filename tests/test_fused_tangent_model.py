@@ -68,7 +68,7 @@ def oracle_model():
 
 
 @pytest.mark.parametrize("per_token,precision", [
-    (False, "fp32"),
+    pytest.param(False, "fp32", marks=pytest.mark.slow),
     pytest.param(True, "fp32", marks=pytest.mark.slow),
     pytest.param(False, "bf16 autocast", marks=pytest.mark.slow),
     pytest.param(True, "bf16 autocast", marks=pytest.mark.slow),
