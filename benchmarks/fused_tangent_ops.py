@@ -11,7 +11,7 @@ blocks, one sample of 32,760 tokens) with the fused kernels and without them.
 Writes ``fused_tangent_ops_<date>_<card>.json`` (card, date, command, versions) and prints a table.
 About 1 minute on one H100/H200 (most of it building the model).
 
-    python benchmarks/fused_tangent_ops.py --out benchmarks/results [--layers 30]
+    python benchmarks/fused_tangent_ops.py --out benchmarks/results [--layers 30] [--compiled]
     python benchmarks/fused_tangent_ops.py --tiny --out /tmp/fused   # CPU: tiny shapes, Triton interpreter
 """
 
@@ -32,6 +32,7 @@ def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--layers", type=int, default=30, help="blocks in the whole-pass timing (0: skip it)")
+    ap.add_argument("--compiled", action="store_true", help="also time the pass with compiled blocks (compiles: ~1 min)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (a test of this script, no timing value)")
     args = ap.parse_args(argv)
     if args.layers < 0:
@@ -155,6 +156,9 @@ def main(argv=None) -> int:
                 passes[f"tangent pass, fused ops {mode}"] = timed_ms(run, 1 if args.tiny else 3)
             a, b = out["on" if args.tiny else "auto"], out["off"]
             passes["fused vs PyTorch: rel diff of v, dv"] = [rel(a[0], b[0]), rel(a[1], b[1])]
+            if args.compiled and dev == "cuda":
+                model.compile_blocks()
+                passes["tangent pass, compiled blocks"] = timed_ms(run, 3)  # mode "off": compiled code either way
     now = _dt.datetime.now(_dt.timezone.utc)
     import triton
 
