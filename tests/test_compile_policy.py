@@ -25,6 +25,11 @@ def test_blocks_compiled_rule(setting, device, tp, cp, gran, want):
     assert blocks_compiled(setting, device, tp, cp, gran) is want
 
 
+def test_parameter_sharding_stays_eager_under_auto():
+    assert not blocks_compiled("auto", "cuda", 1, 1, "full", parameter_sharding=True)
+    assert blocks_compiled("on", "cuda", 1, 1, "full", parameter_sharding=True)
+
+
 def test_unknown_setting_is_an_error():
     with pytest.raises(ValueError, match="--compile-blocks"):
         blocks_compiled("yes", "cuda", 1, 1, None)

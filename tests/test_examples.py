@@ -16,7 +16,7 @@ from rcm_megatron.training.arguments import build_parser
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "examples", "**", "*.sh"), recursive=True)
                  + glob.glob(os.path.join(ROOT, "examples", "**", "*.sbatch"), recursive=True))
-CONFIGS = {"wan-1.3b": 1, "wan-14b": 8}  # config -> minimum nodes
+CONFIGS = {"wan-1.3b": 1, "wan-14b": 8, "wan-14b-1node": 1}  # config -> minimum nodes
 
 
 def test_there_are_scripts():
@@ -47,8 +47,15 @@ def test_config_flags_exist_and_layout_is_valid(name, nodes):
                          micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size)
     for n in (nodes, 2 * nodes):
         par.resolve_batch(8 * n)
-    if name == "wan-14b":
+    if name.startswith("wan-14b"):
         assert args.model == "wan-14b" and 40 // args.tensor_model_parallel_size % args.context_parallel_size == 0
+    if name == "wan-14b-1node":  # the layout tools/plan_memory.py marks best for 8 x 80 GiB at 480p
+        from rcm_megatron.models import preset
+        from rcm_megatron.planning import Workload, fitting_layouts
+        from rcm_megatron.planning.search import workload_and_layout
+
+        w, lay = workload_and_layout(args, preset("wan-14b"), 8)
+        assert fitting_layouts(w, 8, 80.0)[0].layout.flags() == lay.flags()
 
 
 @pytest.fixture

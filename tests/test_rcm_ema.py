@@ -1,4 +1,4 @@
-"""Power EMA (gamma root, beta schedule, update, state) and the AdamW settings."""
+"""Power EMA (gamma root, beta schedule, update, state) and the trainer's AdamW settings and clipping."""
 
 import math
 
@@ -8,7 +8,10 @@ import torch
 
 from rcm_megatron.rcm.config import RCMConfig
 from rcm_megatron.rcm.ema import PowerEMA, power_ema_beta, power_ema_gamma
-from rcm_megatron.rcm.optimizers import adamw_kwargs, build_optimizer, clip_gradients
+from rcm_megatron.parallel.pipeline import PipelineLayout
+from rcm_megatron.training.arguments import parse_args
+from rcm_megatron.training.local_dp import LocalDataParallel
+from rcm_megatron.training.model_building import optimizer_settings
 
 
 @pytest.mark.parametrize("s", [0.05, 0.1, 0.2])
@@ -64,15 +67,18 @@ def test_shadow_is_at_least_fp32():
     assert all(v.dtype == torch.float32 for v in ema.shadow.values())
 
 
-def test_adamw_settings():
+def test_adamw_settings_and_clipping(tmp_path):
+    """The trainer's AdamW of student and fake score: rCM's settings, no clipping unless --clip-grad
+    (RCMConfig.grad_clip_norm); the local backend clips to it by the pre-clip global norm."""
+    train = parse_args(["--model", "tiny", "--log-dir", str(tmp_path)])[0]
     cfg = RCMConfig.preset("wan-14b")
-    assert adamw_kwargs(cfg, "student") == dict(lr=1e-6, betas=(0.0, 0.999), eps=1e-8, weight_decay=0.01)
-    opt = build_optimizer(torch.nn.Linear(2, 2).parameters(), cfg, "fake_score")
-    assert opt.param_groups[0]["lr"] == 1e-7 and opt.param_groups[0]["betas"] == (0.0, 0.999)
+    student, fake = optimizer_settings(train, cfg, "student"), optimizer_settings(train, cfg, "fake_score")
+    assert (student.lr, student.betas, student.eps, student.weight_decay) == (1e-6, (0.0, 0.999), 1e-8, 0.01)
+    assert fake.lr == 1e-7 and fake.betas == (0.0, 0.999)
+    assert student.clip_grad is None  # no clipping by default
+    clipped = optimizer_settings(train, cfg.replace(grad_clip_norm=1.0), "student")
     model = torch.nn.Linear(2, 2)
+    trained = LocalDataParallel(model, clipped, grad_group=None, pipe=PipelineLayout())
     model(torch.ones(1, 2)).sum().mul(1e6).backward()
-    assert clip_gradients(model.parameters(), cfg) is None  # no clipping by default
-    norm = clip_gradients(model.parameters(), cfg.replace(grad_clip_norm=1.0))
-    assert norm > 1 and torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9) <= 1.0 + 1e-6
-    with pytest.raises(ValueError, match="which"):
-        adamw_kwargs(cfg, "teacher")
+    stepped, norm = trained.step()
+    assert stepped and norm > 1 and torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) <= 1.0 + 1e-6

@@ -268,6 +268,15 @@ def load(source, args, device):
     return load_model(source, device=device, dtype=torch.bfloat16 if args.bf16 else None)
 
 
+def autocast(args, device):
+    """--bf16: the DiT's weights are bf16 (norms, modulation, time embedding fp32) and its inputs are not,
+    so run it under bf16 autocast as the trainer does (without it the patch embedding's conv refuses
+    float latents against bf16 weights)."""
+    import contextlib
+
+    return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+
 def release_memory(device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -430,9 +439,10 @@ def run(args) -> int:
     t0 = time.time()
     out = {"prompts": prompts, "latent_shape": list(shape), "seed": args.seed, "steps": args.steps,
            "sigma_max": args.sigma_max, "mid_times": list(args.mid_times)}
-    out["student"] = torch.cat([
-        sample(student, context[idx].to(device), shape, idx, seed=args.seed, num_steps=args.steps,
-               mid_times=args.mid_times, sigma_max=args.sigma_max).cpu() for idx in batches])
+    with autocast(args, device):
+        out["student"] = torch.cat([
+            sample(student, context[idx].to(device), shape, idx, seed=args.seed, num_steps=args.steps,
+                   mid_times=args.mid_times, sigma_max=args.sigma_max).cpu() for idx in batches])
     log(f"student: {n} sample(s) in {time.time() - t0:.1f} s")
     del student
     release_memory(device)
@@ -447,11 +457,13 @@ def run(args) -> int:
             noise = KeyedRNG(args.seed, 0).normal("sample.noise", idx, shape, device=device)
             kw = dict(seed=args.seed, num_steps=args.teacher_steps, guidance_scale=args.guidance_scale,
                       shift=args.shift, noise=noise)
-            if args.sampler == "unipc":
-                sched = wan_unipc_scheduler(args.shift, args.scheduler_config)
-                res.append(unipc_sample(teacher, context[idx].to(device), neg, shape, idx, scheduler=sched, **kw).cpu())
-            else:
-                res.append(euler_sample(teacher, context[idx].to(device), neg, shape, idx, **kw).cpu())
+            with autocast(args, device):
+                if args.sampler == "unipc":
+                    sched = wan_unipc_scheduler(args.shift, args.scheduler_config)
+                    res.append(unipc_sample(teacher, context[idx].to(device), neg, shape, idx, scheduler=sched,
+                                            **kw).cpu())
+                else:
+                    res.append(euler_sample(teacher, context[idx].to(device), neg, shape, idx, **kw).cpu())
         out["teacher"] = torch.cat(res)
         out["teacher_sampler"] = {"sampler": args.sampler, "steps": args.teacher_steps, "source": tpath,
                                   "guidance_scale": args.guidance_scale, "shift": args.shift}

@@ -3,9 +3,14 @@
 # Paths come from the environment so one config serves every cluster:
 #   TEACHER  diffusers WanTransformer3DModel folder (Wan2.1-T2V-1.3B-Diffusers/transformer)
 #   DATA     shard directory from tools/prepare_data.py or tools/synthesize_data.py
+#   VAE      optional: Wan VAE folder (Wan2.1-T2V-1.3B-Diffusers); set, TensorBoard gets decoded video samples
+# Per GPU the flags fit one 80 GB H100 on their own (NPROC_PER_NODE=1: the batch of 64 is then 64
+# micro-batches; tools/plan_memory.py --model wan-1.3b --gpus 1 --gpu-memory-gib 79 --latent-shape 16 21 60 104
+# --micro-batch-size 1 estimates 70 GiB for the student step); examples/pipeline/run_pipeline.py runs them so.
 : "${TEACHER:=/checkpoints/Wan2.1-T2V-1.3B-Diffusers/transformer}"
 : "${DATA:=/data/wan-480p-81f/shards}"
-NPROC_PER_NODE=8
+: "${VAE:=}"
+NPROC_PER_NODE=${NPROC_PER_NODE:-8}
 
 TRAIN_ARGS=(
   --teacher-checkpoint "$TEACHER"
@@ -36,3 +41,5 @@ TRAIN_ARGS=(
   --keep-last 3
   --log-interval 10
 )
+# decoded 1/2/4-step student samples (and the teacher's once) in TensorBoard every 500 iterations
+if [ -n "$VAE" ]; then TRAIN_ARGS+=(--log-video-interval 500 --vae "$VAE"); fi

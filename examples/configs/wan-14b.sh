@@ -2,6 +2,7 @@
 # Layout per model replica: tensor parallel 2 with sequence parallelism x context parallel 4
 # (Ulysses all-to-all: 40 heads / TP 2 = 20 heads per rank, divisible by CP 4) = 8 GPUs,
 # so data parallel = number of nodes. Sourced by examples/slurm/wan14b_multinode.sbatch.
+# On ONE node of 8 x 80 GiB use examples/configs/wan-14b-1node.sh (the planned ZeRO-3 layout).
 #   TEACHER  diffusers WanTransformer3DModel folder (Wan2.1-T2V-14B-Diffusers/transformer)
 #   DATA     shard directory from tools/prepare_data.py or tools/synthesize_data.py
 : "${TEACHER:=/checkpoints/Wan2.1-T2V-14B-Diffusers/transformer}"

@@ -10,7 +10,8 @@ same structure for the *current* layout, so a checkpoint reshards across TP/PP/C
 The AdamW moments are sharded exactly like their parameters; the power-EMA shadow too, and
 each of its tensors is written by the one DP x CP rank that keeps it (``rcm.ema``);
 the step counts, configs and iteration are common state; each rank's RNG state is a
-``ShardedObject``.
+``ShardedObject``. Under ZeRO-3 (FSDP2 DTensors) every tensor above is written as each rank's
+rows of the same global tensor, so those checkpoints reshard to any layout and backend too.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ def _ranks():
 
 
 def _sharded(key: str, name: str, tensor: torch.Tensor, split: int | None, dp_sharded: bool = False):
-    """``dp_sharded``: the tensor lives on one DP x CP rank only (the EMA shadow), which writes it."""
+    """``dp_sharded``: the tensor lives on one DP x CP rank only (the EMA shadow), which writes it.
+    A DTensor (ZeRO-3) becomes its rows of the global tensor (``_zero3_piece``)."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
+    if _is_dtensor(tensor):
+        return _zero3_piece(key, name, tensor, split)
     pp, tp_rank, cp, dp = _ranks()
     if dp_sharded:
         cp = dp = 0
@@ -49,6 +53,46 @@ def _sharded(key: str, name: str, tensor: torch.Tensor, split: int | None, dp_sh
     return ShardedTensor.from_rank_offsets(key, tensor, replica_id=(pp_replica, tp_rank, cp, dp))
 
 
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "device_mesh")
+
+
+def local_data(t: torch.Tensor) -> torch.Tensor:
+    """What a rank holds of ``t``: a DTensor's local shard, else ``t``."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _zero3_piece(key: str, name: str, tensor, split: int | None):
+    """This rank's FSDP2 shard of a (TP-local) parameter as a piece of the global tensor: FSDP2
+    splits dim 0 over DP x CP like ``torch.chunk`` (ceil(rows / n) each, the last ones shorter or
+    empty), so pieces are uneven: megatron-core's irregular-grid ShardedTensor (explicit global
+    offset, ``axis_fragmentations=None``), whose coverage DCP checks. Every DP x CP rank writes its
+    own rows; TP replicas and pipeline replicas as in ``_sharded``. None for an empty shard."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from torch.distributed.tensor import Shard
+
+    local = tensor.to_local()
+    if local.numel() == 0:
+        return None
+    if tuple(tensor.placements) != (Shard(0),):
+        raise ValueError(f"{key}: expected an FSDP2 parameter sharded on dim 0, got placements {tensor.placements}")
+    whole = tuple(tensor.shape)
+    mesh = tensor.device_mesh
+    rows = -(-whole[0] // mesh.size())
+    global_shape, offset = list(whole), [0] * len(whole)
+    offset[0] = mesh.get_local_rank() * rows
+    pp, tp_rank, _, _ = _ranks()
+    tp = pstate.tensor_parallel_world_size()
+    pp_replica = pp if name.startswith(PIPELINE_REPLICATED) else 0
+    replica = (pp_replica, tp_rank, 0, 0)
+    if split is not None and tp > 1:
+        global_shape[split] *= tp
+        offset[split] += tp_rank * whole[split]
+        replica = (pp_replica, 0, 0, 0)
+    return ShardedTensor(key, local, local.dtype, tuple(local.shape), tuple(global_shape), tuple(offset), None,
+                         replica_id=replica)
+
+
 def _split_dims(model: nn.Module) -> dict:
     return {n: getattr(p, "tp_split_dim", None) for n, p in model.named_parameters()}
 
@@ -57,14 +101,19 @@ def model_sharded_state_dict(model: nn.Module, prefix: str) -> dict:
     dims = _split_dims(model)
     # The Parameter itself (not a detached view): megatron-core's distributed optimizer maps its
     # state to model tensors by object identity.
-    return {n: _sharded(f"{prefix}.{n}", n, p, dims[n]) for n, p in model.named_parameters()}
+    return _present({n: _sharded(f"{prefix}.{n}", n, p, dims[n]) for n, p in model.named_parameters()})
+
+
+def _present(d: dict) -> dict:
+    """Without the empty ZeRO-3 shards (nothing of those tensors on this rank)."""
+    return {k: v for k, v in d.items() if v is not None}
 
 
 def tensors_sharded_state_dict(tensors: dict, model: nn.Module, prefix: str, dp_sharded: bool = False) -> dict:
     """Name-keyed tensors laid out like ``model``'s parameters (e.g. the EMA shadow); with
     ``dp_sharded`` each DP x CP rank holds a different subset of the names."""
     dims = _split_dims(model)
-    return {n: _sharded(f"{prefix}.{n}", n, t, dims[n], dp_sharded) for n, t in tensors.items()}
+    return _present({n: _sharded(f"{prefix}.{n}", n, t, dims[n], dp_sharded) for n, t in tensors.items()})
 
 
 def ensure_adam_state(opt: torch.optim.Optimizer) -> None:
@@ -87,7 +136,8 @@ def optimizer_sharded_state_dict(opt: torch.optim.Optimizer, model: nn.Module, p
         for p in group["params"]:
             n, st = names[p], opt.state[p]
             steps[n] = float(st["step"])
-            moments[n] = {k: _sharded(f"{prefix}.{k}.{n}", n, st[k], dims[n]) for k in ("exp_avg", "exp_avg_sq")}
+            moments[n] = _present({k: _sharded(f"{prefix}.{k}.{n}", n, st[k], dims[n])
+                                   for k in ("exp_avg", "exp_avg_sq")})
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     return {"moments": moments, "steps": steps, "param_groups": groups}
 
@@ -101,10 +151,8 @@ def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, loaded: d
         for p in group["params"]:
             n, st = names[p], opt.state[p]
             st["step"] = torch.tensor(loaded["steps"][n], dtype=torch.float32)
-            for k in ("exp_avg", "exp_avg_sq"):
-                src = loaded["moments"][n][k]
-                if src.data_ptr() != st[k].data_ptr():
-                    st[k].copy_(src)
+            for k, src in loaded["moments"][n].items():  # (none of an empty ZeRO-3 shard)
+                copy_into(st[k], src)
 
 
 def rng_sharded_object(key: str, data):
@@ -115,8 +163,15 @@ def rng_sharded_object(key: str, data):
     return ShardedObject(key, data, (world,), (rank,), replica_id=0)
 
 
+def copy_into(dst: torch.Tensor, loaded: torch.Tensor) -> None:
+    """A loaded tensor into the one it was loaded for (``dst`` local data), unless loaded in place."""
+    dst = local_data(dst)
+    if loaded.data_ptr() != dst.data_ptr():
+        with torch.no_grad():
+            dst.copy_(loaded)
+
+
 def copy_loaded_into_model(model: nn.Module, loaded: dict) -> None:
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if loaded[n].data_ptr() != p.data_ptr():
-                p.copy_(loaded[n])
+    for n, p in model.named_parameters():
+        if n in loaded:  # (not an empty ZeRO-3 shard)
+            copy_into(p, loaded[n])

@@ -26,26 +26,18 @@ Units: one per transformer block (its parameters are gathered for the block and 
 the next one prefetched) and the root. Mixed precision: bf16 compute, fp32 sharded parameters,
 fp32 gradient reduction (``MixedPrecisionPolicy``); the teacher, frozen, is kept in its own dtype.
 
-What the trainer calls (flags, Megatron-LM names: ``--use-torch-fsdp2``, or
-``--data-parallel-sharding-strategy optim_grads_params``; the planner reads both):
+The trainer (``--use-torch-fsdp2``, Megatron-LM's name; the planner also reads
+``--data-parallel-sharding-strategy optim_grads_params``): ``training/model_building.py`` shards
+the frozen teacher with ``shard_model``; ``training/fsdp_backend.py`` (``FSDPDataParallel``) shards
+the student and fake score and steps AdamW on the DTensor shards, its ``LockstepNet`` keeps the
+ranks' gathers in step through rollouts of different lengths; the power EMA's shadow is the
+student's DTensor shards; checkpoints go through megatron-core dist_checkpointing like every other
+backend's (``checkpointing/sharded_state.py`` writes each DTensor shard as its rows of the global
+tensor), so they reshard to any layout and backend. ``FSDPTrainedModel`` and ``save_checkpoint`` /
+``load_checkpoint`` (torch.distributed.checkpoint) below are the standalone form the unit tests use.
 
-1. teacher: build this rank's stage, ``shard_model(teacher, param_dtype=torch.bfloat16 if bf16)``,
-   then ``checkpointing.streaming.load_rank_weights(teacher, path)`` (after sharding: each rank reads
-   only its TP x FSDP part);
-2. student and fake score: ``FSDPTrainedModel(module, lr=..., betas=..., eps=..., weight_decay=...,
-   clip_grad=..., param_dtype=..., cpu_offload=--optimizer-cpu-offload)``; hand ``.net`` to the rCM
-   step functions; per iteration ``zero_grad()``, micro-batches inside ``accumulate()``, then
-   ``step()`` -> (stepped, grad_norm), as with ``MegatronDP``; its ``optimizer`` takes the lr
-   scheduler;
-3. the power EMA: every rank already holds 1/n of every parameter, so ``PowerEMA(student)`` with
-   all names (not ``partition_names``): its shadow is the DTensor shards;
-4. checkpoints: ``save_checkpoint(dir, {"student": ..., "fake_score": ...})`` / ``load_checkpoint``
-   (torch.distributed.checkpoint; loads at another DP x CP size, tested DP2 -> DP1).
-
-Not done: checkpoints under TP > 1 through this path (DCP keys are global names, and TP-local
-shards of one name would collide: the trainer's dist_checkpointing path with TP replica ids is
-needed there), gradient summation of the pipeline-replicated time embedding over PP stages on
-DTensor gradients (untested), the trainer wiring itself.
+Not done: ZeRO-3 with pipeline parallelism (``--use-torch-fsdp2`` with PP > 1 exits 2): the
+pipelined step calls the stage modules in forward-only sweeps whose count differs per DP rank.
 """
 
 from __future__ import annotations
@@ -103,12 +95,36 @@ def shard_model(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = N
         if hasattr(model, method):                                     # itself: registering them would
             register_fsdp_forward_method(model, method)                # gather the root twice per pass
     # Losses are sums over samples divided by the global batch: gradients add over DP x CP
-    # (every unit's reduce-scatter; the setting is per unit).
+    # (every unit's reduce-scatter; the setting is per unit). A plain SUM: for fp32 / bf16 FSDP2
+    # would otherwise use PREMUL_SUM(1), which gloo does not have.
     for unit in model.modules():
         if isinstance(unit, FSDPModule):
             unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)
     restore_parallel_attributes(model, attrs)
     return model
+
+
+def set_reshard_after_forward(model: nn.Module, reshard: bool) -> None:
+    """Whether ``model``'s units free their gathered parameters after each forward (False: they
+    stay gathered until ``reshard_all`` or a backward). The root unit keeps FSDP2's setting when
+    True (not resharded: the backward needs it first)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule) and not (reshard and unit is model):
+            unit.set_reshard_after_forward(reshard, recurse=False)
+
+
+def reshard_all(model: nn.Module | None) -> None:
+    """Free every gathered unit of a sharded model (no-op for an unsharded one or None)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if model is None:
+        return
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
 
 
 def parallel_attributes(model: nn.Module) -> dict[str, dict]:

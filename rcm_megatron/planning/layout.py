@@ -89,6 +89,7 @@ class Workload:
     rollout_max_steps: int = 4
     student_update_freq: int = 10
     global_batch_size: int | None = None
+    mode: str = "distill"  # or "teacher": flow-matching pretraining, one trained model, no frozen teacher
 
     def __post_init__(self):
         if len(self.latent_shape) != 4:
@@ -108,4 +109,4 @@ class Workload:
 
     @property
     def uses_fake_score(self) -> bool:
-        return self.method in ("rcm", "dmd")
+        return self.mode == "distill" and self.method in ("rcm", "dmd")

@@ -14,7 +14,9 @@ dtype, P32 kept in fp32), n = DP x CP:
                              (CPU offload: all three on the host); the block being computed is
                              gathered in bf16, the next one prefetched, and with grad its fp32
                              gradient is reduce-scattered; the root unit (embeddings, head)
-                             stays gathered through a pass
+                             stays gathered through a pass; the forward-only passes (rollout,
+                             tangent) keep the whole student gathered (DP ranks roll out
+                             different step counts, and gathers are collectives)
     student EMA              fp32 shadow, whole tensors size-balanced over n (rcm.ema)
 
 Activations (planning.activations) are per pass; a phase's peak is its largest pass. Under
@@ -85,7 +87,8 @@ def model_states(w: Workload, lay: Layout, stage: int = 0) -> tuple[dict[str, fl
     sharded = sum(fsdp_shard_numel(s.shape, n) for s in shapes.values())
     sharded32 = sum(fsdp_shard_numel(s.shape, n) for s in shapes.values() if s.keep_fp32)
     trained = ["student"] + (["fake_score"] if w.uses_fake_score else [])
-    gpu["teacher"] = weights if lay.zero < 3 else compute * (sharded - sharded32) + 4 * sharded32
+    if w.mode == "distill":
+        gpu["teacher"] = weights if lay.zero < 3 else compute * (sharded - sharded32) + 4 * sharded32
     for name in trained:
         if lay.zero == 0:
             gpu[f"{name}_params"], gpu[f"{name}_grads"], gpu[f"{name}_optimizer"] = 4 * (p16 + p32), 4 * (p16 + p32), 8 * (p16 + p32)
@@ -109,6 +112,12 @@ def model_states(w: Workload, lay: Layout, stage: int = 0) -> tuple[dict[str, fl
         gathered = compute * blk[1] + 4 * blk[0]
         gpu["fsdp_gather_buffers"] = 2 * gathered + 4 * sum(blk) + compute * root[1] + 4 * root[0]
     return gpu, host
+
+
+def _gathered_student(w: Workload, lay: Layout, stage: int) -> float:
+    """Bytes of the whole student stage in its compute dtype (fp32-kept modules in fp32)."""
+    p32, p16 = count(_stage_shapes(w, lay, stage)[1])
+    return (2 if w.bf16 else 4) * p16 + 4 * p32
 
 
 @functools.lru_cache(maxsize=256)
@@ -147,19 +156,28 @@ def _stage_plan(w: Workload, lay: Layout, stage: int, assume: MemoryAssumptions)
     r = _rank_shape(w, lay)
     pipe_msgs = 2 * 2 * r.batch * r.act_bytes * r.stream * w.model.hidden_size if lay.pp > 1 else 0  # x, tx in/out
     plan = MemoryPlan(gpu, host, stage=stage)
-    student_passes = {"forward": passes["forward"].peak, "with_grad": passes["with_grad"].peak}
-    if w.method in ("rcm", "scm"):
+    student_passes = {"with_grad": passes["with_grad"].peak}
+    if w.mode == "distill":
+        student_passes["forward"] = passes["forward"].peak
+    if w.mode == "distill" and w.method in ("rcm", "scm"):
         student_passes["tangent"] = passes["tangent"].peak
     phases = {"student_step": student_passes}
     if w.uses_fake_score:
         phases["critic_step"] = {"forward": passes["forward"].peak, "with_grad": passes["with_grad"].peak}
+    if lay.zero == 3 and w.mode == "distill":  # forward-only passes leave the student gathered (ranks roll out
+        kept = _gathered_student(w, lay, stage)  # different step counts: fsdp_backend.LockstepNet)
+        for peaks in phases.values():
+            for kind in ("forward", "tangent"):
+                if kind in peaks:
+                    peaks[kind] += kept
     autocast = {k: v for k, v in gpu.items() if k.endswith("_autocast_weights")}
     base = {k: v for k, v in gpu.items() if not k.endswith("_autocast_weights")}
     for name, peaks in phases.items():
         which, act = max(peaks.items(), key=lambda kv: kv[1])
         items = dict(base)
         items.update(autocast)  # every trained model runs under autocast in both steps (rollouts, DMD)
-        items[f"activations ({which})"] = act
+        kept = lay.zero == 3 and w.mode == "distill" and which != "with_grad"
+        items[f"activations ({which})" + (" + gathered student" if kept else "")] = act
         items["pipeline_messages"] = pipe_msgs
         items["collective_workspace"] = assume.collective_workspace_gib * GIB
         items["allocator_slack"] = assume.allocator_fraction * sum(items.values())

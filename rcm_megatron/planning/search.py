@@ -60,7 +60,7 @@ def candidate_layouts(w: Workload, gpus: int, max_tp: int = 8, zero_levels=(1, 3
                 micro = _micro_batches(w, dp, micro_batch_size, pp)
                 if micro is None:
                     continue
-                for zero in zero_levels:
+                for zero in (z for z in zero_levels if not (z == 3 and pp > 1)):  # the trainer's ZeRO-3: PP 1
                     for recompute in (0, 1):
                         for offload in ((False, True) if zero else (False,)):
                             out.append(Layout(tp=tp, cp=cp, pp=pp, dp=dp, cp_comm_type=comm, zero=zero,
@@ -129,13 +129,35 @@ def check_fits(args, model_cfg=None, world_size: int | None = None, gpu_memory_g
     need = c.memory.peak / GIB
     line = (f"memory plan: this layout needs about {need:.1f} GiB per GPU ({lay.flags()}), "
             f"{where} has {gpu_memory_gib:.1f} GiB")
-    # pretrain_rcm runs ZeRO levels 0 and 1 today (parallel/fsdp.py's ZeRO-3 is not wired into the trainer)
-    better = [c for c in fitting_layouts(w, world, gpu_memory_gib, headroom=max(headroom, 0.0)) if c.layout.zero <= 1]
+    better = fitting_layouts(w, world, gpu_memory_gib, headroom=max(headroom, 0.0))
     if better:
         line += f"; fits: {better[0].layout.flags()} ({better[0].memory.peak / GIB:.1f} GiB)"
     else:
         line += f"; no layout of {world} GPUs fits (tools/plan_memory.py lists what more GPUs allow)"
     return line + "; --no-memory-check skips this check"
+
+
+def check_host_memory(args, model_cfg, what: str, available_bytes: float | None = None) -> Optional[str]:
+    """A CPU run's pre-flight check: None when the memory plan of this run's ranks on this host
+    (torchrun's LOCAL_WORLD_SIZE; each rank's peak plus what it keeps on the host) fits the host's
+    available RAM, else one line naming ``what`` (the model's flag). Checked before any model is
+    allocated, so ``--model wan-14b`` on a CPU machine ends with a line, not the OOM killer."""
+    import psutil
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    w, lay = workload_and_layout(args, model_cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    plan = plan_memory(w, lay, MemoryAssumptions(cuda_context_gib=0.0, collective_workspace_gib=0.0))
+    need = local * (plan.peak + plan.host_bytes)
+    have = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    if need <= have:
+        return None
+    from .params import count, stage_shapes
+
+    n = sum(count(stage_shapes(model_cfg)))
+    return (f"{what}: a CPU run needs about {need / GIB:.0f} GiB of host memory (models, gradients, EMA, AdamW "
+            f"state and activations of {n / 1e6:,.1f}M parameters, tools/plan_memory.py's plan), "
+            f"{have / GIB:.0f} GiB are available; train it on GPUs (--device cuda, model parallel under torchrun) "
+            "or pick a smaller --model")
 
 
 def workload_and_layout(args, cfg, world_size: int) -> tuple[Workload, Layout]:
@@ -154,11 +176,11 @@ def workload_and_layout(args, cfg, world_size: int) -> tuple[Workload, Layout]:
     recompute = g("recompute_num_layers", 1) if g("recompute_granularity") == "full" else 0
     w = Workload(cfg, latent, text_len=g("text_len", 512), bf16=bool(g("bf16", False)), method=g("method", "rcm"),
                  rollout_max_steps=g("rollout_max_steps", 4), student_update_freq=g("student_update_freq", 10),
-                 global_batch_size=gbs)
+                 global_batch_size=gbs, mode=g("mode", "distill"))
     lay = Layout(tp=tp, cp=cp, pp=pp, dp=dp, sequence_parallel=bool(g("sequence_parallel", False)),
                  cp_comm_type=g("cp_comm_type", "p2p"), zero=zero, micro_batch_size=mbs,
                  num_micro_batches=max(1, gbs // (mbs * dp)), recompute_num_layers=recompute,
                  optimizer_cpu_offload=bool(g("optimizer_cpu_offload", False)) and zero > 0,
                  compiled_blocks=blocks_compiled(g("compile_blocks", "off"), g("device", "cpu"), tp, cp,
-                                                 g("recompute_granularity")))
+                                                 g("recompute_granularity"), parameter_sharding=zero == 3))
     return w, lay

@@ -19,6 +19,8 @@ from ..models.recompute import GRANULARITIES, RECOMPUTE_MODULES, RecomputeConfig
 from ..parallel.config import CP_COMM_TYPES, ParallelConfig
 from ..rcm.config import MODES, TANGENT_WARMUP_FORMS, RCMConfig
 from .lr_schedule import DECAY_STYLES, WSD_DECAY_STYLES, LRScheduleConfig
+from .reporting import ReportingConfig, add_reporting_flags, reporting_config
+from .trained_model import backend_flag_error
 from .flag_names import METHOD_FLAGS, RENAMED_FLAGS, RENAMED_TYPES, flag_error
 
 
@@ -59,6 +61,7 @@ class TrainingConfig:
     max_consecutive_skipped_steps: int | None = None
     log_images_interval: int | None = None
     use_distributed_optimizer: bool = False
+    use_torch_fsdp2: bool = False  # ZeRO-3 (training/fsdp_backend.py)
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     optimizer_cpu_offload: bool = False
@@ -69,15 +72,15 @@ class TrainingConfig:
     fused_tangent_ops: bool = True  # fused Triton elementwise kernels in no-grad passes on CUDA (kernels/fused_ops.py)
     max_latent_magnitude: float = DEFAULT_MAX_LATENT_MAGNITUDE  # larger |latent| values make a bad sample
     memory_check: bool = True  # --no-memory-check skips the memory plan check before building models
+    reporting: ReportingConfig = ReportingConfig()  # decoded video samples, Weights & Biases
     model: str | None = None  # --model: the architecture preset (checked against --teacher-checkpoint's)
     implied: dict = field(default_factory=dict)  # flag -> value a preset or the teacher chose (printed at start)
     implied_by: str = ""  # what chose them
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
-        prog="pretrain_rcm.py",
-        description="rCM distillation of Wan2.1 DiTs (with no flags: a tiny model on built-in data, on CPU).")
+    p = ArgumentParser(prog="pretrain_rcm.py", description="rCM distillation of Wan2.1 DiTs (with no flags: "
+                                                           "a tiny model on built-in data, on CPU).")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(PRESETS), default=None,
                    help="architecture preset with a random-init teacher (default: the shipped toy teacher "
@@ -95,11 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-num-layers", type=int, default=1, help="blocks per group (full)")
     g.add_argument("--no-memory-check", action="store_true",
                    help="skip the memory plan check (GPU, or host RAM on CPU) before building models")
-    g.add_argument("--fp8-teacher", action="store_true",
-                   help="the frozen teacher's block linears in FP8 (e4m3, row-wise scales, torch._scaled_mm)")
+    g.add_argument("--fp8-teacher", action="store_true", help="the frozen teacher's block linears in FP8 (e4m3, row-wise scales)")
     g.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="auto",
-                   help="regional torch.compile of the DiT blocks; auto (default): on for CUDA without TP, CP or "
-                        "selective recompute (training/compile_policy.py)")
+                   help="regional torch.compile of the DiT blocks; auto (default): CUDA without TP, CP, selective recompute")
     g.add_argument("--no-fused-tangent-ops", action="store_true", help="PyTorch elementwise ops in no-grad passes (A/B)")
     g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=["elementwise"],
                    help="selective: what is recomputed; core_attn also recomputes attention")
@@ -158,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-consecutive-skipped-steps", type=int, default=MAX_CONSECUTIVE_SKIPPED_STEPS,
                    help="abort (exit 1, no save) after this many consecutive steps with non-finite gradients "
                         f"(default {MAX_CONSECUTIVE_SKIPPED_STEPS}; 0: never)")
-    g.add_argument("--log-images-interval", type=int, default=None,
-                   help="write a TensorBoard grid of latent frames every N iterations")
+    g.add_argument("--log-images-interval", type=int, default=None, help="TensorBoard latent grids every N iterations")
+    add_reporting_flags(g)
     g = p.add_argument_group("method (rCM)")
     g.add_argument("--method", choices=MODES, default="rcm", help="rcm, or the scm / dmd / dcm baselines")
     g.add_argument("--cfg-scale", type=float, default=None)
@@ -174,8 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--p-g", default=None, help="sCM time sampler, e.g. 'lognormal(0.7,1.6)'")
     g.add_argument("--p-d", default=None, help="DMD/critic/rollout time sampler, e.g. 'uniform_shift(5)'")
     g.add_argument("--rollout-max-steps", type=int, default=None, help="max student rollout steps (1..4)")
-    g.add_argument("--ema-sigma-rel", type=float, default=None,
-                   help="power-EMA relative width (0.1 official, 0.05 paper)")
+    g.add_argument("--ema-sigma-rel", type=float, default=None, help="power-EMA relative width (0.1 official, 0.05 paper)")
     for old, new in RENAMED_FLAGS.items():  # earlier spellings, still accepted, not in --help
         p.add_argument(old, dest=new[2:].replace("-", "_"), type=RENAMED_TYPES[new], default=None,
                        help=argparse.SUPPRESS)
@@ -191,11 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--distributed-timeout-minutes", type=int, default=10,
                    help="a collective (NCCL/gloo) that waits longer aborts the job instead of hanging it")
-    g.add_argument("--use-distributed-optimizer", action="store_true",
-                   help="GPU: megatron-core DDP + distributed optimizer (fp32 main params sharded over DP)")
-    g.add_argument("--overlap-grad-reduce", action="store_true", help="with --use-distributed-optimizer")
-    g.add_argument("--overlap-param-gather", action="store_true", help="with --use-distributed-optimizer")
-    g.add_argument("--optimizer-cpu-offload", action="store_true", help="with --use-distributed-optimizer")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="GPU: megatron-core DDP + dist. optimizer")
+    for flag in ("--overlap-grad-reduce", "--overlap-param-gather"):
+        g.add_argument(flag, action="store_true", help="with --use-distributed-optimizer")
+    g.add_argument("--optimizer-cpu-offload", action="store_true",
+                   help="with --use-distributed-optimizer or --use-torch-fsdp2")
+    g.add_argument("--use-torch-fsdp2", action="store_true",
+                   help="ZeRO-3: teacher, student, fake score sharded over DP x CP (torch FSDP2), any device")
     return p
 
 
@@ -204,6 +206,14 @@ def _positive(name: str, v, allow_none=False):
         return
     if v is None or v < 1:
         raise ArgumentError(f"{name} must be a positive integer, got {v}")
+
+
+def _checked(check, *args):
+    """``check(*args)``, its ValueError as an ArgumentError."""
+    try:
+        return check(*args)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from e
 
 
 def parse_args(argv=None):
@@ -218,10 +228,7 @@ def parse_args(argv=None):
     _positive("--micro-batch-size", args.micro_batch_size)
     _positive("--global-batch-size", args.global_batch_size, allow_none=True)
     _positive("--log-interval", args.log_interval)
-    try:
-        check_max_latent_magnitude(args.max_latent_magnitude)
-    except ValueError as e:
-        raise ArgumentError(str(e)) from e
+    _checked(check_max_latent_magnitude, args.max_latent_magnitude)
     _positive("--recompute-num-layers", args.recompute_num_layers)
     _positive("--save-interval", args.save_interval, allow_none=True)
     _positive("--keep-last", args.keep_last, allow_none=True)
@@ -233,12 +240,9 @@ def parse_args(argv=None):
     if args.mode == "teacher" and not args.teacher_lr > 0:
         raise ArgumentError(f"--teacher-lr must be > 0, got {args.teacher_lr:g}")
     _positive("--log-images-interval", args.log_images_interval, allow_none=True)
+    reporting = _checked(reporting_config, args)
     if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
         raise ArgumentError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
-    if (args.overlap_grad_reduce or args.overlap_param_gather or args.optimizer_cpu_offload) \
-            and not args.use_distributed_optimizer:
-        raise ArgumentError("--overlap-grad-reduce / --overlap-param-gather / --optimizer-cpu-offload need "
-                            "--use-distributed-optimizer")
     if args.auto_resume and args.save is None:
         raise ArgumentError("--auto-resume needs --save DIR (where checkpoints are looked for)")
     if args.teacher_checkpoint is not None and not os.path.exists(args.teacher_checkpoint):
@@ -254,9 +258,8 @@ def parse_args(argv=None):
     if args.device not in (None, "cpu", "cuda"):
         raise ArgumentError(f"--device must be cpu or cuda, got {args.device!r}")
     device = args.device or ("cuda" if _cuda() else "cpu")
-    if args.use_distributed_optimizer and device != "cuda":
-        raise ArgumentError("--use-distributed-optimizer needs CUDA (megatron-core's DDP and distributed optimizer); "
-                            "without it the CPU path reduces gradients over DP x CP with the same semantics")
+    if (line := backend_flag_error(args, device)) is not None:
+        raise ArgumentError(line)
     if device == "cuda" and not _cuda():
         raise ArgumentError("--device cuda: no CUDA device is available")
 
@@ -333,10 +336,7 @@ def parse_args(argv=None):
         decay_iters=args.lr_decay_iters, min_lr=args.min_lr, wsd_decay_iters=args.lr_wsd_decay_iters,
         wsd_decay_style=args.lr_wsd_decay_style, override=args.override_opt_param_scheduler,
         use_checkpoint=args.use_checkpoint_opt_param_scheduler)
-    try:
-        schedule.validate(peak_lr, args.train_iters)
-    except ValueError as e:
-        raise ArgumentError(str(e)) from e
+    _checked(schedule.validate, peak_lr, args.train_iters)
 
     train = TrainingConfig(
         mode=args.mode, train_iters=args.train_iters, seed=args.seed, data=args.data,
@@ -345,12 +345,13 @@ def parse_args(argv=None):
         teacher_checkpoint=args.teacher_checkpoint, bf16=args.bf16, device=device, keep_last=args.keep_last,
         teacher_lr=args.teacher_lr, auto_resume=args.auto_resume, exit_duration_in_mins=args.exit_duration_in_mins,
         max_consecutive_skipped_steps=args.max_consecutive_skipped_steps, log_images_interval=args.log_images_interval,
-        use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer, use_torch_fsdp2=args.use_torch_fsdp2,
+        overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
         lr_schedule=schedule, recompute=RecomputeConfig(args.recompute_granularity, args.recompute_num_layers,
                                                         tuple(args.recompute_modules)),
         compile_blocks=args.compile_blocks, fp8_teacher=args.fp8_teacher, fused_tangent_ops=not args.no_fused_tangent_ops,
-        memory_check=not args.no_memory_check, max_latent_magnitude=args.max_latent_magnitude,
+        memory_check=not args.no_memory_check, max_latent_magnitude=args.max_latent_magnitude, reporting=reporting,
         model=args.model, implied=implied, implied_by=implied_by)
     return train, model_cfg, rcm_cfg, par
 

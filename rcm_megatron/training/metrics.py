@@ -1,4 +1,5 @@
-"""Per-iteration metrics: TensorBoard events, ``metrics.jsonl`` and a one-line progress print.
+"""Per-iteration metrics: TensorBoard events, ``metrics.jsonl``, a one-line progress print and,
+with ``--wandb-project``, the same scalars (same tags) to Weights & Biases.
 
 Only the logging rank (global rank 0) writes. Each record goes to metrics.jsonl as one whole
 line in one ``write`` of an ``O_APPEND`` descriptor, flushed to disk, so a crash or a full disk
@@ -16,7 +17,8 @@ import time
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: str | None, log_interval: int = 10, enabled: bool = True, resume_iteration: int = 0):
+    def __init__(self, log_dir: str | None, log_interval: int = 10, enabled: bool = True, resume_iteration: int = 0,
+                 wandb=None, run_config: dict | None = None):
         self.enabled = enabled and log_dir is not None
         self.log_interval = max(1, int(log_interval))
         self.log_dir = log_dir
@@ -34,6 +36,7 @@ class MetricsLogger:
                 self._tb = SummaryWriter(log_dir=log_dir, purge_step=resume_iteration + 1 if resume_iteration else None)
             except ImportError:  # tensorboard is a dependency; keep logging if a minimal env lacks it
                 print("warning: tensorboard not installed; writing metrics.jsonl only", file=sys.stderr)
+        self._wandb = _start_wandb(wandb, log_dir, run_config) if self.enabled and wandb is not None else None
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -45,6 +48,9 @@ class MetricsLogger:
             for k, v in clean.items():
                 if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(_tb_tag(k), v, it)
+        if self._wandb is not None:
+            self._wandb.log({_tb_tag(k): v for k, v in clean.items() if k != "iteration"
+                             and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=it)
         if it % self.log_interval == 0 or it == 1 or record.get("consecutive_skipped_steps"):  # every skipped step
             losses = " ".join(f"{k}={_num(v, '.4g')}" for k, v in record.items() if k.startswith("loss"))
             print(f"iter {it:6d} | {clean.get('phase', ''):7s} | {losses} | grad_norm={_num(record.get('grad_norm'), '.3g')}"
@@ -56,12 +62,48 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.add_image(tag, image, iteration, dataformats="HWC")
 
+    def add_video(self, tag: str, frames, iteration: int, fps: int = 16) -> None:
+        """uint8 frames [T, H, W, 3] as TensorBoard's video summary (an animated GIF image, what
+        ``SummaryWriter.add_video`` writes; encoded with Pillow, as add_video's moviepy is rarely installed)."""
+        if self._tb is not None:
+            self._tb._get_file_writer().add_summary(gif_summary(tag, frames, fps), iteration)
+
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self._jsonl is not None:
             os.close(self._jsonl)
             self._jsonl = None
         if self._tb:
             self._tb.close()
+
+
+def _start_wandb(cfg, log_dir: str, run_config: dict | None):
+    """A Weights & Biases run for ``reporting.WandbConfig`` ``cfg`` (None when not enabled)."""
+    if not cfg.enabled:
+        return None
+    import wandb
+
+    save_dir = cfg.save_dir or os.path.join(log_dir, "wandb")
+    os.makedirs(save_dir, exist_ok=True)
+    return wandb.init(project=cfg.project, name=cfg.exp_name, dir=save_dir, config=run_config or {})
+
+
+def gif_summary(tag: str, frames, fps: int):
+    import io
+
+    from PIL import Image
+    from torch.utils.tensorboard.summary import Summary
+
+    arr = frames.numpy() if hasattr(frames, "numpy") else frames
+    images = [Image.fromarray(f) for f in arr]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)),
+                   loop=0)
+    h, w = arr.shape[1:3]
+    return Summary(value=[Summary.Value(tag=tag, image=Summary.Image(height=h, width=w, colorspace=3,
+                                                                     encoded_image_string=buf.getvalue()))])
 
 
 def _skips(record: dict) -> str:

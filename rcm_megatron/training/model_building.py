@@ -71,7 +71,8 @@ class Models:
 def compile_wanted(train: TrainingConfig) -> bool:
     """--compile-blocks for this run's process groups (``blocks_compiled``)."""
     return blocks_compiled(train.compile_blocks, train.device, pstate.tensor_parallel_world_size(),
-                           pstate.context_parallel_world_size(), train.recompute.granularity)
+                           pstate.context_parallel_world_size(), train.recompute.granularity,
+                           parameter_sharding=train.use_torch_fsdp2)
 
 
 def build_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, ctx: RankContext,
@@ -84,6 +85,10 @@ def build_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, ctx: Ran
             teacher.to_dtype(torch.bfloat16)
         if train.fp8_teacher:
             teacher.quantize_fp8()
+        if train.use_torch_fsdp2:  # ZeRO-3: 1/n of the frozen teacher per DP x CP rank, gathered per block
+            from ..parallel.fsdp import shard_model
+
+            shard_model(teacher)
     student = stage_model(cfg, ctx, train.seed, teacher_weights, trainable=True)
     fake = stage_model(cfg, ctx, train.seed, teacher_weights, trainable=True) \
         if distill and rcm.uses_fake_score else None
@@ -102,7 +107,7 @@ def build_trained_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, 
                          models: Models) -> dict[str, TrainedModel]:
     """'student' (and 'fake_score') as TrainedModels of the chosen backend, each with its lr
     scheduler (lr_schedule.py; the step-0 lr is set)."""
-    backend = backend_name(train.use_distributed_optimizer)
+    backend = backend_name(train.use_distributed_optimizer, train.use_torch_fsdp2)
     named = {"student": models.student, "fake_score": models.fake}
     if backend == "megatron" and train.bf16:  # megatron-core keeps fp32 main parameters itself
         for m in named.values():
@@ -128,7 +133,12 @@ def build_trained_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, 
 
 
 def sharded_ema(student: WanDiT, sigma_rel: float, group) -> PowerEMA:
-    """The student's power EMA, this rank's size-balanced share of the tensors over DP x CP."""
+    """The student's power EMA, this rank's size-balanced share of the tensors over DP x CP; under
+    ZeRO-3 the student's parameters are already 1/n per rank: the shadow is their DTensor shards."""
+    from ..parallel.fsdp import is_sharded
+
+    if is_sharded(student):
+        return PowerEMA(student, sigma_rel)
     sizes = {n: p.numel() for n, p in student.named_parameters()}
     names = partition_names(sizes, dist.get_world_size(group))[dist.get_rank(group)]
     return PowerEMA(student, sigma_rel, names=names)

@@ -15,14 +15,13 @@ from ..checkpointing.preflight import check_output_dirs, checkpoint_bytes
 from ..models import WanConfig
 from ..models.config import PRESETS, preset
 from ..parallel.config import ParallelConfig
-from ..planning.search import check_fits
+from ..planning.search import check_fits, check_host_memory
 from ..parallel.pipeline import stage_layer_range
 from ..parallel.tensor_parallel import validate_tp
 from ..rcm import RCMConfig
 from . import train_state
 from .arguments import ArgumentError, TrainingConfig
 from .batches import check_data_against_model, open_dataset
-from .memory_estimate import check_host_memory
 from .model_building import peak_lrs
 
 
@@ -82,12 +81,11 @@ def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMCo
     if train.memory_check and train.device == "cpu":
         source = f"--teacher-checkpoint {train.teacher_checkpoint}" if train.teacher_checkpoint else \
             f"--model {model_cfg_name(model_cfg)}"
-        try:
-            check_host_memory(model_cfg, source, distill=train.mode == "distill",
-                              uses_fake_score=rcm_cfg.uses_fake_score, bf16=train.bf16,
-                              model_shards=par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
-        except ValueError as e:
-            raise ArgumentError(str(e)) from e
+        flags = plan_flags(train, rcm_cfg, par)
+        flags.latent_shape, flags.text_len = tuple(dataset.latent_shape), dataset.text_len  # the data's own
+        line = check_host_memory(flags, model_cfg, source)
+        if line:
+            raise ArgumentError(line)
     return Preflight(model_cfg, dataset, teacher_weights, teacher_meta, load_path, resume_meta, lease)
 
 
@@ -97,9 +95,10 @@ def plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig) -
         tensor_model_parallel_size=par.tensor_model_parallel_size, context_parallel_size=par.context_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size, sequence_parallel=par.sequence_parallel,
         cp_comm_type=par.cp_comm_type, micro_batch_size=par.micro_batch_size, global_batch_size=par.global_batch_size,
-        latent_shape=train.latent_shape, bf16=train.bf16, method=rcm_cfg.method,
+        latent_shape=train.latent_shape, bf16=train.bf16, method=rcm_cfg.method, mode=train.mode,
         rollout_max_steps=rcm_cfg.rollout_max_steps, student_update_freq=rcm_cfg.student_update_freq,
-        use_distributed_optimizer=train.use_distributed_optimizer, optimizer_cpu_offload=train.optimizer_cpu_offload,
+        use_distributed_optimizer=train.use_distributed_optimizer, use_torch_fsdp2=train.use_torch_fsdp2,
+        optimizer_cpu_offload=train.optimizer_cpu_offload,
         recompute_granularity=train.recompute.granularity, recompute_num_layers=train.recompute.num_layers,
         device=train.device, compile_blocks=train.compile_blocks)
 

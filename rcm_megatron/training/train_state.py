@@ -118,8 +118,7 @@ def load_into(trainer, path: str, meta: dict) -> None:
     loaded = load_sharded(path, sharded_state_dict(t, with_rng=same_world, is_loading=True))
     ss.copy_loaded_into_model(t.student, loaded["student"])
     for name, tensor in loaded["ema"].items():
-        if tensor.data_ptr() != t.ema.shadow[name].data_ptr():
-            t.ema.shadow[name].copy_(tensor)
+        ss.copy_into(t.ema.shadow[name], tensor)
     t.ema.num_updates = int(loaded["ema_meta"]["num_updates"])
     t.trained["student"].load_optimizer_state_dict(loaded["opt_student"])
     if t.fake is not None:

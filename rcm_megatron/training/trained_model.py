@@ -13,12 +13,13 @@ teacher being pretrained) the same way:
   ``optimizer_format``, recorded in them (a resume must use the same backend).
 
 Backends: ``LocalDataParallel`` (``local_dp.py``; torch AdamW with torch.distributed
-reductions, any device, the CPU path) and ``MegatronDP`` (``megatron_dp.py``; megatron-core
-DDP + distributed optimizer, ``--use-distributed-optimizer``). A parameter-sharding backend
-(FSDP2) plugs in by subclassing ``TrainedModel`` and adding a builder to ``BACKENDS``: it gets
-the module (this rank's pipeline stage), its ``OptimizerSettings`` and a ``BackendContext``;
-its ``net`` may be the sharded module itself, ``optimizer`` must have ``param_groups`` (the
-lr scheduler drives them) and ``optimizer_format`` names its checkpoint layout.
+reductions, any device, the CPU path), ``MegatronDP`` (``megatron_dp.py``; megatron-core
+DDP + distributed optimizer, ``--use-distributed-optimizer``) and ``FSDPDataParallel``
+(``fsdp_backend.py``; ZeRO-3 with torch FSDP2, ``--use-torch-fsdp2``, any device). A backend
+plugs in by subclassing ``TrainedModel`` and adding a builder to ``BACKENDS``: it gets the
+module (this rank's pipeline stage), its ``OptimizerSettings`` and a ``BackendContext``; its
+``net`` may be the sharded module itself, ``optimizer`` must have ``param_groups`` (the lr
+scheduler drives them) and ``optimizer_format`` names its checkpoint layout.
 """
 
 from __future__ import annotations
@@ -102,12 +103,42 @@ def _megatron(module, opt: OptimizerSettings, ctx: BackendContext) -> TrainedMod
                       cpu_offload=ctx.cpu_offload, pipeline_first_stage=ctx.pipe.is_first)
 
 
+def _fsdp(module, opt: OptimizerSettings, ctx: BackendContext) -> TrainedModel:
+    from .fsdp_backend import FSDPDataParallel
+
+    return FSDPDataParallel(module, opt, pipe=ctx.pipe, param_dtype=torch.bfloat16 if ctx.bf16 else None,
+                            cpu_offload=ctx.cpu_offload)
+
+
 # name -> builder(module, OptimizerSettings, BackendContext) -> TrainedModel; a new backend adds one entry.
-BACKENDS = {"local": _local, "megatron": _megatron}
+BACKENDS = {"local": _local, "megatron": _megatron, "fsdp": _fsdp}
 
 
-def backend_name(use_distributed_optimizer: bool) -> str:
-    return "megatron" if use_distributed_optimizer else "local"
+def backend_name(use_distributed_optimizer: bool, use_torch_fsdp2: bool = False) -> str:
+    return "fsdp" if use_torch_fsdp2 else ("megatron" if use_distributed_optimizer else "local")
+
+
+def backend_flag_error(args, device: str) -> str | None:
+    """One line when the data-parallel backend flags (pretrain_rcm's parsed ``args``) conflict, else None."""
+    fsdp2, dist_opt = getattr(args, "use_torch_fsdp2", False), args.use_distributed_optimizer
+    if fsdp2 and dist_opt:
+        return ("--use-torch-fsdp2 and --use-distributed-optimizer exclude each other (ZeRO-3 shards the "
+                "parameters, gradients and optimizer state itself): pick one")
+    if fsdp2 and (args.overlap_grad_reduce or args.overlap_param_gather):
+        return "--overlap-grad-reduce / --overlap-param-gather are --use-distributed-optimizer's; FSDP2 overlaps " \
+               "its gathers and reduce-scatters itself"
+    if fsdp2 and args.pipeline_model_parallel_size > 1:
+        return ("--use-torch-fsdp2 does not run with --pipeline-model-parallel-size > 1 yet (the pipelined step's "
+                "forward-only sweeps differ per data-parallel rank; ZeRO-3 gathers must not): use TP / CP with it")
+    if fsdp2 and getattr(args, "fp8_teacher", False):
+        return "--fp8-teacher does not compose with --use-torch-fsdp2 (FP8 weights are not sharded): drop one"
+    if (args.overlap_grad_reduce or args.overlap_param_gather or args.optimizer_cpu_offload) and not (dist_opt or fsdp2):
+        return ("--overlap-grad-reduce / --overlap-param-gather / --optimizer-cpu-offload need "
+                "--use-distributed-optimizer (--optimizer-cpu-offload also --use-torch-fsdp2)")
+    if dist_opt and device != "cuda":
+        return ("--use-distributed-optimizer needs CUDA (megatron-core's DDP and distributed optimizer); "
+                "without it the CPU path reduces gradients over DP x CP with the same semantics")
+    return None
 
 
 def build_trained_model(backend: str, module, opt: OptimizerSettings, ctx: BackendContext) -> TrainedModel:

@@ -34,6 +34,7 @@ TensorBoard sample grids (``sample_images.py``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import torch
@@ -42,6 +43,7 @@ from ..checkpointing.errors import CheckpointError
 from ..checkpointing.save import CheckpointManager
 from ..models import WanConfig
 from ..parallel.config import ParallelConfig
+from ..parallel.fsdp import reshard_all
 from ..rcm import RCMConfig, critic_step, phase, student_step
 from . import pipeline_step, train_state
 from .arguments import TrainingConfig
@@ -54,6 +56,7 @@ from .rank_context import RankContext
 from .sample_images import log_samples, sampling_net
 from .signals import StopRequests
 from .throughput import memory_metrics, num_tokens, phase_flops, throughput_metrics
+from .video_samples import VideoSampleLogger
 
 CHECKPOINT_VERSION = train_state.CHECKPOINT_VERSION
 
@@ -103,7 +106,10 @@ class Trainer:
                 print(f"resumed from {self.load_path} at iteration {self.iteration}", flush=True)
         self.batches.set_iteration(self.iteration)
         self.logger = MetricsLogger(self.train.log_dir, self.train.log_interval, enabled=self.rank == 0,
-                                    resume_iteration=self.iteration)
+                                    resume_iteration=self.iteration, wandb=self.train.reporting.wandb,
+                                    run_config=dataclasses.asdict(self.train))
+        video = self.train.reporting.video
+        self.videos = VideoSampleLogger(video, self.train.seed, self.rank == 0, self.device) if video.interval else None
         self.tokens = num_tokens(self.model_cfg, tuple(self.dataset.latent_shape))
 
     def save(self) -> None:
@@ -177,6 +183,8 @@ class Trainer:
         totals = ctx.reduce_totals(totals)
         record = {"iteration": it + 1, "phase": "teacher" if not distill else ph.model}
         stepped, grad_norm = trained.step()
+        for m in (self.teacher, self.student, self.fake):  # ZeRO-3: free what forward-only passes left gathered
+            reshard_all(m)
         if stepped:
             self.consecutive_skips = 0
             if name == "student":
@@ -210,6 +218,11 @@ class Trainer:
                                ctx.link)
             log_samples(self.logger, first, it + 1, net, self.rcm if distill else None, self.train.seed,
                         self._autocast)
+        if self.videos is not None and distill and first is not None and self.videos.due(it + 1):
+            net = sampling_net(self.student, self.trained["student"].net, self.pipe, self.par.micro_batch_size,
+                               ctx.link)
+            self.videos.log(self.logger, it + 1, first, net, self.teacher if self.pipe.size == 1 else None, self.rcm,
+                            self._autocast)
         return record
 
     # ------------------------------------------------------------------ the loop
