@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-num-layers", type=int, default=1, help="blocks per group (full)")
     g.add_argument("--no-memory-check", action="store_true",
                    help="skip the memory plan check (GPU, or host RAM on CPU) before building models")
-    g.add_argument("--fp8-teacher", action="store_true", help="the frozen teacher's block linears in FP8 (e4m3, row-wise scales)")
+    g.add_argument("--fp8-teacher", action="store_true", help="frozen teacher's block linears in FP8 (e4m3, row-wise scales)")
     g.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="auto",
                    help="regional torch.compile of the DiT blocks; auto (default): CUDA without TP, CP, selective recompute")
     g.add_argument("--no-fused-tangent-ops", action="store_true", help="PyTorch elementwise ops in no-grad passes (A/B)")
