@@ -22,6 +22,10 @@ Writes ``rcm_step_<date>_<card>.json`` (card, date, command, versions; the sched
 under ``period_model_tflops_per_gpu``, the trainer's FLOP counting) and prints a table last.
 
     python benchmarks/rcm_step.py --out benchmarks/results [--label baseline] [-- extra pretrain flags]
+
+A/B of the trainer's switches goes through the extra flags, e.g. ``-- --no-fused-tangent-ops`` (PyTorch
+elementwise ops in the no-grad passes), ``-- --compile-blocks on``, ``-- --fp8-teacher``; the JSON
+records the label and the switches (``fused_tangent_ops``, ``compile_blocks``, ``fp8_teacher``).
 """
 
 from __future__ import annotations
@@ -97,6 +101,18 @@ def ceiling_rates() -> dict:
     return rates
 
 
+def path_switches(extra: list[str]) -> dict:
+    """The A/B switches of the trainer path this run took, from its extra pretrain flags (last wins)."""
+    compile_blocks = "off"
+    for i, flag in enumerate(extra):
+        if flag == "--compile-blocks" and i + 1 < len(extra):
+            compile_blocks = extra[i + 1]
+        elif flag.startswith("--compile-blocks="):
+            compile_blocks = flag.split("=", 1)[1]
+    return {"fused_tangent_ops": "--no-fused-tangent-ops" not in extra, "compile_blocks": compile_blocks,
+            "fp8_teacher": "--fp8-teacher" in extra}
+
+
 def pass_kind(name: str) -> str:
     if "backward" in name:
         return "backward"
@@ -127,10 +143,13 @@ def pass_flops(fw, kind: str, samples: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    ap.add_argument("--label", default="default path", help="what this run measures (baseline, an optimization)")
+    ap.add_argument("--label", default=None,
+                    help="what this run measures (baseline, an optimization); default: 'default path' and the extra flags")
     ap.add_argument("--recompute-num-layers", type=int, default=1, help="0: no activation recompute")
     ap.add_argument("extra", nargs="*", help="more pretrain_rcm.py flags (after --)")
     args = ap.parse_args(argv)
+    if args.label is None:
+        args.label = " ".join(["default path", *args.extra])
 
     import torch
 
@@ -219,7 +238,7 @@ def main(argv=None) -> int:
     now = _dt.datetime.now(_dt.timezone.utc)
     import triton
 
-    result = {"card": card, "date": now.isoformat(), "label": args.label,
+    result = {"card": card, "date": now.isoformat(), "label": args.label, **path_switches(args.extra),
               "command": "python benchmarks/rcm_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "pretrain_flags": " ".join(flags), "torch": torch.__version__,
               "triton": triton.__version__, "tokens": S, "text_len": L,

@@ -1,7 +1,9 @@
 """Plain-math attention and its forward-mode tangent.
 
 This is the oracle every fused kernel is compared against, and the CPU path of the
-model. It materialises the full score matrix, so it is only for short sequences.
+model. It materialises the score matrix; above ``MAX_SCORES`` elements the tangent reference
+runs in query chunks (query rows are independent, so chunking changes nothing but peak memory),
+which lets an fp32 reference pass run at 32K tokens (benchmarks/numerics.py).
 Layout follows the kernel API: q, k, v are [batch, seq, heads, head_dim].
 """
 
@@ -20,6 +22,9 @@ def attention_reference(q, k, v, softmax_scale: float | None = None) -> torch.Te
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
 
 
+MAX_SCORES = 2**29  # score-matrix elements per chunk (2 GiB in fp32)
+
+
 def attention_with_tangent_reference(q, k, v, q_tan, k_tan=None, v_tan=None, softmax_scale: float | None = None,
                                      *, kv_len=None):
     """Attention and its tangent (docs/design.md §4.1), computed with full score matrices.
@@ -29,6 +34,17 @@ def attention_with_tangent_reference(q, k, v, q_tan, k_tan=None, v_tan=None, sof
     [B]) excludes keys at positions >= kv_len; a row with no valid key returns out = out_tan = 0,
     lse = -inf, lse_tan = 0 (what the fused kernel returns, and what the chunk merge expects).
     """
+    B, Sq, H, _ = q.shape
+    rows = max(1, MAX_SCORES // max(1, B * H * k.shape[1]))
+    if Sq <= rows:
+        return _attention_with_tangent(q, k, v, q_tan, k_tan, v_tan, softmax_scale, kv_len)
+    parts = [_attention_with_tangent(q[:, i:i + rows], k, v, q_tan[:, i:i + rows], k_tan, v_tan, softmax_scale, kv_len)
+             for i in range(0, Sq, rows)]
+    return (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1),
+            torch.cat([p[2] for p in parts], 2), torch.cat([p[3] for p in parts], 2))
+
+
+def _attention_with_tangent(q, k, v, q_tan, k_tan, v_tan, softmax_scale, kv_len):
     s = resolve_softmax_scale(q, softmax_scale)
     sd = accumulate_dtype(q)
     scores = (torch.einsum("bqhd,bkhd->bhqk", q, k) * s).to(sd)

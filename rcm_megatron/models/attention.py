@@ -19,8 +19,7 @@ from ..parallel import state
 from ..parallel.context_parallel import chunk_length, context_parallel_attention
 from ..parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, mark_tensor_parallel,
                                         replicated_input, tensor_parallel_input)
-from .layers import rms_norm_across_heads
-from .rope import apply_rope
+from .layers import rms_norm_rope
 
 
 class QKNorm(nn.Module):
@@ -32,8 +31,9 @@ class QKNorm(nn.Module):
         self.full_size, self.eps = hidden_size, eps
         self.weight = mark_tensor_parallel(nn.Parameter(torch.ones(hidden_size // tp)), 0)
 
-    def forward(self, x, x_tan=None):
-        return rms_norm_across_heads(x, x_tan, self.weight, self.eps, self.full_size)
+    def forward(self, x, x_tan=None, rope=None):
+        """Normalized x [B, S, D] (and tangent); with ``rope`` = (cos, sin), every head rotated too."""
+        return rms_norm_rope(x, x_tan, self.weight, self.eps, self.full_size, rope)
 
 
 class _Attention(nn.Module):
@@ -70,15 +70,11 @@ class SelfAttention(_Attention):
     def forward(self, x, x_tan, rope, seq_len: int | None = None):
         """x [B, S, D] (this rank's context-parallel chunk / sequence-parallel shard of the tokens;
         seq_len = S real tokens of the whole sequence); rope: cos, sin of x's positions."""
-        cos, sin = rope
         x, x_tan = tensor_parallel_input(x, x_tan, chunk_length(seq_len))
-        q, q_tan = self.norm_q(*self.to_q(x, x_tan))
-        k, k_tan = self.norm_k(*self.to_k(x, x_tan))
+        q, q_tan = self.norm_q(*self.to_q(x, x_tan), rope=rope)
+        k, k_tan = self.norm_k(*self.to_k(x, x_tan), rope=rope)
         v, v_tan = self.to_v(x, x_tan)
         q, k, v, q_tan, k_tan, v_tan = map(self._heads, (q, k, v, q_tan, k_tan, v_tan))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if q_tan is not None:
-            q_tan, k_tan = apply_rope(q_tan, cos, sin), apply_rope(k_tan, cos, sin)
         o, o_tan = _flat(*context_parallel_attention(q, k, v, q_tan, k_tan, v_tan, seq_len=seq_len))
         return self.to_out(o, o_tan)
 

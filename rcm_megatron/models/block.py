@@ -14,7 +14,7 @@ from ..parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                         tensor_parallel_input)
 from .attention import CrossAttention, SelfAttention
 from .config import WanConfig
-from .layers import LayerNorm, gated_residual, gelu_tanh, modulate
+from .layers import LayerNorm, gated_residual, gelu_tanh, normalized
 
 
 class FeedForward(nn.Module):
@@ -57,18 +57,15 @@ class WanBlock(nn.Module):
         shift, scale, gate, c_shift, c_scale, c_gate = mod
         shift_tan, scale_tan, gate_tan, c_shift_tan, c_scale_tan, c_gate_tan = mod_tan
 
-        def cast(h, h_tan):
-            return h.to(x.dtype), None if h_tan is None else h_tan.to(x.dtype)
-
-        h, h_tan = cast(*modulate(*self.norm1(x, x_tan), shift, shift_tan, scale, scale_tan))
+        h, h_tan = normalized(self.norm1, x, x_tan, shift, shift_tan, scale, scale_tan)
         a, a_tan = self.attn1(h, h_tan, rope, seq_len)
         x, x_tan = gated_residual(x, x_tan, a, a_tan, gate, gate_tan)
 
-        h, h_tan = cast(*self.norm2(x, x_tan))
+        h, h_tan = normalized(self.norm2, x, x_tan)
         a, a_tan = self.attn2(h, h_tan, context, seq_len, image_context)
         x = x + a
         x_tan = None if x_tan is None else x_tan + a_tan
 
-        h, h_tan = cast(*modulate(*self.norm3(x, x_tan), c_shift, c_shift_tan, c_scale, c_scale_tan))
+        h, h_tan = normalized(self.norm3, x, x_tan, c_shift, c_shift_tan, c_scale, c_scale_tan)
         f, f_tan = self.ffn(h, h_tan, seq_len)
         return gated_residual(x, x_tan, f, f_tan, c_gate, c_gate_tan)

@@ -3,6 +3,8 @@
 Every function takes the primal and an optional tangent and returns ``(y, y_tan)``; a tangent
 of None means "no tangent pass" and costs nothing. Normalizations compute in at least fp32
 (float64 stays float64, so the oracle tests stay exact) and cast back, as diffusers' Wan does.
+In no-grad passes on CUDA the norms (with modulation or RoPE), GELU and the gated residual run as
+fused Triton kernels, primal and tangent in one pass (``kernels.fused_ops`` says when).
 """
 
 from __future__ import annotations
@@ -13,8 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import pointwise as fused
+from ..kernels.fused_ops import use_fused_ops
+from ..kernels.norm_modulate import norm_modulate as fused_norm_modulate
 from ..kernels.numerics import accumulate_dtype
+from ..kernels.qk_norm_rope import qk_norm_rope, row_sums
 from ..parallel.tensor_parallel import all_reduce_tp_sum, grad_sum_over_sequence_shards
+from .rope import apply_rope
 
 
 def layer_norm(x, x_tan, eps: float, weight=None, bias=None):
@@ -59,11 +66,29 @@ def rms_norm_across_heads(x, x_tan, weight, eps: float, full_size: int):
     return y, y_tan
 
 
+def rms_norm_rope(x, x_tan, weight, eps: float, full_size: int, rope=None):
+    """``rms_norm_across_heads`` then, with ``rope`` = (cos, sin) [S, head_dim/2], RoPE of every head;
+    x [B, S, D] in and out. Fused: the row sums all-reduced between the two kernels under TP."""
+    if use_fused_ops(x, x_tan):
+        sums = None if x.shape[-1] == full_size else all_reduce_tp_sum(row_sums(x, x_tan))
+        return qk_norm_rope(x, x_tan, weight, eps, rope, full_size, sums)
+    y, y_tan = rms_norm_across_heads(x, x_tan, weight, eps, full_size)
+    if rope is None:
+        return y, y_tan
+    head_dim = 2 * rope[0].shape[-1]
+
+    def rotate(h):
+        return None if h is None else apply_rope(h.unflatten(-1, (-1, head_dim)), *rope).flatten(-2)
+    return rotate(y), rotate(y_tan)
+
+
 _GELU_K = math.sqrt(2.0 / math.pi)
 
 
 def gelu_tanh(u, u_tan):
     """GELU with the tanh approximation; tangent f'(u) u_tan."""
+    if use_fused_ops(u, u_tan):
+        return fused.gelu_tanh(u, u_tan)
     y = F.gelu(u, approximate="tanh")
     if u_tan is None:
         return y, None
@@ -96,6 +121,8 @@ def modulate(n, n_tan, shift, shift_tan, scale, scale_tan):
 
 def gated_residual(x, x_tan, a, a_tan, gate, gate_tan):
     """x + a * gate in fp32, cast back to the residual dtype; product rule for the tangent."""
+    if use_fused_ops(x, x_tan, a, a_tan, gate, gate_tan):
+        return fused.gated_residual(x, x_tan, a, a_tan, gate, gate_tan)
     y = (x.to(accumulate_dtype(x)) + a.to(accumulate_dtype(a)) * gate).to(x.dtype)
     if x_tan is None:
         return y, None
@@ -126,3 +153,13 @@ class LayerNorm(nn.Module):
         w = None if self.weight is None else grad_sum_over_sequence_shards(self.weight).to(accumulate_dtype(x))
         b = None if self.bias is None else grad_sum_over_sequence_shards(self.bias).to(accumulate_dtype(x))
         return layer_norm(x, x_tan, self.eps, w, b)
+
+
+def normalized(norm: LayerNorm, x, x_tan, shift=None, shift_tan=None, scale=None, scale_tan=None):
+    """norm(x), adaLN-modulated when shift and scale are given, in x's dtype (the next linear's input)."""
+    if use_fused_ops(x, x_tan, shift, scale):
+        return fused_norm_modulate(x, x_tan, norm.eps, shift, shift_tan, scale, scale_tan, norm.weight, norm.bias)
+    h, h_tan = norm(x, x_tan)
+    if shift is not None:
+        h, h_tan = modulate(h, h_tan, shift, shift_tan, scale, scale_tan)
+    return h.to(x.dtype), None if h_tan is None else h_tan.to(x.dtype)

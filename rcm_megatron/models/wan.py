@@ -43,7 +43,7 @@ from ..parallel.tensor_parallel import (grad_sum_over_sequence_shards, linear_wi
 from .block import WanBlock
 from .config import WanConfig
 from .embeddings import ImageEmbedding, PatchEmbedding, TextEmbedding, TimeEmbedding
-from .layers import LayerNorm, modulate
+from .layers import LayerNorm, normalized
 from .recompute import RecomputeConfig, run_blocks_with_recompute
 from .rope import rope_cos_sin
 
@@ -263,10 +263,7 @@ class WanDiT(nn.Module):
             mod = grad_sum_over_sequence_shards(table + state.temb.unsqueeze(1))
             shift, scale = mod.unsqueeze(2).unbind(1)
             shift_tan = scale_tan = None if state.temb_tan is None else state.temb_tan.unsqueeze(1)
-        n, n_tan = self.norm_out(state.x, state.x_tan)
-        h, h_tan = modulate(n, n_tan, shift, shift_tan, scale, scale_tan)
-        h = h.to(state.x.dtype)
-        h_tan = None if h_tan is None else h_tan.to(state.x.dtype)
+        h, h_tan = normalized(self.norm_out, state.x, state.x_tan, shift, shift_tan, scale, scale_tan)
         y, y_tan = linear_with_tangent(h, h_tan, grad_sum_over_sequence_shards(self.proj_out.weight),
                                        grad_sum_over_sequence_shards(self.proj_out.bias))
         y, y_tan = unshard_sequence(y, y_tan, cp.chunk_length(state.seq_len))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..kernels.fused_ops import set_fused_ops
 from ..models import WanConfig, WanDiT
 from .compile_policy import blocks_compiled
 from ..parallel import state as pstate
@@ -94,6 +95,7 @@ def build_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, ctx: Ran
     for m in (student, fake):
         if m is not None:
             m.set_activation_recompute(train.recompute)
+    set_fused_ops("auto" if train.fused_tangent_ops else "off")  # the no-grad passes' elementwise kernels
     if compile_wanted(train):
         for m in (teacher, student, fake):
             if m is not None:
