@@ -3,7 +3,7 @@
 
 - the student's tangent pass (``forward_with_tangent``) under bf16 autocast with compiled blocks
   (the trainer's default on one GPU, ``--compile-blocks auto``), eager with the fused tangent kernels
-  (the eager default on CUDA) and eager without them (``--no-fused-tangent-ops``): relative L2 error of F and dF against the same pass in fp32
+  (``--fused-tangent-ops``) and eager without them (the eager default): relative L2 error of F and dF against the same pass in fp32
   (fp32 weights, no autocast, TF32 off, plain-math attention run in query chunks), and how far the
   sCM target moves: relative error of g = -cos t (F - F_T) - (cos t sin t x_t + dF) (r = 1, F_T
   from the fp32 teacher) and of its normalized direction g / ||g|| (what the loss uses);

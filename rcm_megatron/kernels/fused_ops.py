@@ -1,4 +1,4 @@
-"""When the model's elementwise work runs in the fused Triton kernels (``--no-fused-tangent-ops``).
+"""When the model's elementwise work runs in the fused Triton kernels (``--fused-tangent-ops``).
 
 The fused kernels (``norm_modulate``, ``qk_norm_rope``, ``pointwise``) are forward-only: they serve
 the no-grad passes (the student's tangent pass above all, also the teacher's and the rollouts'
@@ -28,7 +28,7 @@ _mode = ["auto"]
 
 
 def set_fused_ops(mode: str) -> None:
-    """The process-wide mode (the trainer's ``--no-fused-tangent-ops`` sets 'off')."""
+    """The process-wide mode (the trainer sets 'auto' with ``--fused-tangent-ops``, else 'off')."""
     _mode[0] = _check(mode, "fused tangent ops mode")
 
 

@@ -69,7 +69,7 @@ class TrainingConfig:
     recompute: RecomputeConfig = RecomputeConfig()  # activation recompute of the with-grad passes
     compile_blocks: str = "auto"  # --compile-blocks auto|on|off (model_building.compile_wanted)
     fp8_teacher: bool = False  # the frozen teacher's block linears in FP8 (WanDiT.quantize_fp8)
-    fused_tangent_ops: bool = True  # fused Triton elementwise kernels in no-grad passes on CUDA (kernels/fused_ops.py)
+    fused_tangent_ops: bool = False  # --fused-tangent-ops: fused Triton elementwise kernels, no-grad passes, CUDA
     max_latent_magnitude: float = DEFAULT_MAX_LATENT_MAGNITUDE  # larger |latent| values make a bad sample
     memory_check: bool = True  # --no-memory-check skips the memory plan check before building models
     reporting: ReportingConfig = ReportingConfig()  # decoded video samples, Weights & Biases
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8-teacher", action="store_true", help="frozen teacher's block linears in FP8 (e4m3, row-wise scales)")
     g.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="auto",
                    help="regional torch.compile of the DiT blocks; auto (default): CUDA without TP, CP, selective recompute")
-    g.add_argument("--no-fused-tangent-ops", action="store_true", help="PyTorch elementwise ops in no-grad passes (A/B)")
+    g.add_argument("--fused-tangent-ops", action="store_true", help="fused Triton elementwise kernels in no-grad passes")
     g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=["elementwise"],
                    help="selective: what is recomputed; core_attn also recomputes attention")
     g.add_argument("--mode", choices=("distill", "teacher"), default="distill",
@@ -350,7 +350,7 @@ def parse_args(argv=None):
         overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
         lr_schedule=schedule, recompute=RecomputeConfig(args.recompute_granularity, args.recompute_num_layers,
                                                         tuple(args.recompute_modules)),
-        compile_blocks=args.compile_blocks, fp8_teacher=args.fp8_teacher, fused_tangent_ops=not args.no_fused_tangent_ops,
+        compile_blocks=args.compile_blocks, fp8_teacher=args.fp8_teacher, fused_tangent_ops=args.fused_tangent_ops,
         memory_check=not args.no_memory_check, max_latent_magnitude=args.max_latent_magnitude, reporting=reporting,
         model=args.model, implied=implied, implied_by=implied_by)
     return train, model_cfg, rcm_cfg, par
