@@ -1,11 +1,26 @@
 """Test-wide settings: float64 oracles need deterministic CPU math; Triton kernels run
-under the interpreter when no GPU is present (must be set before triton is imported)."""
+under the interpreter when no GPU is present (must be set before triton is imported); one tiny
+training run with checkpoints that the checkpoint fault tests share (each run costs a process start)."""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """One tiny training run that the checkpoint fault tests share (read-only; tests copy what they
+    change): 4 iterations of test_checkpoint_faults.BASE, checkpoints at 2 and 4 (marker 4) under
+    ``ck``, its metrics (the straight run they compare resumes with) under ``log``."""
+    from test_checkpoint_faults import BASE, pretrain
+
+    d = tmp_path_factory.mktemp("saved")
+    pretrain(*BASE, "--train-iters", "4", "--save-interval", "2", "--log-dir", str(d / "log"), "--save", str(d / "ck"))
+    assert sorted(x for x in os.listdir(d / "ck") if x.startswith("iter_")) == ["iter_0000002", "iter_0000004"]
+    return d

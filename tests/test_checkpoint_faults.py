@@ -4,6 +4,7 @@ partial or foreign checkpoint, and steps whose gradients are not finite."""
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -66,9 +67,21 @@ def losses(log_dir):
         return [{k: v for k, v in json.loads(line).items() if k.startswith("loss") or k == "iteration"} for line in f]
 
 
-def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
-    ck, log = str(tmp_path / "ckpt"), str(tmp_path / "log")
-    pretrain(*BASE, "--train-iters", "2", "--log-dir", log, "--save", ck)
+def resume_from(checkpoints, dst, iteration: int):
+    """A --save / --load folder holding only ``checkpoints``' iteration ``iteration`` (the marker names it)."""
+    shutil.copytree(os.path.join(checkpoints, f"iter_{iteration:07d}"), os.path.join(dst, f"iter_{iteration:07d}"))
+    with open(os.path.join(dst, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write(str(iteration))
+    return dst
+
+
+def test_sigkill_during_save_keeps_the_previous_checkpoint(tiny_checkpoints, tmp_path):
+    """The first run (saved iteration 2, logged 1-2) is the shared tiny run's; its 4 iterations are
+    the straight run the resume must equal."""
+    ck, log = resume_from(tiny_checkpoints / "ck", str(tmp_path / "ckpt"), 2), str(tmp_path / "log")
+    os.makedirs(log)
+    with open(tiny_checkpoints / "log" / "metrics.jsonl") as src, open(os.path.join(log, "metrics.jsonl"), "w") as dst:
+        dst.writelines(src.readlines()[:2])
     # Second run dies by SIGKILL inside megatron-core's shard writer while saving iteration 4.
     killer = textwrap.dedent(f"""
         import os, signal, sys
@@ -86,24 +99,12 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read() == "2"
     # The surviving checkpoint loads, and the resumed run equals a straight one.
     pretrain(*BASE, "--train-iters", "4", "--log-dir", log, "--save", ck, "--load", ck)
-    straight = str(tmp_path / "straight")
-    pretrain(*BASE, "--train-iters", "4", "--log-dir", straight)
-    assert losses(log) == losses(straight)
+    assert losses(log) == losses(tiny_checkpoints / "log")
     assert not os.path.exists(os.path.join(ck, "iter_0000004.tmp"))
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    d = tmp_path_factory.mktemp("saved")
-    pretrain(*BASE, "--train-iters", "2", "--log-dir", str(d / "log"), "--save", str(d / "ckpt"))
-    return d / "ckpt"
-
-
-def test_partial_checkpoint_is_refused_and_untouched(saved, tmp_path):
-    import shutil
-
-    ck = tmp_path / "ckpt"
-    shutil.copytree(saved, ck)
+def test_partial_checkpoint_is_refused_and_untouched(tiny_checkpoints, tmp_path):
+    ck = resume_from(tiny_checkpoints / "ck", tmp_path / "ckpt", 2)
     os.remove(ck / "iter_0000002" / "metadata.json")
     before = tree_digest(ck)
     p = pretrain(*BASE, "--train-iters", "4", "--log-dir", str(tmp_path / "l"), "--load", str(ck), "--save", str(ck),
@@ -113,7 +114,8 @@ def test_partial_checkpoint_is_refused_and_untouched(saved, tmp_path):
     assert tree_digest(ck) == before
 
 
-def test_checkpoint_of_another_architecture_or_method(saved, tmp_path):
+def test_checkpoint_of_another_architecture_or_method(tiny_checkpoints, tmp_path):
+    saved = tiny_checkpoints / "ck"
     before = tree_digest(saved)
     p = pretrain("--model", "wan-1.3b", "--latent-shape", "16", "1", "4", "4", "--train-iters", "3",
                  "--log-dir", str(tmp_path / "a"), "--load", str(saved), check=False)
@@ -121,6 +123,9 @@ def test_checkpoint_of_another_architecture_or_method(saved, tmp_path):
     p = pretrain(*BASE, "--method", "dmd", "--train-iters", "3", "--log-dir", str(tmp_path / "b"),
                  "--load", str(saved), check=False)
     assert p.returncode == 2 and "--method rcm" in p.stderr and "--method dmd" in p.stderr
+    p = pretrain("--model", "tiny", "--train-iters", "5", "--log-dir", str(tmp_path / "c"), "--load", str(saved),
+                 "--method", "scm", check=False)  # (was test_pretrain.test_resume_rejects_other_method)
+    assert p.returncode == 2 and "--method rcm" in p.stderr
     assert tree_digest(saved) == before
 
 
@@ -144,17 +149,23 @@ def poisoned_critic_run(args: list) -> str:
 
 
 def test_non_finite_gradients_are_skipped_then_abort(tmp_path):
-    """Poisoned critic gradients: the step is skipped and counted; after N in a row the run aborts."""
+    """Poisoned critic gradients (from iteration 4 on): the step is skipped and counted; after N in a
+    row the run aborts without saving the aborting iteration. With --save-interval 1 --keep-last 1,
+    the checkpoint of iteration 5 (a finite student step) is the last before the run of skips 6, 7, 8
+    and survives --keep-last 1 (was also test_checkpoint_integrity's keep-last test: one run for both)."""
+    ck = tmp_path / "ckpt"
     code = poisoned_critic_run([*BASE, "--student-update-freq", "5", "--train-iters", "20",
                                 "--max-consecutive-skipped-steps", "3", "--log-dir", str(tmp_path),
-                                "--save", str(tmp_path / "ckpt")])
+                                "--save", str(ck), "--save-interval", "1", "--keep-last", "1"])
     p = run_script(code, check=False)
     assert p.returncode == 1, p.stderr[-3000:]
     assert "3 consecutive steps had non-finite gradients" in p.stderr
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     # iteration 5 is a (finite) student step, which resets the consecutive count
     assert [r["skipped_steps"] for r in rows] == [0, 0, 0, 1, 1, 2, 3, 4]
-    assert not os.path.exists(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt")
+    # nothing saved at the abort (iteration 8): the marker stays at the last interval save
+    assert sorted(x for x in os.listdir(ck) if x.startswith("iter_")) == ["iter_0000005", "iter_0000007"]
+    assert (ck / "latest_checkpointed_iteration.txt").read_text() == "7"
 
 
 FAILING_RANK = """

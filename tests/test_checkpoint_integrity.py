@@ -1,7 +1,7 @@
 """Checkpoint integrity and run safety with real trainer processes (tiny model): checksums
 verified on load (and --auto-resume's fallback), atomic re-save under SIGKILL, a missing marker,
-a fresh run into a used --save, --keep-last never removing the marker's checkpoint nor the last
-one before skipped steps, one writer per --save (a lease), metrics.jsonl's torn last line,
+a fresh run into a used --save, --keep-last never removing the marker's checkpoint (nor the last
+one before skipped steps: test_checkpoint_faults), one writer per --save (a lease), metrics.jsonl's torn last line,
 unwritable and full output directories, and a missing --iteration in the converter."""
 
 import json
@@ -14,7 +14,7 @@ import tempfile
 import time
 
 import pytest
-from test_checkpoint_faults import BASE, ROOT, losses, poisoned_critic_run, pretrain, run_script, tree_digest
+from test_checkpoint_faults import BASE, ROOT, losses, pretrain, run_script, tree_digest
 from test_convert_checkpoint import load_tool
 
 pytestmark = pytest.mark.slow
@@ -25,13 +25,11 @@ def iters(ck):
     return sorted(d for d in os.listdir(ck) if d.startswith("iter_"))
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """Checkpoints at iterations 2 and 4 (marker 4) and the run's metrics."""
-    d = tmp_path_factory.mktemp("saved")
-    pretrain(*BASE, "--train-iters", "4", "--save-interval", "2", "--log-dir", str(d / "log"), "--save", str(d / "ck"))
-    assert iters(d / "ck") == ["iter_0000002", "iter_0000004"]
-    return d
+@pytest.fixture
+def saved(tiny_checkpoints):
+    """Checkpoints at iterations 2 and 4 (marker 4) and the run's metrics (conftest.py: one run
+    shared with test_checkpoint_faults; read-only, tests change copies)."""
+    return tiny_checkpoints
 
 
 def copy(saved, tmp_path):
@@ -175,17 +173,6 @@ def test_fresh_run_into_used_save_is_refused_and_keep_last_keeps_the_marker(save
     pretrain(*BASE, "--train-iters", "3", "--log-dir", str(tmp_path / "l2"), "--load", str(other), "--save", str(ck),
              "--keep-last", "1")
     assert (ck / MARKER).read_text() == "3" and iters(ck) == ["iter_0000003", "iter_0000004"]
-
-
-def test_keep_last_keeps_the_checkpoint_before_skipped_steps(tmp_path):
-    """Critic gradients poisoned from iteration 4 on (5 is a finite student step): the checkpoint of
-    iteration 5 is the last before the run of skips 6, 7, 8 and survives --keep-last 1."""
-    p = run_script(poisoned_critic_run([*BASE, "--student-update-freq", "5", "--train-iters", "20",
-                                        "--max-consecutive-skipped-steps", "3", "--log-dir", str(tmp_path),
-                                        "--save", str(tmp_path / "ck"), "--save-interval", "1", "--keep-last", "1"]),
-                   check=False)
-    assert p.returncode == 1 and "consecutive steps had non-finite gradients" in p.stderr, p.stderr[-3000:]
-    assert iters(tmp_path / "ck") == ["iter_0000005", "iter_0000007"]
 
 
 def _start_trainer(ck, log, env, *extra):

@@ -5,6 +5,7 @@ which one wins."""
 
 import math
 import os
+import shutil
 
 import pytest
 
@@ -27,10 +28,23 @@ def expected_lr(step, peak, scale, *, warmup=3, init=1e-5, floor=1e-5, decay=8):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight_run(tmp_path_factory):
+    """10 iterations of the cosine schedule, checkpoint of iteration 4 (mid-decay) kept for the resume tests."""
     d = tmp_path_factory.mktemp("cosine")
-    run(*TINY, *COSINE, "--train-iters", "10", "--log-dir", str(d))
-    return records(d)
+    run(*TINY, *COSINE, "--train-iters", "10", "--log-dir", str(d), "--save", str(d / "ckpt"), "--save-interval", "4")
+    return d
+
+
+@pytest.fixture
+def straight(straight_run):
+    return records(straight_run)
+
+
+def checkpoint_at_4(straight_run, ck):
+    """A --save / --load folder holding only the straight run's iteration-4 checkpoint."""
+    shutil.copytree(straight_run / "ckpt" / "iter_0000004", ck / "iter_0000004")
+    (ck / "latest_checkpointed_iteration.txt").write_text("4")
+    return str(ck)
 
 
 @pytest.mark.slow
@@ -44,20 +58,18 @@ def test_both_models_follow_the_schedule(straight):
 
 
 @pytest.mark.slow
-def test_resume_mid_decay_is_exact(straight, tmp_path):
-    ck = str(tmp_path / "ckpt")
-    run(*TINY, *COSINE, "--train-iters", "5", "--log-dir", str(tmp_path), "--save", ck)
+def test_resume_mid_decay_is_exact(straight_run, straight, tmp_path):
+    ck = checkpoint_at_4(straight_run, tmp_path / "ckpt")
     run(*TINY, *COSINE, "--train-iters", "10", "--log-dir", str(tmp_path), "--save", ck, "--load", ck)
     resumed = records(tmp_path)
-    assert len(resumed) == 10
-    for a, b in zip(straight, resumed):
+    assert [r["iteration"] for r in resumed] == list(range(5, 11))
+    for a, b in zip(straight[4:], resumed):
         assert (a["lr"], a["loss"]) == (b["lr"], b["loss"]), (a, b)
 
 
 @pytest.mark.slow
-def test_schedule_mismatch_on_resume(tmp_path):
-    ck = str(tmp_path / "ckpt")
-    run(*TINY, *COSINE, "--train-iters", "4", "--log-dir", str(tmp_path / "a"), "--save", ck)
+def test_schedule_mismatch_on_resume(straight_run, tmp_path):
+    ck = checkpoint_at_4(straight_run, tmp_path / "ckpt")
     listing = sorted(os.listdir(ck))
     other = [a if a != "1e-5" else "3e-5" for a in COSINE]  # another --min-lr (and warmup init)
     p = run(*TINY, *other, "--train-iters", "6", "--log-dir", str(tmp_path / "b"), "--save", ck, "--load", ck,

@@ -103,14 +103,6 @@ def test_teacher_mode_learns(tmp_path):
     assert last < 0.9 * first
 
 
-def test_resume_rejects_other_method(tmp_path):
-    run("--model", "tiny", "--train-iters", "1", "--log-dir", str(tmp_path / "a"), "--save", str(tmp_path / "c"))
-    p = run("--model", "tiny", "--train-iters", "2", "--log-dir", str(tmp_path / "a"), "--load", str(tmp_path / "c"),
-            "--method", "scm",
-            check=False)
-    assert p.returncode == 2 and "--method rcm" in p.stderr
-
-
 # ---------------------------------------------------------------- defaults (issue 10)
 
 
