@@ -31,8 +31,10 @@ def open_dataset(train: TrainingConfig, cfg: WanConfig):
 def check_data_against_model(dataset, cfg: WanConfig, source: str) -> None:
     """Latent channels, patch divisibility, text width and image conditioning of the data vs the model."""
     c, t, h, w = dataset.latent_shape
-    if c != cfg.out_channels:
-        raise ArgumentError(f"{source}: latents have {c} channels, the model expects out_channels={cfg.out_channels}")
+    if c != cfg.out_channels:  # an image model's in_channels also count its condition channels
+        expects = (f"in_channels={cfg.in_channels}" if cfg.in_channels == cfg.out_channels else
+                   f"out_channels={cfg.out_channels} (in_channels {cfg.in_channels} include the condition)")
+        raise ArgumentError(f"{source}: latents have {c} channels, the model expects {expects}")
     for size, p, axis in zip((t, h, w), cfg.patch_size, ("T", "H", "W")):
         if size % p:
             raise ArgumentError(f"{source}: latent {axis}={size} is not divisible by the patch size {p} "
