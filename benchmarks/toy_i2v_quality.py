@@ -36,7 +36,7 @@ from rcm_megatron.checkpointing.model_file import save_model_file  # noqa: E402
 from rcm_megatron.eval.toy_benchmark import reference_features  # noqa: E402
 from rcm_megatron.eval.toy_i2v_benchmark import evaluate_model, held_out_i2v  # noqa: E402
 
-SETTINGS = {"full": dict(teacher_iters=1500, distill_iters=300, num_samples=256, num_reference=4096,
+SETTINGS = {"full": dict(teacher_iters=400, distill_iters=200, num_samples=128, num_reference=4096,
                          teacher_steps=50, micro_batch_size=16),
             "tiny": dict(teacher_iters=4, distill_iters=4, num_samples=8, num_reference=64, teacher_steps=4,
                          micro_batch_size=4)}
