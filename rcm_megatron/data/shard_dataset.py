@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .conditions import FIELDS
 from .datasets import DEFAULT_MAX_LATENT_MAGNITUDE, LatentDataset, check_max_latent_magnitude, latent_problem
 from .shard_files import (NEGATIVE_FILE, REQUIRED_MEMBERS, BadSample, _shard_count, _warn, load_tensor,
                           read_dataset_meta, read_shard_index, resolve_shards)
@@ -32,6 +33,17 @@ class ShardDataset(LatentDataset):
         self.meta = read_dataset_meta(self.root)
         self.latent_shape = tuple(int(s) for s in self.meta["latent_shape"])
         self.text_len, self.text_dim = int(self.meta["text_len"]), int(self.meta["text_dim"])
+        # image-to-video fields and their per-sample shapes (meta.json "conditions"; none for T2V)
+        self.condition_shapes = {k: tuple(int(d) for d in v) for k, v in (self.meta.get("conditions") or {}).items()}
+        unknown = sorted(set(self.condition_shapes) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"{self.root}/meta.json: unknown condition field(s) {unknown}; expected some of "
+                             f"{list(FIELDS)}")
+        self.conditions = tuple(self.condition_shapes)
+        if "condition" in self.condition_shapes:
+            self.condition_channels = self.condition_shapes["condition"][0]
+        if "image_embeds" in self.condition_shapes:
+            self.image_dim = self.condition_shapes["image_embeds"][-1]
         self.dtype = dtype
         neg_path = os.path.join(self.root, NEGATIVE_FILE)
         if not os.path.isfile(neg_path):
@@ -163,7 +175,26 @@ class ShardDataset(LatentDataset):
         if problem:
             raise BadSample(f"{where}: {problem}")
         prompt = raw["txt"].decode("utf-8", "replace") if "txt" in raw else ""
-        return {"latents": lat, "context": context, "prompt": prompt}
+        return {"latents": lat, "context": context, "prompt": prompt, **self._conditions(raw, where)}
+
+    def _conditions(self, raw: dict, where: str) -> dict:
+        """The sample's image-to-video fields, checked against meta.json's shapes (or BadSample)."""
+        out = {}
+        for name, shape in self.condition_shapes.items():
+            if f"{name}.pth" not in raw:
+                raise BadSample(f"{where}: missing member {name}.pth (meta.json lists it)")
+            try:
+                t = load_tensor(raw[f"{name}.pth"])
+            except Exception as e:
+                raise BadSample(f"{where}: cannot decode {name}: {e}") from e
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise BadSample(f"{where}: {name} {got}, expected {shape}")
+            t = t.to(self.dtype)
+            if not torch.isfinite(t).all():
+                raise BadSample(f"{where}: non-finite values in {name}")
+            out[name] = t
+        return out
 
     def __getitem__(self, index: int) -> dict:
         """Sample ``index``, or the next valid one in index order (cyclic) if it is bad."""

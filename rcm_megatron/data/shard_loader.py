@@ -160,6 +160,8 @@ class ShardLoader:
                  "context": torch.stack([it["context"] for it in items]),
                  "index": torch.tensor(idx, dtype=torch.int64),
                  "prompt": [it["prompt"] for it in items]}
+        for name in self.dataset.conditions:  # image-to-video fields
+            batch[name] = torch.stack([it[name] for it in items])
         if self.pin_memory:
             batch["latents"], batch["context"] = batch["latents"].pin_memory(), batch["context"].pin_memory()
         return batch

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from .conditions import FIELDS
 from .shard_files import FORMAT, INDEX_SUFFIX, _atomic_write_bytes, scan_tar, tensor_bytes
 
 
@@ -33,16 +34,23 @@ class ShardWriter:
         self.latent_dtype = latent_dtype
         self.count = 0
 
-    def write(self, key: str, latents: torch.Tensor, context: torch.Tensor, prompt: str, meta: dict | None = None):
+    def write(self, key: str, latents: torch.Tensor, context: torch.Tensor, prompt: str, meta: dict | None = None,
+              conditions: dict[str, torch.Tensor] | None = None):
+        """``conditions``: image-to-video fields (``conditions.FIELDS``: first_frame, condition,
+        image_embeds), stored as ``KEY.<field>.pth`` in the latent dtype."""
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
         if latents.dim() != 4 or context.dim() != 2:
             raise ValueError(f"expected latents [C,T,H,W] and context [L,D], got {tuple(latents.shape)}, "
                              f"{tuple(context.shape)}")
+        unknown = sorted(set(conditions or {}) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"unknown condition field(s) {unknown}; expected some of {list(FIELDS)}")
         self._tar.write({
             "__key__": key,
             "latents.pth": tensor_bytes(latents.to(self.latent_dtype)),
             "context.pth": tensor_bytes(context.to(self.latent_dtype)),
+            **{f"{name}.pth": tensor_bytes(t.to(self.latent_dtype)) for name, t in (conditions or {}).items()},
             "txt": prompt.encode("utf-8"),
             "json": json.dumps(meta or {}, sort_keys=True).encode("utf-8"),
         })

@@ -11,6 +11,10 @@ A dataset directory (written by ``tools/prepare_data.py`` or ``tools/synthesize_
                                       KEY.context.pth  [L_i, D]  the prompt's L_i <= text_len tokens
                                       KEY.txt          the prompt
                                       KEY.json         provenance (source file, frames, fps, ...)
+                                      image-to-video datasets also (meta.json "conditions": field -> shape):
+                                      KEY.first_frame.pth   [C,1,H,W]   the clean first latent frame
+                                      KEY.condition.pth     [4+C,T,H,W] Wan's mask + condition latents
+                                      KEY.image_embeds.pth  [L_img,D_img] CLIP image embeddings
     shard-000000.tar.index.json     member offsets of that shard, written with it
 
 Text embeddings are stored without padding and zero-padded to ``text_len`` on load (Wan
