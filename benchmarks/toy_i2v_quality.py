@@ -36,7 +36,7 @@ from rcm_megatron.checkpointing.model_file import save_model_file  # noqa: E402
 from rcm_megatron.eval.toy_benchmark import reference_features  # noqa: E402
 from rcm_megatron.eval.toy_i2v_benchmark import evaluate_model, held_out_i2v  # noqa: E402
 
-SETTINGS = {"full": dict(teacher_iters=400, distill_iters=200, num_samples=128, num_reference=4096,
+SETTINGS = {"full": dict(teacher_iters=150, distill_iters=120, num_samples=128, num_reference=4096,
                          teacher_steps=50, micro_batch_size=16),
             "tiny": dict(teacher_iters=4, distill_iters=4, num_samples=8, num_reference=64, teacher_steps=4,
                          micro_batch_size=4)}
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     widen_teacher(os.path.join(ROOT, "assets", "toy_teacher.pt"), out("teacher_init.pt"))
     timings["teacher_finetune_s"] = tool(out("teacher.log"), "pretrain_rcm.py", "--mode", "teacher",
                                          "--teacher-checkpoint", out("teacher_init.pt"), *common,
-                                         "--train-iters", str(s["teacher_iters"]), "--teacher-lr", "3e-4",
+                                         "--train-iters", str(s["teacher_iters"]), "--teacher-lr", "1e-3",
                                          "--log-dir", out("teacher"), "--save", out("teacher", "ckpt"))
     tool(out("export_teacher.log"), "tools/export_teacher.py", out("teacher", "ckpt"), out("teacher.pt"))
     timings["distill_s"] = tool(out("distill.log"), "pretrain_rcm.py", "--teacher-checkpoint", out("teacher.pt"),

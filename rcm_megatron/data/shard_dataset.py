@@ -39,7 +39,7 @@ class ShardDataset(LatentDataset):
         if unknown:
             raise ValueError(f"{self.root}/meta.json: unknown condition field(s) {unknown}; expected some of "
                              f"{list(FIELDS)}")
-        self.conditions = tuple(self.condition_shapes)
+        self.conditions = tuple(f for f in FIELDS if f in self.condition_shapes)
         if "condition" in self.condition_shapes:
             self.condition_channels = self.condition_shapes["condition"][0]
         if "image_embeds" in self.condition_shapes:
