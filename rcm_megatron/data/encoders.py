@@ -124,9 +124,11 @@ class CLIPImageEncoder:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] in [-1, 1] -> [B, L_img, D] (float32, CPU)."""
-        pixels = self.processor(images=((images.float().cpu() + 1) / 2).clamp(0, 1), do_rescale=False,
-                                return_tensors="pt").pixel_values
+        """images [B, 3, H, W] in [-1, 1] -> [B, L_img, D] (float32, CPU). The processor gets 8-bit RGB
+        arrays, as diffusers' pipeline gives it a PIL image (the frames come from 8-bit video)."""
+        arrays = [((im.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+                  for im in images]
+        pixels = self.processor(images=arrays, return_tensors="pt").pixel_values
         out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
         return out.hidden_states[-2].float().cpu()
 
