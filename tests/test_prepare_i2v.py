@@ -144,3 +144,18 @@ def test_prepare_i2v_bad_input_exits_2(inputs, tmp_path, extra, message):
     p = run("tools/prepare_data.py", *prepare_args(root, manifest, tmp_path / "o", *extra), check=False)
     assert p.returncode == 2 and message in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.slow
+def test_synthesize_refuses_an_image_teacher(inputs, tmp_path):
+    """synthesize_data.py samples text-to-video teachers only: an I2V teacher is named, exit 2, nothing written."""
+    root, _ = inputs
+    cfg = WanConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, in_channels=12,
+                    out_channels=4, text_dim=TEXT_DIM, freq_dim=32, image_dim=CLIP_DIM)
+    save_model_file(str(tmp_path / "t.pt"), cfg.to_dict(), WanDiT(cfg).state_dict())
+    (tmp_path / "p.txt").write_text("a red ball\n")
+    p = run("tools/synthesize_data.py", "--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "o"),
+            "--teacher-checkpoint", str(tmp_path / "t.pt"), "--text-encoder", str(root), "--latent-shape", "4", "2",
+            "2", "2", "--device", "cpu", check=False)
+    assert p.returncode == 2 and "synthesize_data.py samples text-to-video teachers only" in p.stderr, p.stderr
+    assert "in_channels 12 = 4 noisy + 8 condition" in p.stderr and not os.path.exists(tmp_path / "o")
