@@ -63,6 +63,11 @@ def tool(log: str, *args) -> float:
     return round(time.time() - t0, 1)
 
 
+def iterations_done(metrics: str) -> int:
+    with open(metrics) as f:
+        return sum(1 for line in f if line.strip())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="working directory (runs, logs, model files, results JSON)")
@@ -97,6 +102,7 @@ def main(argv=None) -> int:
         "benchmark": "toy_i2v_quality", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python benchmarks/toy_i2v_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": "cpu", "settings": s, "timings": timings, "layout": "concat (mask 4 + condition 4)",
+        "distill_iters_done": iterations_done(out("student", "metrics.jsonl")),  # fewer if stopped by SIGTERM
         "rows": rows,
         "targets": {"first_frame_error_4step_over_teacher": st4["first_frame_error"] / max(t["first_frame_error"], 1e-12),
                     "fd_4step_over_teacher": st4["fd"] / t["fd"],
