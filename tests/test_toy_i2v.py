@@ -84,3 +84,26 @@ def test_reduced_distillation_keeps_the_first_frame():
         x = sample(student, raw["context"], LATENT_SHAPE, raw["index"], seed=5, num_steps=steps, cond=cond)
         assert (first_frame_error(x, raw["first_frame"]) == 0).all()
         assert torch.isfinite(x).all() and (x[:, :, 1:] - raw["latents"][:, :, 1:]).abs().max() > 0
+
+
+@pytest.mark.slow
+def test_toy_i2v_benchmark_smoke(tmp_path):
+    """benchmarks/toy_i2v_quality.py --tiny end to end (widened teacher fine-tuned, rCM, evaluation): every
+    row has an FD and a first-frame error, and the targets are computed from them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "toy_i2v_quality.py"), "--out", str(tmp_path),
+                        "--tiny"], capture_output=True, text=True, cwd=root, timeout=900,
+                       env=dict(os.environ, PYTHONPATH=root, PYTHONWARNINGS="ignore"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads((tmp_path / "toy_i2v_quality.json").read_text())
+    assert set(res["rows"]) == {"teacher", "rcm_1step", "rcm_2step", "rcm_4step"}
+    for row in res["rows"].values():
+        assert row["fd"] >= 0 and 0 <= row["first_frame_error"] < float("inf")
+    t, s = res["rows"]["teacher"], res["rows"]["rcm_4step"]
+    assert res["targets"]["fd_4step_over_teacher"] == pytest.approx(s["fd"] / t["fd"])
+    assert res["targets"]["fd_met"] == (s["fd"] <= 2 * t["fd"])

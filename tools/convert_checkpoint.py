@@ -9,6 +9,13 @@
     # a distilled student back to diffusers (WanTransformer3DModel.from_pretrained(OUT) loads it)
     python tools/convert_checkpoint.py export --load runs/x/checkpoints --out student-diffusers --ema --dtype bf16
 
+    # Wan2.1 I2V imports like T2V (its image branch is part of the DiT). Wan2.2 A14B (two experts): the
+    # pipeline folder (transformer/ + transformer_2/, boundary_ratio in model_index.json) or the original
+    # release folder (high_noise_model/ + low_noise_model/) -> SAVE/high_noise, SAVE/low_noise, SAVE/experts.json
+    python tools/convert_checkpoint.py import --hf-dir Wan2.2-I2V-A14B-Diffusers --save ckpt/wan22
+    python tools/convert_checkpoint.py import --wan-pth Wan2.2-I2V-A14B --save ckpt/wan22 --boundary-ratio 0.9
+    python tools/convert_checkpoint.py export --load ckpt/wan22 --out wan22-diffusers   # transformer/ + transformer_2/
+
     python tools/convert_checkpoint.py info PATH       # architecture and weights of any source
     python tools/convert_checkpoint.py verify runs/x/checkpoints   # every file against its recorded checksum
 
@@ -70,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--config", help="architecture for a bare .pth: a config.json (original, diffusers or ours)")
     imp.add_argument("--num-heads", type=int, help="attention heads for a bare .pth (default: width / 128)")
     imp.add_argument("--overwrite", action="store_true", help="replace a converted model already in --save")
+    imp.add_argument("--boundary-ratio", type=float, default=None,
+                     help="two-expert source: the expert boundary (default: model_index.json's; original releases: "
+                          "I2V A14B 0.9, T2V A14B 0.875 by in_channels)")
 
     exp = sub.add_parser("export", help="our checkpoint (any layout) -> diffusers WanTransformer3DModel folder")
     exp.add_argument("--load", required=True, help="our checkpoint directory (training --save or import output), "
@@ -97,6 +107,76 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+EXPERTS_FILE = "experts.json"  # in an imported two-expert directory: the boundary and the experts' folders
+
+
+def expert_folders(path: str) -> dict[str, str] | None:
+    """{'high_noise': folder, 'low_noise': folder} of a two-expert source (a diffusers Wan2.2 A14B pipeline,
+    the original release or an imported experts directory), else None."""
+    from rcm_megatron.convert.diffusers_wan import EXPERT_SUBFOLDERS
+    from rcm_megatron.convert.wan_original import EXPERT_FOLDERS
+
+    if not os.path.isdir(path):
+        return None
+    if os.path.isfile(os.path.join(path, EXPERTS_FILE)):
+        return {k: os.path.join(path, k) for k in ("high_noise", "low_noise")}
+    for layout in (EXPERT_SUBFOLDERS, EXPERT_FOLDERS):
+        if all(os.path.isdir(os.path.join(path, d)) for d in layout.values()):
+            return {k: os.path.join(path, d) for k, d in layout.items()}
+    return None
+
+
+def boundary_ratio(path: str, given: float | None, in_channels: int) -> float:
+    import json
+
+    from rcm_megatron.convert.diffusers_wan import MODEL_INDEX
+    from rcm_megatron.models.experts import BOUNDARY_RATIOS
+
+    if given is not None:
+        if not 0 < given < 1:
+            raise UsageError(f"--boundary-ratio must be in (0, 1), got {given}")
+        return given
+    for name in (EXPERTS_FILE, MODEL_INDEX):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                ratio = json.load(fh).get("boundary_ratio")
+            if ratio is not None:
+                return float(ratio)
+    return BOUNDARY_RATIOS["i2v-a14b" if in_channels > 16 else "t2v-a14b"]
+
+
+def import_experts(args, folders: dict[str, str], src_path: str) -> int:
+    """Both experts of a Wan2.2 A14B source into SAVE/high_noise and SAVE/low_noise, checked against each other."""
+    import json
+
+    from rcm_megatron.checkpointing.loading import describe, open_source
+    from rcm_megatron.checkpointing.model_writer import write_model_checkpoint
+    from rcm_megatron.checkpointing.sources import parse_dtype
+
+    kind = "diffusers" if args.hf_dir is not None else "wan"
+    sources = {k: open_source(f, kind=kind) for k, f in folders.items()}
+    try:
+        high, low = sources["high_noise"].config, sources["low_noise"].config
+        if high != low:
+            raise UsageError(f"{src_path}: the two experts differ in architecture ({folders['high_noise']}: {high}; "
+                             f"{folders['low_noise']}: {low})")
+        ratio = boundary_ratio(src_path, args.boundary_ratio, high.in_channels)
+        for key, src in sources.items():
+            print(f"{key}: {describe(src)}", flush=True)
+            write_model_checkpoint(os.path.join(args.save, key), src, parse_dtype(args.dtype),
+                                   overwrite=args.overwrite, progress=_progress(f"import {key}"))
+    finally:
+        for src in sources.values():
+            src.close()
+    with open(os.path.join(args.save, EXPERTS_FILE), "w") as f:
+        json.dump({"boundary_ratio": ratio, "high_noise": "high_noise", "low_noise": "low_noise",
+                   "source": os.path.abspath(src_path)}, f, indent=1)
+    print(f"wrote {args.save}: two experts (high_noise/, low_noise/, boundary_ratio {ratio}); each is a "
+          f"--teacher-checkpoint; peak RSS {peak_rss_gb():.2f} GB", flush=True)
+    return 0
+
+
 def cmd_import(args) -> int:
     from rcm_megatron.checkpointing.loading import describe, open_source
     from rcm_megatron.checkpointing.model_writer import write_model_checkpoint
@@ -104,6 +184,13 @@ def cmd_import(args) -> int:
 
     if args.hf_dir is not None and (args.config is not None or args.num_heads is not None):
         raise UsageError("--config / --num-heads apply to --wan-pth only (a diffusers folder has its config.json)")
+    folders = expert_folders(args.hf_dir if args.hf_dir is not None else args.wan_pth)
+    if folders is not None:
+        if args.config is not None or args.num_heads is not None:
+            raise UsageError("--config / --num-heads apply to a bare .pth, not to a two-expert folder")
+        return import_experts(args, folders, args.hf_dir if args.hf_dir is not None else args.wan_pth)
+    if args.boundary_ratio is not None:
+        raise UsageError("--boundary-ratio applies to a two-expert (Wan2.2 A14B) source only")
     config = read_config_file(args.config) if args.config else None
     if args.hf_dir is not None:
         src = open_source(args.hf_dir, kind="diffusers")
@@ -127,6 +214,8 @@ def cmd_export(args) -> int:
     from rcm_megatron.checkpointing.sources import parse_dtype, parse_size
 
     weights = "ema" if args.ema else args.weights
+    if os.path.isfile(os.path.join(args.load, EXPERTS_FILE)):
+        return export_experts(args, weights)
     if is_checkpoint_dir(args.load):
         info = inspect_checkpoint(args.load, args.iteration)
         weights = choose_weights(info, weights, order=("student", "model"))
@@ -142,6 +231,38 @@ def cmd_export(args) -> int:
                                    overwrite=args.overwrite, progress=_progress("export", every=0.0))
     print(f"wrote {args.out}: {len(summary['files'])} safetensors file(s), {summary['tensors']} tensors, "
           f"{summary['bytes'] / 1e9:.3f} GB ({args.dtype}); peak RSS {peak_rss_gb():.2f} GB", flush=True)
+    return 0
+
+
+def export_experts(args, weights) -> int:
+    """An imported two-expert directory -> a diffusers folder with transformer/ (high noise), transformer_2/
+    (low noise) and model_index.json's boundary_ratio (``WanImageToVideoPipeline`` loads both)."""
+    import json
+
+    from rcm_megatron.checkpointing.diffusers_export import export_diffusers
+    from rcm_megatron.checkpointing.loading import open_source
+    from rcm_megatron.checkpointing.sources import parse_dtype, parse_size
+    from rcm_megatron.convert.diffusers_wan import EXPERT_SUBFOLDERS, MODEL_INDEX
+
+    with open(os.path.join(args.load, EXPERTS_FILE)) as f:
+        info = json.load(f)
+    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise UsageError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
+    for key, sub in EXPERT_SUBFOLDERS.items():
+        with open_source(os.path.join(args.load, info.get(key, key)), weights=weights, iteration=args.iteration) as src:
+            export_diffusers(src, os.path.join(args.out, sub), parse_dtype(args.dtype), parse_size(args.max_shard_size),
+                             overwrite=True, progress=_progress(f"export {key}", every=0.0))
+    index_path = os.path.join(args.out, MODEL_INDEX)
+    index = {}
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
+    index.update({sub: ["diffusers", "WanTransformer3DModel"] for sub in EXPERT_SUBFOLDERS.values()})
+    index["boundary_ratio"] = float(info["boundary_ratio"])
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=2)
+    print(f"wrote {args.out}: transformer/ and transformer_2/, boundary_ratio {info['boundary_ratio']}; "
+          f"peak RSS {peak_rss_gb():.2f} GB", flush=True)
     return 0
 
 

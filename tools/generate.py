@@ -15,6 +15,14 @@ UniPC (classifier-free guidance, Wan's shifted flow). Prompts are encoded with t
 encoder (transformers ``UMT5EncoderModel``) and latents decoded with diffusers'
 ``AutoencoderKLWan``, both from local folders; ``--latents-only`` skips the VAE.
 
+Image-to-video (``--image PATH``, one for every prompt or one per prompt): a Wan2.1 / Wan2.2 I2V
+model gets the image as diffusers' ``WanImageToVideoPipeline`` gives it (VAE latents of [image,
+zero frames] after a 4-channel first-frame mask; CLIP image embeddings from ``--image-encoder``
+for Wan2.1 I2V), a Wan2.2 TI2V model the image's latents as the given first frame. PATH is an
+image file (resized and center-cropped to --height x --width) or a ``.pt`` of precomputed fields
+(``first_frame`` [C,1,h,w], ``condition``, ``image_embeds``; e.g. the toy I2V task's first latent
+frame). The teacher comparison gets the same condition.
+
 Writes to ``--out``: ``latents.pt``, per prompt ``student_K.mp4`` (and ``teacher_K.mp4``)
 when PyAV is installed, and ``contact_sheet.png`` (one row per prompt and model, frames
 left to right; with --latents-only the first three latent channels). Under torchrun every
@@ -85,6 +93,11 @@ def parser() -> argparse.ArgumentParser:
                    help="latent shape directly (overrides frames/height/width; default with none of them: the "
                         "checkpoint's training data, e.g. the toy task's 4 4 8 8)")
     g.add_argument("--fps", type=int, default=16)
+    g.add_argument("--image", action="append", default=[],
+                   help="image-to-video: the first frame (an image file, or a .pt of precomputed condition fields); "
+                        "once for every prompt or once per prompt")
+    g.add_argument("--image-encoder", help="CLIPVisionModel folder (or a Wan2.1 I2V pipeline) for a model with an "
+                                           "image branch (Wan2.1 I2V)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=1, help="prompts per forward (results do not depend on it)")
     g.add_argument("--out", "--output", dest="out", default="samples", help="output folder (default samples/)")
@@ -161,7 +174,7 @@ def check_args(args) -> list[str]:
         raise UsageError(f"--text-len must be >= 1, got {args.text_len}")
     if args.latent_shape is None and (args.num_frames - 1) % 4:
         raise UsageError(f"--num-frames {args.num_frames}: Wan videos have 4k+1 frames (e.g. 81)")
-    for flag in ("vae", "text_encoder", "tokenizer", "teacher", "scheduler_config"):
+    for flag in ("vae", "text_encoder", "tokenizer", "teacher", "scheduler_config", "image_encoder"):
         path = getattr(args, flag)
         if path is not None and not os.path.exists(path):
             raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
@@ -282,6 +295,120 @@ def release_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------- image
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def image_task(cfg, source) -> str | None:
+    """'i2v' (condition channels or an image branch), 'ti2v' (a Wan2.2 TI2V model: 48-channel latents,
+    or a checkpoint trained with a given first frame) or None (text-to-video)."""
+    from rcm_megatron.data.conditions import is_image_model
+
+    if is_image_model(cfg):
+        return "i2v"
+    data = (getattr(getattr(source, "info", None), "meta", None) or {}).get("data") or {}
+    return "ti2v" if cfg.in_channels == 48 or "first_frame" in (data.get("conditions") or ()) else None
+
+
+def check_image_args(args, cfg, source, num_prompts: int) -> None:
+    """--image against the model, before any model is built."""
+    from rcm_megatron.data.conditions import describe
+
+    task = image_task(cfg, source)
+    if args.image and task is None:
+        raise UsageError(f"--image {args.image[0]}: {source.what} is a text-to-video model (in_channels = "
+                         f"out_channels = {cfg.in_channels}, no image branch)")
+    if task is not None and not args.image:
+        raise UsageError(f"--image PATH is needed: {source.what} is an image-to-video model ({describe(cfg)}"
+                         + (")" if task == "i2v" else ": Wan2.2 TI2V, the image is its first frame)"))
+    if args.toy_prompts:
+        from rcm_megatron.eval.generation_settings import toy_contexts
+
+        num_prompts = len(toy_contexts()[0])
+    if num_prompts and len(args.image) not in (0, 1, num_prompts):  # --context-file: counted once read
+        raise UsageError(f"{len(args.image)} --image for {num_prompts} prompts: give one for all or one per prompt")
+    for path in args.image:
+        if not os.path.isfile(path):
+            raise UsageError(f"--image {path}: no such file")
+        if path.endswith(".pt"):
+            continue
+        if not path.lower().endswith(IMAGE_SUFFIXES):
+            raise UsageError(f"--image {path}: expected an image file ({', '.join(IMAGE_SUFFIXES)}) or a .pt of "
+                             "condition fields")
+        if args.vae is None:
+            raise UsageError(f"--image {path}: --vae PATH is needed to encode the image")
+        if cfg.image_dim is not None and args.image_encoder is None:
+            raise UsageError(f"--image {path}: --image-encoder PATH (CLIP) is needed: the model has an image branch "
+                             f"(image_dim {cfg.image_dim})")
+    if args.image_encoder is not None and cfg.image_dim is None:
+        raise UsageError(f"--image-encoder: {source.what} has no image branch (image_dim None)")
+
+
+def _image_fields(args, path: str, shape, vae, clip) -> dict:
+    """The condition fields of one --image, per sample (no batch dimension)."""
+    if path.endswith(".pt"):
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or not any(k in blob for k in ("first_frame", "condition")):
+            raise UsageError(f"--image {path}: expected a dict with 'first_frame' [C,1,h,w] (and optionally "
+                             "'condition', 'image_embeds')")
+        return {k: blob[k].float() for k in ("first_frame", "condition", "image_embeds") if k in blob}
+    import numpy as np
+    from PIL import Image
+
+    from rcm_megatron.data.encoders import image_conditions
+    from rcm_megatron.data.video import resize_center_crop
+
+    rgb = torch.from_numpy(np.array(Image.open(path).convert("RGB")))[None]  # uint8 [1, H, W, 3]
+    frame = resize_center_crop(rgb, args.height, args.width)  # [3, 1, h, w] in [-1, 1]
+    clip_video = torch.cat([frame, torch.zeros(3, (shape[1] - 1) * vae.temporal_factor, *frame.shape[2:])], dim=1)
+    out = image_conditions(vae, clip_video)
+    if clip is not None:
+        out["image_embeds"] = clip.encode(frame[:, 0][None])[0]
+    return out
+
+
+def image_condition(args, cfg, shape, n: int, device):
+    """The Conditioning of the n prompts (None without --image), made on rank 0 and broadcast."""
+    import torch.distributed as dist
+
+    if not args.image:
+        return None
+    from rcm_megatron.data.conditions import batch_conditioning, check
+    from rcm_megatron.data.toy_i2v import IMAGE_DIM, image_tokens
+
+    if len(args.image) not in (1, n):
+        raise UsageError(f"{len(args.image)} --image for {n} prompts: give one for all or one per prompt")
+    result = [None]
+    if _rank() == 0:
+        vae = clip = None
+        if any(not p.endswith(".pt") for p in args.image):
+            from rcm_megatron.data.encoders import CLIPImageEncoder, WanVAEEncoder
+
+            vae = WanVAEEncoder(args.vae, device=device)
+            clip = CLIPImageEncoder(args.image_encoder, device=device) if cfg.image_dim is not None else None
+        fields = [_image_fields(args, p, shape, vae, clip) for p in args.image]
+        fields = fields * n if len(fields) == 1 else fields
+        raw = {k: torch.stack([f[k] for f in fields]) for k in fields[0] if all(k in f for f in fields)}
+        if cfg.image_dim == IMAGE_DIM and "image_embeds" not in raw and "first_frame" in raw:
+            raw["image_embeds"] = image_tokens(raw["first_frame"])  # the toy I2V task's image tokens
+        problem = check(tuple(raw), shape[0], cfg, f"--image {args.image[0]}",
+                        condition_width=raw["condition"].shape[1] if "condition" in raw else None,
+                        image_dim=raw["image_embeds"].shape[-1] if "image_embeds" in raw else None)
+        ff = raw.get("first_frame")
+        if problem is None and ff is not None and tuple(ff.shape[1:]) != (shape[0], 1, *shape[2:]):
+            problem = f"--image {args.image[0]}: first_frame {tuple(ff.shape[1:])}, expected {(shape[0], 1, *shape[2:])}"
+        if problem:
+            raise UsageError(problem)
+        result = [raw | {"latents": torch.zeros(1, 1, 1, 1, 1).expand(n, *shape)}]  # only its shape is read
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(result, src=0)
+    return batch_conditioning(result[0], cfg, device)
+
+
+def part(cond, idx):
+    return None if cond is None else cond.select(torch.as_tensor(idx))
+
+
 # ----------------------------------------------------------------------------- outputs
 def vae_factors(path: str | None) -> tuple[int, int, int | None]:
     """(temporal, spatial, z_dim) from the VAE's config.json (every rank, no weights read)."""
@@ -311,11 +438,13 @@ def latent_shape(args, cfg) -> tuple[int, int, int, int]:
         if args.height % sf or args.width % sf:
             raise UsageError(f"--height/--width {args.height}x{args.width} must be multiples of the VAE's spatial "
                              f"factor {sf}")
-        shape = (cfg.in_channels, (args.num_frames - 1) // tf + 1, args.height // sf, args.width // sf)
-    if shape[0] != cfg.in_channels:
-        raise UsageError(f"latent channels {shape[0]} != the model's in_channels {cfg.in_channels}")
-    if z_dim is not None and z_dim != cfg.in_channels:
-        raise UsageError(f"--vae has z_dim {z_dim}, the model expects {cfg.in_channels} latent channels")
+        shape = (cfg.out_channels, (args.num_frames - 1) // tf + 1, args.height // sf, args.width // sf)
+    if shape[0] != cfg.out_channels:  # an image model's in_channels also count its condition channels
+        raise UsageError(f"latent channels {shape[0]} != the model's "
+                         + (f"in_channels {cfg.in_channels}" if cfg.in_channels == cfg.out_channels
+                            else f"out_channels {cfg.out_channels}"))
+    if z_dim is not None and z_dim != cfg.out_channels:
+        raise UsageError(f"--vae has z_dim {z_dim}, the model expects {cfg.out_channels} latent channels")
     for size, p, axis in zip(shape[1:], cfg.patch_size, ("T", "H", "W")):
         if size % p:
             raise UsageError(f"latent {axis}={size} (shape {shape}) is not divisible by the patch size {p}: "
@@ -410,6 +539,7 @@ def run(args) -> int:
     validate_cp(cfg, args.tensor_model_parallel_size, args.context_parallel_size, args.cp_comm_type,
                 args.hierarchical_context_parallel_sizes)
     shape = latent_shape(args, cfg)
+    check_image_args(args, cfg, student_src, len(prompts))
     from rcm_megatron.eval.generation_settings import check_memory
 
     try:
@@ -428,6 +558,7 @@ def run(args) -> int:
         raise UsageError(f"text embeddings have width {context.shape[-1]}, the model's text_dim is {cfg.text_dim} "
                          "(a text encoder of another model?)")
     n = context.shape[0]
+    cond = image_condition(args, cfg, shape, n, device)
     log(f"{n} prompt(s), latents {list(shape)}, student {student_src.what}, {args.steps} step(s), "
         f"sigma_max {args.sigma_max}, seed {args.seed}, TP {args.tensor_model_parallel_size}"
         f"{' +SP' if args.sequence_parallel else ''}, CP {args.context_parallel_size} ({args.cp_comm_type})")
@@ -442,7 +573,8 @@ def run(args) -> int:
     with autocast(args, device):
         out["student"] = torch.cat([
             sample(student, context[idx].to(device), shape, idx, seed=args.seed, num_steps=args.steps,
-                   mid_times=args.mid_times, sigma_max=args.sigma_max).cpu() for idx in batches])
+                   mid_times=args.mid_times, sigma_max=args.sigma_max, cond=part(cond, idx)).cpu()
+            for idx in batches])
     log(f"student: {n} sample(s) in {time.time() - t0:.1f} s")
     del student
     release_memory(device)
@@ -456,7 +588,7 @@ def run(args) -> int:
             # the student's starting noise (rcm.sampling draws it from stream 'sample.noise', iteration 0)
             noise = KeyedRNG(args.seed, 0).normal("sample.noise", idx, shape, device=device)
             kw = dict(seed=args.seed, num_steps=args.teacher_steps, guidance_scale=args.guidance_scale,
-                      shift=args.shift, noise=noise)
+                      shift=args.shift, noise=noise, cond=part(cond, idx))
             with autocast(args, device):
                 if args.sampler == "unipc":
                     sched = wan_unipc_scheduler(args.shift, args.scheduler_config)

@@ -18,6 +18,12 @@ Resumable: a shard is written under a temporary name and renamed when complete; 
 skips complete shards. A video that cannot be read, is too short, or has no caption is
 skipped, counted and warned about; the run fails (exit 1, naming the input) only when the
 output holds no valid sample at all. Configuration errors exit 2 before any model loads.
+
+``--task i2v`` (image-to-video) also stores, per clip conditioned on its first frame, what
+diffusers' Wan I2V pipelines feed the DiT (``rcm_megatron/data/conditions.py``): the first frame's
+latents (Wan2.2 TI2V), Wan's mask + condition latents (Wan2.1 / Wan2.2 I2V) and the CLIP image
+embeddings of the first frame (``--image-encoder``: a ``CLIPVisionModel`` folder with its
+``CLIPImageProcessor``, or a Wan I2V diffusers pipeline folder).
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ quiet_optional_backends()  # before anything imports megatron-core
 
 import torch  # noqa: E402
 
-from rcm_megatron.data.encoders import WAN_NEGATIVE_PROMPT, UMT5TextEncoder, WanVAEEncoder  # noqa: E402
+from rcm_megatron.data.encoders import (  # noqa: E402
+    WAN_NEGATIVE_PROMPT, CLIPImageEncoder, UMT5TextEncoder, WanVAEEncoder, image_conditions,
+)
 from rcm_megatron.data.jobs import Progress, RankInfo, barrier_and_sum, quiet_hub, read_manifest  # noqa: E402
 from rcm_megatron.data.shards import (  # noqa: E402
     ShardWriter, _shard_count, check_dataset_meta, shard_complete, shard_name, write_dataset_meta,
@@ -54,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", required=True,
                    help="UMT5EncoderModel folder, or a Wan diffusers pipeline folder (uses text_encoder/, tokenizer/)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: beside the text encoder)")
+    p.add_argument("--task", choices=("t2v", "i2v"), default="t2v",
+                   help="i2v: also store the first frame's condition latents, mask and CLIP embeddings")
+    p.add_argument("--image-encoder", default=None,
+                   help="with --task i2v: CLIPVisionModel folder (+ preprocessor_config.json), or a Wan I2V pipeline")
     p.add_argument("--video-column", default=None)
     p.add_argument("--caption-column", default=None)
     p.add_argument("--num-frames", type=int, default=81, help="frames per clip, 4k+1 (Wan: 81)")
@@ -85,7 +97,11 @@ def check_args(args) -> None:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.fps < 0:
         raise ConfigError(f"--fps must be >= 0, got {args.fps}")
-    for flag in ("vae", "text_encoder", "tokenizer"):
+    if args.task == "i2v" and args.image_encoder is None:
+        raise ConfigError("--task i2v needs --image-encoder (a CLIPVisionModel folder, or a Wan I2V diffusers pipeline)")
+    if args.task != "i2v" and args.image_encoder is not None:
+        raise ConfigError("--image-encoder is used only with --task i2v")
+    for flag in ("vae", "text_encoder", "tokenizer", "image_encoder"):
         path = getattr(args, flag)
         if path is not None and not os.path.isdir(path):
             raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such directory")
@@ -93,8 +109,9 @@ def check_args(args) -> None:
         raise ConfigError(f"--input {args.input}: no such file or directory")
 
 
-def encode_shard(items, vae, text, args, backend, device, progress) -> list[tuple]:
-    """[(item, latents [C,T,H,W], context [L,D])] of the usable items; the rest are counted."""
+def encode_shard(items, vae, text, args, backend, device, progress, image=None) -> list[tuple]:
+    """[(item, latents [C,T,H,W], context [L,D], conditions)] of the usable items (conditions: the
+    image-to-video fields with ``image``, the CLIP encoder, else None); the rest are counted."""
     videos = []
     for it in items:
         if not it.text:
@@ -117,13 +134,16 @@ def encode_shard(items, vae, text, args, backend, device, progress) -> list[tupl
             progress.warn(f"skipped row {it.row} {it.path}: non-finite latents")
             progress.sample(False, "non_finite")
             continue
-        videos.append((it, z))
+        conds = None
+        if image is not None:
+            conds = image_conditions(vae, clip) | {"image_embeds": image.encode(clip[:, 0].unsqueeze(0))[0]}
+        videos.append((it, z, conds))
     out = []
     for k in range(0, len(videos), args.text_batch_size):
         chunk = videos[k:k + args.text_batch_size]
-        ctxs = text.encode([it.text for it, _ in chunk])
-        for (it, z), ctx in zip(chunk, ctxs):
-            out.append((it, z, ctx))
+        ctxs = text.encode([it.text for it, _, _ in chunk])
+        for (it, z, conds), ctx in zip(chunk, ctxs):
+            out.append((it, z, ctx, conds))
             progress.sample(True)
     return out
 
@@ -160,6 +180,7 @@ def main(argv=None) -> int:
         check_frame_count(args.num_frames, vae.temporal_factor)
         latent_shape = vae.latent_shape(args.num_frames, args.height, args.width)
         text = UMT5TextEncoder(args.text_encoder, args.tokenizer, device, dtype, args.text_len)
+        image = CLIPImageEncoder(args.image_encoder, device, dtype) if args.task == "i2v" else None
     except (OSError, ValueError) as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2
@@ -169,6 +190,12 @@ def main(argv=None) -> int:
         "width": args.width, "fps": args.fps, "vae": vae.source, "text_encoder": text.source,
         "negative_prompt": args.negative_prompt, "tool": "prepare_data", "input": os.path.abspath(args.input),
         "samples_per_shard": args.samples_per_shard, "sample_posterior": args.sample_posterior}
+    if image is not None:
+        c, t, h, w = latent_shape
+        lt = vae.temporal_factor
+        dataset_meta |= {"task": "i2v", "image_encoder": image.source, "conditions": {
+            "first_frame": [c, 1, h, w], "condition": [lt + c, t, h, w],
+            "image_embeds": list(image.encode(torch.zeros(1, 3, args.height, args.width)).shape[1:])}}
     try:
         check_dataset_meta(args.output, dataset_meta)  # every rank: never add shards to another dataset
         if ranks.rank == 0:
@@ -181,12 +208,12 @@ def main(argv=None) -> int:
     progress.info(f"latent shape {list(latent_shape)}, text dim {text.dim}; {len(todo)} shards to write")
     for s in todo:
         chunk = items[s * args.samples_per_shard:(s + 1) * args.samples_per_shard]
-        encoded = encode_shard(chunk, vae, text, args, backend, device, progress)
+        encoded = encode_shard(chunk, vae, text, args, backend, device, progress, image)
         with ShardWriter(os.path.join(args.output, shard_name(s)), DTYPES[args.latent_dtype]) as w:
-            for it, z, ctx in encoded:
+            for it, z, ctx, conds in encoded:
                 w.write(f"r{it.row:09d}", z, ctx, it.text,
                         {"row": it.row, "source": it.path, "num_frames": args.num_frames, "fps": args.fps,
-                         "height": args.height, "width": args.width})
+                         "height": args.height, "width": args.width}, conditions=conds)
         progress.shard()
     if not mine:
         progress.line()

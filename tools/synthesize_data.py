@@ -119,7 +119,12 @@ def main(argv=None) -> int:
     problems = []
     if text.dim != cfg.text_dim:
         problems.append(f"--text-encoder gives width {text.dim}, the teacher expects text_dim={cfg.text_dim}")
-    if shape[0] != cfg.in_channels:
+    from rcm_megatron.data.conditions import describe, is_image_model
+
+    if is_image_model(cfg):  # prompt + image pairs are not read here yet
+        problems.append(f"--teacher-checkpoint {args.teacher_checkpoint}: {describe(cfg)}; synthesize_data.py samples "
+                        "text-to-video teachers only")
+    elif shape[0] != cfg.in_channels:
         problems.append(f"--latent-shape C={shape[0]}, the teacher expects in_channels={cfg.in_channels}")
     for size, p, axis in zip(shape[1:], cfg.patch_size, "THW"):
         if size % p:

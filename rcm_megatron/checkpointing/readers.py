@@ -222,7 +222,8 @@ class WanOriginalSource(TensorSource):
                 self._torch.close()
         variant = unsupported_variant(raw)
         if variant:
-            raise ConversionError(f"{path}: {variant} is not supported; expected a Wan2.1 text-to-video DiT")
+            raise ConversionError(f"{path}: {variant} is not supported; expected a Wan DiT: Wan2.1 T2V or I2V, "
+                                  "Wan2.2 TI2V or one Wan2.2 A14B expert")
         stripped = {strip_prefix(k): i for k, i in raw.items()}
         if isinstance(config, WanConfig):
             self.config = config

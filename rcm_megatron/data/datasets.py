@@ -39,7 +39,10 @@ def latent_problem(latents: torch.Tensor, context: torch.Tensor, max_magnitude: 
 
 
 class LatentDataset:
-    """Interface: len, item i -> {"latents", "context"}, and the negative-prompt embedding."""
+    """Interface: len, item i -> {"latents", "context"}, and the negative-prompt embedding.
+    Image-to-video data also hold the fields named in ``conditions`` (``conditions.py``)."""
+
+    conditions: tuple[str, ...] = ()
 
     latent_shape: tuple[int, int, int, int]
     text_len: int
@@ -147,11 +150,13 @@ class TensorFileLatents(LatentDataset):
 def build_dataset(data: str | None, in_channels: int, text_dim: int, latent_shape=None, seed: int = 1234,
                   max_latent_magnitude: float = DEFAULT_MAX_LATENT_MAGNITUDE):
     """``data`` None or "synthetic" -> SyntheticLatents matching the model; "toy" -> the toy video
-    task (data/toy.py, fixed shape); otherwise a tensor file."""
-    if data == "toy":  # the built-in toy task with measurable quality (issue 10)
+    task (data/toy.py, fixed shape); "toy-i2v" -> the same with its first frame given (toy_i2v.py);
+    otherwise a tensor file. ``in_channels``: the latent channels (a model's out_channels)."""
+    if data in ("toy", "toy-i2v"):  # the built-in toy task with measurable quality (issue 10), or its I2V form
         from .toy import ToyVideoLatents
+        from .toy_i2v import ToyI2VLatents
 
-        ds = ToyVideoLatents(seed=seed)
+        ds = (ToyI2VLatents if data == "toy-i2v" else ToyVideoLatents)(seed=seed)
         if latent_shape and tuple(latent_shape) != ds.latent_shape:
             raise ValueError(f"--latent-shape {' '.join(map(str, latent_shape))}: --data toy has the fixed latent "
                              f"shape {' '.join(map(str, ds.latent_shape))}")

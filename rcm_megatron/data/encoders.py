@@ -1,8 +1,9 @@
-"""The Wan2.1 VAE and umT5 text encoder, as the data tools use them (diffusers / transformers).
+"""The Wan2.1 VAE, umT5 text encoder and CLIP image encoder, as the data tools use them (diffusers /
+transformers).
 
-Both load with ``from_pretrained`` from a local folder (nothing is downloaded): either the
-component folder itself or a Wan2.1 diffusers pipeline folder (its ``vae/``,
-``text_encoder/`` and ``tokenizer/`` are used).
+All load with ``from_pretrained`` from a local folder (nothing is downloaded): either the
+component folder itself or a Wan diffusers pipeline folder (its ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``image_encoder/`` and ``image_processor/`` are used).
 
 Latents are normalized as Wan's DiT consumes them: z = (mu - latents_mean) / latents_std
 per channel, mu the posterior mean (deterministic; ``sample=True`` draws from it).
@@ -98,3 +99,52 @@ class UMT5TextEncoder:
         h = self.model(ids, attention_mask=mask).last_hidden_state.float().cpu()
         lengths = mask.sum(1).tolist()
         return [h[i, : max(1, int(n))].clone() for i, n in enumerate(lengths)]
+
+
+class CLIPImageEncoder:
+    """transformers ``CLIPVisionModel`` + ``CLIPImageProcessor`` -> image embeddings [L_img, D], the
+    penultimate hidden states as diffusers' ``WanImageToVideoPipeline.encode_image`` takes them."""
+
+    def __init__(self, path: str, device="cpu", dtype=torch.float32):
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        folder = _component(path, "image_encoder")
+        proc = os.path.join(os.path.dirname(folder.rstrip("/")), "image_processor")
+        proc = folder if os.path.isfile(os.path.join(folder, "preprocessor_config.json")) or not os.path.isdir(proc) \
+            else proc
+        if not os.path.isfile(os.path.join(proc, "preprocessor_config.json")):
+            raise FileNotFoundError(f"--image-encoder {path}: no preprocessor_config.json (CLIPImageProcessor) in "
+                                    f"{folder} or beside it in image_processor/")
+        self.processor = CLIPImageProcessor.from_pretrained(proc)
+        self.model = CLIPVisionModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
+        self.source = os.path.abspath(folder)
+        self.device, self.dtype = torch.device(device), dtype
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> [B, L_img, D] (float32, CPU). The processor gets 8-bit RGB
+        arrays, as diffusers' pipeline gives it a PIL image (the frames come from 8-bit video)."""
+        arrays = [((im.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+                  for im in images]
+        pixels = self.processor(images=arrays, return_tensors="pt").pixel_values
+        out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
+        return out.hidden_states[-2].float().cpu()
+
+
+@torch.no_grad()
+def image_conditions(vae: WanVAEEncoder, clip: torch.Tensor, mask_channels: int | None = None) -> dict:
+    """The image-to-video fields of a clip [3, T, H, W] in [-1, 1] conditioned on its first frame,
+    as diffusers' Wan pipelines build them:
+    ``first_frame`` [C, 1, h, w]: the first frame alone through the VAE (Wan2.2 TI2V's given frame);
+    ``condition`` [m + C, t, h, w]: mask (1 on the first latent frame; m = the VAE's temporal factor,
+    4) then the latents of [first frame, zero frames] (``WanImageToVideoPipeline.prepare_latents``)."""
+    video = clip.unsqueeze(0)
+    first = vae.encode(video[:, :, :1])[0].cpu()
+    zeros = torch.zeros_like(video[:, :, 1:])
+    latents = vae.encode(torch.cat([video[:, :, :1], zeros], dim=2))[0].cpu()
+    m = mask_channels or vae.temporal_factor
+    mask = torch.zeros(m, *latents.shape[1:])
+    mask[:, 0] = 1
+    return {"first_frame": first, "condition": torch.cat([mask, latents], dim=0)}

@@ -12,6 +12,10 @@ detail are visible in frame 0, so the model must continue the pattern.
   first frame followed by zeros, concatenated after the noisy latents (the network's
   in_channels = C + mask_channels + C); keeping the first frame is learned, and
   ``first_frame_error`` measures it.
+
+A model with ``image_dim`` (Wan2.1 I2V's CLIP branch) gets ``image_tokens``: the first frame's
+2x2 latent patches as tokens ([B, H*W/4, 4 C]; the toy's stand-in for CLIP image embeddings,
+``IMAGE_DIM`` = 16 wide), so the image branch has something that identifies the frame.
 """
 
 from __future__ import annotations
@@ -22,18 +26,25 @@ from ..rcm.conditioning import Conditioning
 from .toy import ToyVideoLatents
 
 LAYOUTS = ("ti2v", "concat")
+IMAGE_PATCH = 2
+IMAGE_DIM = 4 * IMAGE_PATCH * IMAGE_PATCH  # toy latent channels x patch area
 
 
 class ToyI2VLatents(ToyVideoLatents):
     """``ToyVideoLatents`` whose items and batches also hold ``first_frame``."""
 
+    conditions = ("first_frame", "image_embeds")
+    image_dim = IMAGE_DIM
+
     def __getitem__(self, i: int) -> dict:
         item = super().__getitem__(i)
-        return item | {"first_frame": item["latents"][:, :1].clone()}
+        first = item["latents"][:, :1].clone()
+        return item | {"first_frame": first, "image_embeds": image_tokens(first[None])[0]}
 
     def batch(self, indices) -> dict:
         out = super().batch(indices)
-        return out | {"first_frame": out["latents"][:, :, :1].clone()}
+        first = out["latents"][:, :, :1].clone()
+        return out | {"first_frame": first, "image_embeds": image_tokens(first)}
 
 
 def conditioning(first_frame: torch.Tensor, latent_shape, layout: str = "ti2v", mask_channels: int = 1,
@@ -58,3 +69,10 @@ def first_frame_error(latents: torch.Tensor, first_frame: torch.Tensor) -> torch
     the given frame's RMS (0 = kept exactly)."""
     diff = (latents[:, :, :1].double() - first_frame.double()).flatten(1)
     return diff.square().mean(1).sqrt() / first_frame.double().flatten(1).square().mean(1).sqrt()
+
+
+def image_tokens(first_frame: torch.Tensor, patch: int = IMAGE_PATCH) -> torch.Tensor:
+    """[B, C, 1, H, W] -> [B, (H/p)(W/p), C p^2]: the first frame's latent patches as image tokens."""
+    b, c, _, h, w = first_frame.shape
+    x = first_frame[:, :, 0].reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)

@@ -19,7 +19,7 @@ WAN_TEXT_LEN, WAN_GUIDANCE = 512, 5.0
 
 def is_toy_model(cfg) -> bool:
     """The built-in toy task's model shape (latent channels and text width are the task's)."""
-    return cfg.in_channels == toy.LATENT_SHAPE[0] and cfg.text_dim == toy.TEXT_DIM
+    return cfg.out_channels == toy.LATENT_SHAPE[0] and cfg.text_dim == toy.TEXT_DIM
 
 
 def recorded_settings(meta: dict | None, cfg) -> dict:
@@ -28,7 +28,7 @@ def recorded_settings(meta: dict | None, cfg) -> dict:
     meta = meta or {}
     rcm = meta.get("rcm_config") or {}
     data = meta.get("data") or {}
-    toy_task = data.get("source") == "toy" or (not data and is_toy_model(cfg))
+    toy_task = data.get("source") in ("toy", "toy-i2v") or (not data and is_toy_model(cfg))
     out = {"toy": toy_task}
     if data.get("latent_shape"):
         out["latent_shape"] = tuple(int(s) for s in data["latent_shape"])

@@ -11,6 +11,10 @@ quality and is what distillation data synthesis and evaluation need - simple, ex
 The starting noise of sample i is keyed by (seed, index i) (rng.KeyedRNG), so any split of
 the prompts over ranks or batches produces the same latents. The state stays float64
 between steps; the network sees its own dtype (timesteps at least fp32).
+
+Image-to-video (``cond``, conditioning.py): the image is on both CFG sides, condition channels
+follow the noisy latents, a given first frame (TI2V) enters clean at timestep 0 in every step and
+is the output there (as diffusers' Wan2.2 TI2V pipeline blends it back in).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .conditioning import Conditioning, resolve
 from .protocol import VelocityNet, net_dtype, timestep_dtype
 from .rng import Indices, KeyedRNG, index_list
 from .trigflow import RF_TIME_SCALE, wan_time_shift
@@ -34,15 +39,18 @@ def shifted_sigmas(num_steps: int, shift: float = 5.0) -> Tensor:
 
 
 def guided_velocity(net: VelocityNet, x: Tensor, s: float, context: Tensor, uncond_context: Tensor | None,
-                    guidance_scale: float) -> Tensor:
+                    guidance_scale: float, cond: Conditioning | None = None) -> Tensor:
     """v at RF time s (float64), guided unless the scale is 1 or there is no negative prompt."""
+    cond = resolve(cond)  # text-to-video: the identity below
     dtype = net_dtype(net)
     ts = torch.full((x.shape[0],), RF_TIME_SCALE * s, dtype=timestep_dtype(dtype), device=x.device)
-    v = net(x.to(dtype), ts, context).to(torch.float64)
+    ts = cond.token_timestep(ts, x.shape)
+    latents = cond.network_input(cond.with_given(x).to(dtype))
+    v = net(latents, ts, context, **cond.net_kwargs()).to(torch.float64)
     if uncond_context is None or guidance_scale == 1.0:
         return v
     u = uncond_context.expand(x.shape[0], *uncond_context.shape[-2:]).to(context.dtype)
-    vu = net(x.to(dtype), ts, u).to(torch.float64)
+    vu = net(latents, ts, u, **cond.net_kwargs()).to(torch.float64)
     return vu + guidance_scale * (v - vu)
 
 
@@ -62,7 +70,8 @@ def initial_noise(context: Tensor, latent_shape, indices: Indices, *, seed: int,
 @torch.no_grad()
 def euler_sample(net: VelocityNet, context: Tensor, uncond_context: Tensor | None, latent_shape, indices: Indices,
                  *, seed: int, num_steps: int = 50, guidance_scale: float = 5.0, shift: float = 5.0,
-                 stream: str = "teacher", noise: Tensor | None = None, callback=None) -> Tensor:
+                 stream: str = "teacher", noise: Tensor | None = None, callback=None,
+                 cond: Conditioning | None = None) -> Tensor:
     """Latents x0 [B, *latent_shape] (float64) for prompt embeddings ``context`` [B, L, D].
 
     ``uncond_context`` [1 or B, L, D] is the negative prompt; ``noise`` overrides the keyed
@@ -71,8 +80,8 @@ def euler_sample(net: VelocityNet, context: Tensor, uncond_context: Tensor | Non
     x = initial_noise(context, latent_shape, indices, seed=seed, stream=stream, noise=noise)
     sig = shifted_sigmas(num_steps, shift).tolist()
     for k in range(num_steps):
-        v = guided_velocity(net, x, sig[k], context, uncond_context, guidance_scale)
+        v = guided_velocity(net, x, sig[k], context, uncond_context, guidance_scale, cond)
         x = x + (sig[k + 1] - sig[k]) * v
         if callback is not None:
             callback(k + 1, num_steps)
-    return x
+    return x if cond is None else cond.with_given(x)

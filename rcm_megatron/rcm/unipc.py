@@ -40,7 +40,7 @@ def wan_unipc_scheduler(shift: float = 5.0, config_path: str | None = None, **ov
 @torch.no_grad()
 def unipc_sample(net, context: Tensor, uncond_context: Tensor | None, latent_shape, indices: Indices, *, seed: int,
                  num_steps: int = 30, guidance_scale: float = 5.0, shift: float = 5.0, stream: str = "teacher",
-                 noise: Tensor | None = None, callback=None, scheduler=None) -> Tensor:
+                 noise: Tensor | None = None, callback=None, scheduler=None, cond=None) -> Tensor:
     """Latents x0 [B, *latent_shape] (float64) by UniPC on the rectified flow with CFG."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -48,8 +48,8 @@ def unipc_sample(net, context: Tensor, uncond_context: Tensor | None, latent_sha
     sched = scheduler if scheduler is not None else wan_unipc_scheduler(shift)
     sched.set_timesteps(num_steps, device=context.device)
     for k, t in enumerate(sched.timesteps):
-        v = guided_velocity(net, x, float(t) / RF_TIME_SCALE, context, uncond_context, guidance_scale)
+        v = guided_velocity(net, x, float(t) / RF_TIME_SCALE, context, uncond_context, guidance_scale, cond)
         x = sched.step(v, t, x, return_dict=False)[0].to(torch.float64)
         if callback is not None:
             callback(k + 1, num_steps)
-    return x
+    return x if cond is None else cond.with_given(x)

@@ -37,6 +37,7 @@ DEFAULT_TEACHER = os.path.join(REPO_ROOT, "assets", "toy_teacher.pt")
 TOY_DEFAULTS = {"cfg_scale": 2.0, "lr_student": 3e-4, "lr_fake_score": 3e-4, "student_update_freq": 3,
                 "tangent_warmup_iters": 0}
 TOY_TRAIN_DEFAULTS = {"train_iters": 300, "micro_batch_size": 16}
+TOY_DATA = ("toy", "toy-i2v")  # the toy task, and its image-to-video form (first frame given)
 MAX_CONSECUTIVE_SKIPPED_STEPS = 10  # a diverged run stops within this many steps instead of running on
 
 @dataclass
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
-                   help="'toy' (the built-in toy video task; default with the toy teacher or --model toy), "
+                   help="'toy' (the built-in toy video task; default with the toy teacher or --model toy), 'toy-i2v', "
                         "'synthetic' (default with other presets) or a .pt latent file")
     g.add_argument("--latent-shape", type=int, nargs=4, metavar=("C", "T", "H", "W"), default=None,
                    help="latent shape of the built-in synthetic data (default C=in_channels, 3, 8, 8)")
@@ -251,8 +252,8 @@ def parse_args(argv=None):
         raise ArgumentError(f"--load {args.load}: no such checkpoint directory")
     from ..data.shards import is_shard_spec
 
-    if args.data not in (None, "synthetic", "toy") and not os.path.isfile(args.data) and not is_shard_spec(args.data):
-        raise ArgumentError(f"--data {args.data}: no such file (expected 'synthetic', 'toy' or a .pt latent file)")
+    if args.data not in (None, "synthetic", *TOY_DATA) and not os.path.isfile(args.data) and not is_shard_spec(args.data):
+        raise ArgumentError(f"--data {args.data}: no such file (expected 'synthetic', 'toy', 'toy-i2v' or a .pt latent file)")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.device not in (None, "cpu", "cuda"):
@@ -268,7 +269,7 @@ def parse_args(argv=None):
         model_cfg = preset(args.model or "tiny")
     if args.latent_shape is not None and min(args.latent_shape) < 1:
         raise ArgumentError(f"--latent-shape must be four positive ints, got {args.latent_shape}")
-    if args.latent_shape is not None and args.data not in (None, "synthetic", "toy"):
+    if args.latent_shape is not None and args.data not in (None, "synthetic", *TOY_DATA):
         raise ArgumentError(f"--latent-shape would be ignored: --data {args.data} has its own latent shape")
 
     sizes = {"--tensor-model-parallel-size": args.tensor_model_parallel_size,
@@ -308,7 +309,7 @@ def parse_args(argv=None):
     if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
         raise ArgumentError("--lr-warmup-fraction and --lr-warmup-iters exclude each other")
     given = set(overrides)
-    if args.data == "toy" and args.mode == "distill":
+    if args.data in TOY_DATA and args.mode == "distill":
         for key, value in TOY_DEFAULTS.items():
             overrides.setdefault(key, value)
     if args.model == "tiny" and args.teacher_checkpoint is None:
@@ -383,7 +384,7 @@ def _apply_toy_defaults(args) -> tuple[dict, str]:
             args.data = "toy"
     elif args.model == "toy" and args.data is None:
         args.data = "toy"
-    toy = args.data == "toy"
+    toy = args.data in TOY_DATA
     if args.train_iters is None:
         args.train_iters = TOY_TRAIN_DEFAULTS["train_iters"] if toy and args.mode == "distill" else 100
     if args.micro_batch_size is None:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..models.wan import FP32_MODULE_KEYWORDS, StageState, WanDiT
 from ..parallel.pipeline import StageLink, forward_sweep, one_f_one_b
+from ..rcm.conditioning import Conditioning
 from ..rcm.losses import critic_regression
 from ..rcm.schedule import Phase
 from ..rcm.step import Batch, make_critic_targets, make_student_targets, student_diagnostics, student_regression
@@ -55,21 +56,21 @@ def _grid(model: WanDiT, shape) -> tuple[int, int, int]:
     return shape[2] // pt, shape[3] // ph, shape[4] // pw
 
 
-def stage_forward(model: WanDiT, latents, timestep, context, latents_tan, timestep_tan, received):
-    """This stage's share of ``net(latents, timestep, context)`` (with tangent when latents_tan
-    is given). Returns the activations to send on, [x, x_tan, embedded text], or on the last
-    stage the head's (v, dv)."""
+def stage_forward(model: WanDiT, latents, timestep, context, latents_tan, timestep_tan, received, image_context=None):
+    """This stage's share of ``net(latents, timestep, context, image_context)`` (with tangent when
+    latents_tan is given). Returns the activations to send on, [x, x_tan, embedded text, embedded image
+    tokens (None for text-only models)], or on the last stage the head's (v, dv)."""
     if model.pre_process:
-        model.check_inputs(latents, timestep, context)
-        state = model.embed(latents, timestep, context, latents_tan, timestep_tan)
+        model.check_inputs(latents, timestep, context, image_context)
+        state = model.embed(latents, timestep, context, latents_tan, timestep_tan, image_context)
     else:
-        x, x_tan, ctx = received
-        state = StageState(x, x_tan, None, None, None, None, ctx, _grid(model, latents.shape))
+        x, x_tan, ctx, img = received
+        state = StageState(x, x_tan, None, None, None, None, ctx, _grid(model, latents.shape), img)
         model.time_conditioning(state, timestep, timestep_tan)
     state = model.run_blocks(state)
     if model.post_process:
-        return model.head(state, latents.shape)
-    return [state.x, state.x_tan, state.context]
+        return model.head(state, (latents.shape[0], model.config.out_channels, *latents.shape[2:]))
+    return [state.x, state.x_tan, state.context, state.image_context]
 
 
 class PipelinedNet:
@@ -84,24 +85,25 @@ class PipelinedNet:
         self.model, self.micro_batch_size, self.link = model, int(micro_batch_size), link
         self.dtype = model_dtype(model)
 
-    def __call__(self, latents: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
-        return self._call(latents, timestep, context, None, None)[0]
+    def __call__(self, latents: Tensor, timestep: Tensor, context: Tensor, image_context: Tensor | None = None
+                 ) -> Tensor:
+        return self._call(latents, timestep, context, None, None, image_context)[0]
 
-    def forward_with_tangent(self, latents, timestep, context, latents_tan, timestep_tan):
+    def forward_with_tangent(self, latents, timestep, context, latents_tan, timestep_tan, image_context=None):
         if timestep_tan is None:
             timestep_tan = torch.zeros_like(timestep)
-        return self._call(latents, timestep, context, latents_tan, timestep_tan)
+        return self._call(latents, timestep, context, latents_tan, timestep_tan, image_context)
 
     @torch.no_grad()
-    def _call(self, latents, timestep, context, latents_tan, timestep_tan):
+    def _call(self, latents, timestep, context, latents_tan, timestep_tan, image_context):
         n, mbs = latents.shape[0], self.micro_batch_size
         chunks = [slice(lo, min(lo + mbs, n)) for lo in range(0, n, mbs)]
+        part = lambda x, s: None if x is None else x[s]  # noqa: E731
 
         def step(k, received):
             s = chunks[k]
-            return stage_forward(self.model, latents[s], timestep[s], context[s],
-                                 None if latents_tan is None else latents_tan[s],
-                                 None if timestep_tan is None else timestep_tan[s], received)
+            return stage_forward(self.model, latents[s], timestep[s], context[s], part(latents_tan, s),
+                                 part(timestep_tan, s), received, part(image_context, s))
 
         outs = forward_sweep(len(chunks), step, self.link)
         tangent = latents_tan is not None
@@ -130,11 +132,11 @@ class _StageCall:
         self.model, self.inputs, self.called = model, inputs, False
         self.dtype = model_dtype(model)
 
-    def __call__(self, latents, timestep, context):
+    def __call__(self, latents, timestep, context, image_context=None):
         if self.called:
             raise RuntimeError("a pipelined regression item must call its network exactly once")
         self.called = True
-        out = stage_forward(self.model, latents, timestep, context, None, None, self.inputs)
+        out = stage_forward(self.model, latents, timestep, context, None, None, self.inputs, image_context)
         if not self.model.post_process:
             raise _StageOutput(out)
         return out[0]
@@ -185,11 +187,13 @@ def all_reduce_replicated_grads(model: WanDiT, layout) -> None:
 
 
 def concat_batches(batches: list[Batch]) -> Batch:
+    """The micro-batches as one batch (their conditionings joined too)."""
     unc = [b.uncond_context for b in batches]
     uncond = unc[0] if all(u.shape[0] == 1 for u in unc) else torch.cat([u.expand(b.x0.shape[0], *u.shape[1:])
                                                                           for u, b in zip(unc, batches)])
     return Batch(x0=torch.cat([b.x0 for b in batches]), context=torch.cat([b.context for b in batches]),
-                 uncond_context=uncond, indices=torch.cat([b.indices for b in batches]))
+                 uncond_context=uncond, indices=torch.cat([b.indices for b in batches]),
+                 cond=Conditioning.cat([b.cond for b in batches]))
 
 
 def slice_samples(obj, lo: int, hi: int, n: int):
@@ -250,7 +254,7 @@ def critic_step(cfg, student: WanDiT, fake_score: WanDiT, batches: list[Batch], 
     for b, lo, hi in _bounds(batches):
         part = slice_samples(targets, lo, hi, n)
         items.append(("loss_critic", lambda net, part=part, b=b:
-                      critic_regression(net, part, b.context).loss / loss_normalizer))
+                      critic_regression(net, part, b.context, cond=b.cond).loss / loss_normalizer))
     return run_regressions(fake_score, items, link) | {"critic_t_mean": _mean(targets.t_D),
                                                       "critic_valid_frac": _mean(targets.valid)}
 
@@ -259,6 +263,6 @@ def flow_matching_step(model: WanDiT, batches: list[Batch], seed: int, iteration
                        loss_normalizer: float) -> dict[str, Tensor]:
     """Teacher pretraining (``--mode teacher``): one 1F1B pass of the flow-matching regression."""
     items = [("loss_flow_matching", lambda net, b=b:
-              flow_matching_loss(net, b.x0, b.context, b.uncond_context, b.indices, seed, iteration)[0]
+              flow_matching_loss(net, b.x0, b.context, b.uncond_context, b.indices, seed, iteration, cond=b.cond)[0]
               / loss_normalizer) for b in batches]
     return run_regressions(model, items, link)

@@ -25,8 +25,9 @@ def log_samples(logger, batch: Batch, iteration: int, net, rcm: RCMConfig | None
     logger.add_image("samples/data", latent_grid(batch.x0[:n].float().cpu()), iteration)
     if rcm is None:
         return
+    cond = None if batch.cond is None else batch.cond.select(torch.arange(n))
     with autocast():
         for steps in sorted({1, min(4, rcm.rollout_max_steps)}):
             x = sample(net, batch.context[:n], batch.latent_shape, batch.indices[:n], seed=seed, num_steps=steps,
-                       mid_times=rcm.sample_mid_times, sigma_max=rcm.sample_sigma_max, stream="tensorboard")
+                       mid_times=rcm.sample_mid_times, sigma_max=rcm.sample_sigma_max, stream="tensorboard", cond=cond)
             logger.add_image(f"samples/student_{steps}step", latent_grid(x.float().cpu()), iteration)

@@ -80,7 +80,7 @@ def checkpoint_meta(trainer) -> dict:
             "method": t.rcm.method if t.train.mode == "distill" else None,
             "model_config": t.model_cfg.to_dict(), "rcm_config": t.rcm.to_dict(),
             "data": {"source": t.train.data or "synthetic", "latent_shape": list(t.dataset.latent_shape),
-                     "text_len": t.dataset.text_len},
+                     "text_len": t.dataset.text_len, "conditions": list(getattr(t.dataset, "conditions", ()))},
             "teacher": t.teacher_meta, "world_size": ctx.world_size,
             "optimizer_format": _optimizer_format(t),
             "lr_schedulers": {k: tm.scheduler.state_dict() for k, tm in t.trained.items()},

@@ -91,7 +91,7 @@ class Trainer:
         self.teacher, self.student, self.fake = models.teacher, models.student, models.fake
         self.trained = build_trained_models(self.train, self.rcm, self.model_cfg, self.par, ctx, models)
         self.ema = sharded_ema(self.student, self.rcm.ema_sigma_rel, ctx.dp_cp_group)
-        self.batches = BatchSource(self.dataset, self.train, self.par.micro_batch_size, ctx)
+        self.batches = BatchSource(self.dataset, self.train, self.par.micro_batch_size, ctx, self.model_cfg)
         self.iteration, self.student_steps, self.skipped_steps, self.consecutive_skips = 0, 0, 0, 0
         self.last_good_save: int | None = None  # the newest checkpoint saved with no skipped step pending
         self.checkpoints = CheckpointManager(self.train.save, self.train.keep_last) if self.train.save else None
@@ -147,7 +147,7 @@ class Trainer:
             return pipeline_step.critic_step(self.rcm, self.student, self.fake, batches, it, link, **kw)
         if self.train.mode != "distill":
             loss, _ = flow_matching_loss(student, batches.x0, batches.context, batches.uncond_context,
-                                         batches.indices, self.train.seed, it)
+                                         batches.indices, self.train.seed, it, cond=batches.cond)
             loss = loss / self.ctx.global_batch
             loss.backward()
             return {"loss_flow_matching": loss.detach()}
