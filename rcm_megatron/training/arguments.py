@@ -138,9 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None,
-                   help="'toy' (the built-in toy video task; default with the toy teacher or --model toy), 'toy-i2v', "
-                        "'synthetic' (default with other presets) or a .pt latent file")
+    g.add_argument("--data", default=None, help="'toy' (default with --model toy), 'toy-i2v', 'synthetic' (default "
+                   "otherwise), a .pt latent file or a shard folder")
     g.add_argument("--latent-shape", type=int, nargs=4, metavar=("C", "T", "H", "W"), default=None,
                    help="latent shape of the built-in synthetic data (default C=in_channels, 3, 8, 8)")
     g.add_argument("--max-latent-magnitude", type=float, default=DEFAULT_MAX_LATENT_MAGNITUDE,
