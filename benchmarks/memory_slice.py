@@ -139,10 +139,28 @@ def time_optimizer(numel: int, device, on_host: bool) -> float:
     return time.perf_counter() - t0
 
 
-def run_shape(name, latent, cfg_full, layers, device, lay, reps):
+_MODELS = {}
+
+
+def _slice_model(cfg, device, bf16: bool):
+    """The slice's blocks (built once, on the host: the model draws its weights from CPU generators)."""
     import torch
 
     from rcm_megatron.models import WanDiT
+
+    if cfg not in _MODELS:
+        model = WanDiT(cfg).to(device)
+        if bf16:
+            model.to_dtype(torch.bfloat16)
+        for p in model.parameters():  # gradients are reduce-scattered and freed as they are made
+            p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
+        _MODELS[cfg] = model
+    return _MODELS[cfg]
+
+
+def run_shape(name, latent, cfg_full, layers, device, lay, reps):
+    import torch
+
     from rcm_megatron.models.recompute import RecomputeConfig
     from rcm_megatron.planning import Workload
     from rcm_megatron.planning.memory import pass_memory
@@ -151,11 +169,7 @@ def run_shape(name, latent, cfg_full, layers, device, lay, reps):
     cfg = cfg_full.replace(num_layers=layers)
     bf16 = device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    model = WanDiT(cfg).to(device)  # initialized on the host: its seeded init draws from a CPU generator
-    if bf16:
-        model.to_dtype(torch.bfloat16)
-    for p in model.parameters():  # gradients are reduce-scattered and freed as they are made
-        p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
+    model = _slice_model(cfg, device, bf16)
     model.set_activation_recompute(RecomputeConfig("full", max(1, lay.recompute_num_layers)) if
                                    lay.recompute_num_layers else RecomputeConfig())
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -198,9 +212,6 @@ def run_shape(name, latent, cfg_full, layers, device, lay, reps):
             "extrapolated_peak_gib_40_layers": plan_mem_40[kind].peak / max(planned_peak, 1) * peak / 2**30,
             "planned_s_40_layers": plan_s_40[kind],
             "extrapolated_s_40_layers": plan_s_40[kind] / max(planned_s, 1e-12) * secs}
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {name: rows}
 
 
