@@ -73,9 +73,9 @@ def inputs(Lq, Lk, H, kvt=True, seed=0):
         Lq, Lk, H = min(Lq, 40), min(Lk, 24), min(H, 2)
     g = torch.Generator(device=DEV).manual_seed(seed)
     r = lambda L: torch.randn(1, L, H, D, generator=g, device=DEV, dtype=DT)  # noqa: E731
-    q, tq, k, v = r(Lq), r(Lq), r(Lk), r(Lk)
-    tk, tv = (r(Lk), r(Lk)) if kvt else (None, None)
-    return q, k, v, tq, tk, tv
+    q, q_tan, k, v = r(Lq), r(Lq), r(Lk), r(Lk)
+    k_tan, v_tan = (r(Lk), r(Lk)) if kvt else (None, None)
+    return q, k, v, q_tan, k_tan, v_tan
 
 
 def bench(fn, big=False):
@@ -115,23 +115,23 @@ def sdpa_fn(q, k, v, backend):
     return fn
 
 
-def ours_fn(q, k, v, tq, tk, tv, cfg=None):
-    return lambda: ta.triton_attention_with_tangent(q, k, v, tq, tk, tv, config=cfg)
+def ours_fn(q, k, v, q_tan, k_tan, v_tan, cfg=None):
+    return lambda: ta.triton_attention_with_tangent(q, k, v, q_tan, k_tan, v_tan, config=cfg)
 
 
 def oracle_rows(args, rows):
-    q, k, v, tq, tk, tv = args
-    q, k, v, tq = (x.double() for x in (q, k, v, tq))
-    tk = torch.zeros_like(k) if tk is None else tk.double()
-    tv = torch.zeros_like(v) if tv is None else tv.double()
-    q, tq = q[:, rows], tq[:, rows]
+    q, k, v, q_tan, k_tan, v_tan = args
+    q, k, v, q_tan = (x.double() for x in (q, k, v, q_tan))
+    k_tan = torch.zeros_like(k) if k_tan is None else k_tan.double()
+    v_tan = torch.zeros_like(v) if v_tan is None else v_tan.double()
+    q, q_tan = q[:, rows], q_tan[:, rows]
     s = 1.0 / math.sqrt(D)
 
     def f(q_, k_, v_):
         return attention_reference(q_, k_, v_), torch.logsumexp(torch.einsum("bqhd,bkhd->bhqk", q_, k_) * s, -1)
 
-    (o, lse), (to, tlse) = torch.func.jvp(f, (q, k, v), (tq, tk, tv))
-    return o, to, lse, tlse
+    (o, lse), (o_tan, lse_tan) = torch.func.jvp(f, (q, k, v), (q_tan, k_tan, v_tan))
+    return o, o_tan, lse, lse_tan
 
 
 def rel(a, b):
@@ -146,8 +146,8 @@ def accuracy(args, res, nrows=256, seed=0):
     g = torch.Generator(device=DEV).manual_seed(seed)
     rows = torch.randperm(Lq, generator=g, device=DEV)[:nrows].sort().values
     want = oracle_rows(args, rows)
-    o, to, lse, tlse = res
-    got = (o[:, rows], to[:, rows], lse[:, :, rows], tlse[:, :, rows])
+    o, o_tan, lse, lse_tan = res
+    got = (o[:, rows], o_tan[:, rows], lse[:, :, rows], lse_tan[:, :, rows])
     return {n: rel(a, b) for n, a, b in zip(("out", "tout", "lse", "tlse"), got, want)}
 
 
@@ -283,12 +283,12 @@ def main():
         args = None
         try:
             args = inputs(Lq, Lk, H, True, seed=7)
-            q, k, v, tq, tk, tv = args
+            q, k, v, q_tan, k_tan, v_tan = args
             methods = (
                 ("cudnn_fwd", sdpa_fn(q, k, v, SDPBackend.CUDNN_ATTENTION), 2),
                 ("flash_fwd", sdpa_fn(q, k, v, SDPBackend.FLASH_ATTENTION), 2),
-                ("ours_full", ours_fn(q, k, v, tq, tk, tv), 6),
-                ("ours_zero_kv", ours_fn(q, k, v, tq, None, None), 4),
+                ("ours_full", ours_fn(q, k, v, q_tan, k_tan, v_tan), 6),
+                ("ours_zero_kv", ours_fn(q, k, v, q_tan, None, None), 4),
             )
             meas = {mname: {"ms_rounds": []} for mname, _, _ in methods}
             # Interleaved rounds (cuDNN, flash, ours, ours, cuDNN, ...): every method sees the
@@ -334,12 +334,12 @@ def main():
     # torch.func.jvp over plain-math attention where its [L, L] matrices fit
     try:
         name, Lq, Lk, H, kind = JVP_SHAPE
-        q, k, v, tq, tk, tv = inputs(Lq, Lk, H, True, seed=8)
-        jfn = lambda: torch.func.jvp(attention_reference, (q, k, v), (tq, tk, tv))  # noqa: E731
+        q, k, v, q_tan, k_tan, v_tan = inputs(Lq, Lk, H, True, seed=8)
+        jfn = lambda: torch.func.jvp(attention_reference, (q, k, v), (q_tan, k_tan, v_tan))  # noqa: E731
         row = {"shape": name, "Lq": Lq, "Lk": Lk, "heads": H, "kind": kind, "methods": {}}
         for mname, fn, units in (
             ("cudnn_fwd", sdpa_fn(q, k, v, SDPBackend.CUDNN_ATTENTION), 2),
-            ("ours_full", ours_fn(q, k, v, tq, tk, tv), 6),
+            ("ours_full", ours_fn(q, k, v, q_tan, k_tan, v_tan), 6),
             ("jvp_math", jfn, 6),
         ):
             m = {"ms": bench(fn)}
@@ -349,12 +349,12 @@ def main():
         base = row["methods"]["cudnn_fwd"]["ms"]
         for m in row["methods"].values():
             m["ratio_vs_cudnn_fwd"] = m["ms"] / base
-        o_j, to_j = jfn()
-        o, to, _, _ = ta.triton_attention_with_tangent(q, k, v, tq, tk, tv)
-        row["ours_vs_jvp_math_bf16"] = {"out": rel(o, o_j), "tout": rel(to, to_j)}
+        o_j, o_tan_j = jfn()
+        o, o_tan, _, _ = ta.triton_attention_with_tangent(q, k, v, q_tan, k_tan, v_tan)
+        row["ours_vs_jvp_math_bf16"] = {"out": rel(o, o_j), "tout": rel(o_tan, o_tan_j)}
         log("row", json.dumps(row))
         results["rows"].append(row)
-        del q, k, v, tq, tk, tv
+        del q, k, v, q_tan, k_tan, v_tan
     except Exception:
         results["jvp_error"] = traceback.format_exc()[-2000:]
         log(results["jvp_error"])

@@ -21,11 +21,11 @@ SMALL = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
 TMA = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, tma=True)
 
 
-def oracle(q, k, v, tq, tk=None, tv=None, scale=None, kv_len=None):
+def oracle(q, k, v, q_tan, k_tan=None, v_tan=None, scale=None, kv_len=None):
     """float64 jvp of plain-math (out, lse); kv_len as int or per-batch list (0 allowed)."""
-    q, k, v, tq = (x.double() for x in (q, k, v, tq))
-    tk = torch.zeros_like(k) if tk is None else tk.double()
-    tv = torch.zeros_like(v) if tv is None else tv.double()
+    q, k, v, q_tan = (x.double() for x in (q, k, v, q_tan))
+    k_tan = torch.zeros_like(k) if k_tan is None else k_tan.double()
+    v_tan = torch.zeros_like(v) if v_tan is None else v_tan.double()
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
     def f(q_, k_, v_):
@@ -48,8 +48,8 @@ def oracle(q, k, v, tq, tk=None, tv=None, scale=None, kv_len=None):
             ninf = torch.full((1, H, Sq), float("-inf"), dtype=torch.float64)
             res.append((z, z, ninf, torch.zeros(1, H, Sq, dtype=torch.float64)))
             continue
-        (o, lse), (to, tlse) = torch.func.jvp(f, (sl(q), kl(k), kl(v)), (sl(tq), kl(tk), kl(tv)))
-        res.append((o, to, lse, tlse))
+        (o, lse), (o_tan, lse_tan) = torch.func.jvp(f, (sl(q), kl(k), kl(v)), (sl(q_tan), kl(k_tan), kl(v_tan)))
+        res.append((o, o_tan, lse, lse_tan))
     return tuple(torch.cat([r[i] for r in res]) for i in range(4))
 
 
@@ -75,9 +75,9 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def run_kernel(q, k, v, tq, tk=None, tv=None, scale=None, config=SMALL, **kw):
+def run_kernel(q, k, v, q_tan, k_tan=None, v_tan=None, scale=None, config=SMALL, **kw):
     buf = poisoned(q)
-    res = triton_attention_with_tangent(q, k, v, tq, tk, tv, scale, config=config, out=buf, **kw)
+    res = triton_attention_with_tangent(q, k, v, q_tan, k_tan, v_tan, scale, config=config, out=buf, **kw)
     assert all(r is b for r, b in zip(res, buf))
     return res
 
@@ -85,19 +85,19 @@ def run_kernel(q, k, v, tq, tk=None, tv=None, scale=None, config=SMALL, **kw):
 def make(B, Sq, Sk, H, D, kvt, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    q, tq = r(B, Sq, H, D), r(B, Sq, H, D)
+    q, q_tan = r(B, Sq, H, D), r(B, Sq, H, D)
     k, v = r(B, Sk, H, D), r(B, Sk, H, D)
-    tk, tv = (r(B, Sk, H, D), r(B, Sk, H, D)) if kvt else (None, None)
-    return q, k, v, tq, tk, tv
+    k_tan, v_tan = (r(B, Sk, H, D), r(B, Sk, H, D)) if kvt else (None, None)
+    return q, k, v, q_tan, k_tan, v_tan
 
 
 def check(got, want, tol=2e-5):
-    o, to, lse, tlse = got
-    ro, rto, rlse, rtlse = want
+    o, o_tan, lse, lse_tan = got
+    ro, ro_tan, rlse, rlse_tan = want
     assert rel(o, ro) < tol
-    assert rel(to, rto) < tol
+    assert rel(o_tan, ro_tan) < tol
     assert rel(lse, rlse) < tol
-    assert rel(tlse, rtlse) < tol
+    assert rel(lse_tan, rlse_tan) < tol
 
 
 CASES = [
@@ -143,26 +143,26 @@ def test_softmax_scale_and_large_logits():
 @pytest.mark.parametrize("tma", [True, False])
 def test_growing_row_max_rescales(tma):
     """Key norms grow along the sequence, so row maxima jump by > 2^8 from tile to tile."""
-    q, k, v, tq, tk, tv = make(1, 24, 80, 2, 16, True, seed=21)
+    q, k, v, q_tan, k_tan, v_tan = make(1, 24, 80, 2, 16, True, seed=21)
     k = k * torch.linspace(0.05, 6.0, 80).reshape(1, 80, 1, 1)
     cfg = dict(SMALL, tma=tma)
-    check(run_kernel(q, k, v, tq, tk, tv, config=cfg), oracle(q, k, v, tq, tk, tv))
+    check(run_kernel(q, k, v, q_tan, k_tan, v_tan, config=cfg), oracle(q, k, v, q_tan, k_tan, v_tan))
 
 
 def test_partial_kv_tangent_is_zero_filled():
-    q, k, v, tq, tk, tv = make(1, 20, 24, 1, 16, True, seed=9)
-    check(run_kernel(q, k, v, tq, tk, None), oracle(q, k, v, tq, tk, None))
+    q, k, v, q_tan, k_tan, v_tan = make(1, 20, 24, 1, 16, True, seed=9)
+    check(run_kernel(q, k, v, q_tan, k_tan, None), oracle(q, k, v, q_tan, k_tan, None))
 
 
 def test_strided_inputs():
     """q/k/v as views into a packed [B, S, 3, H, D] projection, tangents likewise."""
     B, S, H, D = 1, 35, 2, 32
     g = torch.Generator().manual_seed(3)
-    qkv, tqkv = torch.randn(B, S, 3, H, D, generator=g), torch.randn(B, S, 3, H, D, generator=g)
+    qkv, qkv_tan = torch.randn(B, S, 3, H, D, generator=g), torch.randn(B, S, 3, H, D, generator=g)
     q, k, v = qkv.unbind(2)
-    tq, tk, tv = tqkv.unbind(2)
+    q_tan, k_tan, v_tan = qkv_tan.unbind(2)
     assert not q.is_contiguous()
-    check(run_kernel(q, k, v, tq, tk, tv), oracle(q, k, v, tq, tk, tv))
+    check(run_kernel(q, k, v, q_tan, k_tan, v_tan), oracle(q, k, v, q_tan, k_tan, v_tan))
 
 
 @pytest.mark.parametrize("kv_len", [20, 16, 0, 100])
@@ -178,31 +178,31 @@ def test_kv_len_tma_ignores_nan_padding(monkeypatch):
     made = []
     orig = ta._kv_descriptor
     monkeypatch.setattr(ta, "_kv_descriptor", lambda *a: made.append(1) or orig(*a))
-    q, k, v, tq, tk, tv = make(2, 23, 37, 2, 16, True, seed=12)
-    for x in (k, v, tk, tv):
+    q, k, v, q_tan, k_tan, v_tan = make(2, 23, 37, 2, 16, True, seed=12)
+    for x in (k, v, k_tan, v_tan):
         x[:, 30:] = float("nan")
-    want = oracle(q, k, v, tq, tk, tv, kv_len=30)
-    check(run_kernel(q, k, v, tq, tk, tv, kv_len=30, config=TMA), want)
+    want = oracle(q, k, v, q_tan, k_tan, v_tan, kv_len=30)
+    check(run_kernel(q, k, v, q_tan, k_tan, v_tan, kv_len=30, config=TMA), want)
     assert len(made) == 4  # the descriptor path really ran
-    check(run_kernel(q, k, v, tq, tk, tv, kv_len=30), want)
+    check(run_kernel(q, k, v, q_tan, k_tan, v_tan, kv_len=30), want)
 
 
 def test_kv_len_tensor_with_fully_masked_batch():
     args = make(3, 19, 40, 2, 16, True, seed=11)
     lens = torch.tensor([40, 0, 17])
     got = run_kernel(*args, kv_len=lens)
-    o, to, lse, tlse = got
-    assert torch.isneginf(lse[1]).all() and (o[1] == 0).all() and (to[1] == 0).all()
-    assert (tlse[1] == 0).all()
+    o, o_tan, lse, lse_tan = got
+    assert torch.isneginf(lse[1]).all() and (o[1] == 0).all() and (o_tan[1] == 0).all()
+    assert (lse_tan[1] == 0).all()
     want = oracle(*args, kv_len=lens)
     keep = [0, 2]
     check(tuple(x[keep] for x in got), tuple(x[keep] for x in want))
 
 
 def test_empty_keys():
-    q, k, v, tq, tk, tv = make(1, 18, 0, 2, 16, True, seed=2)
-    o, to, lse, tlse = run_kernel(q, k, v, tq, tk, tv)
-    assert (o == 0).all() and (to == 0).all() and (tlse == 0).all() and torch.isneginf(lse).all()
+    q, k, v, q_tan, k_tan, v_tan = make(1, 18, 0, 2, 16, True, seed=2)
+    o, o_tan, lse, lse_tan = run_kernel(q, k, v, q_tan, k_tan, v_tan)
+    assert (o == 0).all() and (o_tan == 0).all() and (lse_tan == 0).all() and torch.isneginf(lse).all()
 
 
 def test_reference_agrees_with_oracle_on_kv_len():

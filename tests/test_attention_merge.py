@@ -24,14 +24,14 @@ def split_points(Sk, n, g):
 
 
 def chunk_results(args, bounds, kernel=True, kv_len=None):
-    q, k, v, tq, tk, tv = args
+    q, k, v, q_tan, k_tan, v_tan = args
     parts = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         sl = lambda x: None if x is None else x[:, lo:hi]  # noqa: E731
         if kernel:
-            parts.append(run_kernel(q, sl(k), sl(v), tq, sl(tk), sl(tv)))
+            parts.append(run_kernel(q, sl(k), sl(v), q_tan, sl(k_tan), sl(v_tan)))
         else:
-            parts.append(attention_with_tangent_reference(q, sl(k), sl(v), tq, sl(tk), sl(tv)))
+            parts.append(attention_with_tangent_reference(q, sl(k), sl(v), q_tan, sl(k_tan), sl(v_tan)))
     return parts
 
 
@@ -57,10 +57,10 @@ def test_merge_matches_full_attention(n_chunks, kvt):
 def test_merge_with_empty_and_padded_chunks():
     """Chunk 2 is empty (seq_k = 0) and chunk 4 is pure padding (kv_len = 0): both lse = -inf."""
     args = make(1, 19, 40, 2, 16, True, seed=3)
-    q, k, v, tq, tk, tv = args
+    q, k, v, q_tan, k_tan, v_tan = args
     parts = chunk_results(args, [0, 13, 13, 40])
     pad = lambda x: torch.randn(1, 16, 2, 16)  # noqa: E731  (garbage keys that must not count)
-    parts.append(run_kernel(q, pad(k), pad(v), tq, pad(tk), pad(tv), kv_len=0))
+    parts.append(run_kernel(q, pad(k), pad(v), q_tan, pad(k_tan), pad(v_tan), kv_len=0))
     assert torch.isneginf(parts[1][2]).all() and torch.isneginf(parts[3][2]).all()
     want = oracle(*args)
     for order in ([0, 1, 2, 3], [3, 1, 0, 2], [1, 3, 2, 0]):
@@ -72,17 +72,17 @@ def test_merge_with_empty_and_padded_chunks():
 def test_partially_padded_tail_chunk():
     """Last ring chunk holds 10 real keys then padding, excluded with kv_len."""
     args = make(2, 17, 30, 1, 32, True, seed=8)
-    q, k, v, tq, tk, tv = args
+    q, k, v, q_tan, k_tan, v_tan = args
     parts = chunk_results(args, [0, 20])
-    tail = [torch.cat([x[:, 20:], torch.randn(2, 6, 1, 32)], dim=1) for x in (k, v, tk, tv)]
-    parts.append(run_kernel(q, *tail[:2], tq, *tail[2:], kv_len=10))
+    tail = [torch.cat([x[:, 20:], torch.randn(2, 6, 1, 32)], dim=1) for x in (k, v, k_tan, v_tan)]
+    parts.append(run_kernel(q, *tail[:2], q_tan, *tail[2:], kv_len=10))
     want = oracle(*args)
     check(merge_attention_chunks(parts), want)
     check(ring_merge(parts), want)
 
 
 def test_masked_chunk_garbage_never_leaks():
-    """A chunk with lse = -inf may hold anything (NaN, inf) in out/tout/tlse: weight 0, no NaN."""
+    """A chunk with lse = -inf may hold anything (NaN, inf) in out/out_tan/lse_tan: weight 0, no NaN."""
     args = make(1, 12, 24, 2, 16, True, seed=4)
     parts = chunk_results(args, [0, 10, 24], kernel=False)
     B, S, H, D = parts[0][0].shape
@@ -96,20 +96,20 @@ def test_masked_chunk_garbage_never_leaks():
 
 
 def test_rows_masked_in_every_chunk():
-    """Per-row: batch 1 has no valid key in any chunk -> out = tout = 0, lse = -inf, tlse = 0."""
+    """Per-row: batch 1 has no valid key in any chunk -> out = out_tan = 0, lse = -inf, lse_tan = 0."""
     args = make(2, 9, 20, 1, 16, True, seed=5)
-    q, k, v, tq, tk, tv = args
+    q, k, v, q_tan, k_tan, v_tan = args
     parts = []
     for lo, hi in ((0, 8), (8, 20)):
         sl = lambda x: x[:, lo:hi]  # noqa: E731
         lens = torch.tensor([hi - lo, 0])
-        parts.append(run_kernel(q, sl(k), sl(v), tq, sl(tk), sl(tv), kv_len=lens))
+        parts.append(run_kernel(q, sl(k), sl(v), q_tan, sl(k_tan), sl(v_tan), kv_len=lens))
     for res in (merge_attention_chunks(parts), ring_merge(parts)):
-        o, to, lse, tlse = res
+        o, o_tan, lse, lse_tan = res
         for x in res:
             assert not torch.isnan(x).any()
-        assert torch.isneginf(lse[1]).all() and (o[1] == 0).all() and (to[1] == 0).all()
-        assert (tlse[1] == 0).all()
+        assert torch.isneginf(lse[1]).all() and (o[1] == 0).all() and (o_tan[1] == 0).all()
+        assert (lse_tan[1] == 0).all()
         want = oracle(*(x[:1] for x in args))
         check(tuple(x[:1] for x in res), want)
 

@@ -177,8 +177,8 @@ def test_context_parallel_matches_oracle(layout_results, layout):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_tangents_ride_in_the_primal_collectives(layout_results, layout):
-    """a2a: q, k, v (+ tq, tk, tv) in ONE all-to-all and o (+ to) in one back, per layer; ring:
-    k, v (+ tk, tv) in one message per step. The tangent pass adds no communication."""
+    """a2a: q, k, v (+ q_tan, k_tan, v_tan) in ONE all-to-all and o (+ o_tan) in one back, per layer; ring:
+    k, v (+ k_tan, v_tan) in one message per step. The tangent pass adds no communication."""
     world, cfg, comms, sps = LAYOUTS[layout]
     layers, cp = preset("tiny").num_layers, cfg.context_parallel_size
     for out in layout_results(layout):

@@ -82,16 +82,16 @@ def test_patch_embedding_and_rope():
 @pytest.mark.parametrize("kv_tangent", [True, False])
 def test_reference_attention_tangent(kv_tangent):
     q, k, v = r(2, 9, 3, 16), r(2, 13, 3, 16), r(2, 13, 3, 16)
-    tq = r(2, 9, 3, 16)
-    tk, tv = (r(2, 13, 3, 16), r(2, 13, 3, 16)) if kv_tangent else (torch.zeros_like(k), torch.zeros_like(v))
-    y_ref, ty_ref = torch.func.jvp(attention_reference, (q, k, v), (tq, tk, tv))
-    out, tout, lse, tlse = attention_with_tangent_reference(q, k, v, tq, tk if kv_tangent else None,
-                                                            tv if kv_tangent else None)
-    assert rel(out, y_ref) < TOL and rel(tout, ty_ref) < TOL
+    q_tan = r(2, 9, 3, 16)
+    k_tan, v_tan = (r(2, 13, 3, 16), r(2, 13, 3, 16)) if kv_tangent else (torch.zeros_like(k), torch.zeros_like(v))
+    y_ref, y_tan_ref = torch.func.jvp(attention_reference, (q, k, v), (q_tan, k_tan, v_tan))
+    out, out_tan, lse, lse_tan = attention_with_tangent_reference(q, k, v, q_tan, k_tan if kv_tangent else None,
+                                                                v_tan if kv_tangent else None)
+    assert rel(out, y_ref) < TOL and rel(out_tan, y_tan_ref) < TOL
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) / 4.0
-    lse_ref, tlse_ref = torch.func.jvp(lambda q, k: torch.logsumexp(torch.einsum("bqhd,bkhd->bhqk", q, k) / 4.0, -1),
-                                       (q, k), (tq, tk))
-    assert rel(lse, lse_ref) < TOL and rel(tlse, tlse_ref) < TOL
+    lse_ref, lse_tan_ref = torch.func.jvp(lambda q, k: torch.logsumexp(torch.einsum("bqhd,bkhd->bhqk", q, k) / 4.0, -1),
+                                       (q, k), (q_tan, k_tan))
+    assert rel(lse, lse_ref) < TOL and rel(lse_tan, lse_tan_ref) < TOL
     del s
 
 

@@ -17,10 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_chunked_reference_equals_whole(monkeypatch):
     torch.manual_seed(0)
-    q, k, v, tq, tk, tv = (torch.randn(2, 13, 3, 8, dtype=torch.float64) for _ in range(6))
-    whole = reference.attention_with_tangent_reference(q, k, v, tq, tk, tv, kv_len=torch.tensor([13, 5]))
+    q, k, v, q_tan, k_tan, v_tan = (torch.randn(2, 13, 3, 8, dtype=torch.float64) for _ in range(6))
+    whole = reference.attention_with_tangent_reference(q, k, v, q_tan, k_tan, v_tan, kv_len=torch.tensor([13, 5]))
     monkeypatch.setattr(reference, "MAX_SCORES", 2 * 3 * 13 * 4)  # 4 query rows per chunk: 4 chunks, ragged
-    chunked = reference.attention_with_tangent_reference(q, k, v, tq, tk, tv, kv_len=torch.tensor([13, 5]))
+    chunked = reference.attention_with_tangent_reference(q, k, v, q_tan, k_tan, v_tan, kv_len=torch.tensor([13, 5]))
     for a, b in zip(chunked, whole):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

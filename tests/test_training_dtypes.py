@@ -51,7 +51,7 @@ def record(monkeypatch):
     def wrap(name, fn):
         def recorded(q, k, v, *rest, **kw):
             tangents = rest[:3] if name == "attention_with_tangent" else ()
-            dtypes = {n: t.dtype for n, t in zip(("q", "k", "v", "tq", "tk", "tv"), (q, k, v, *tangents))
+            dtypes = {n: t.dtype for n, t in zip(("q", "k", "v", "q_tan", "k_tan", "v_tan"), (q, k, v, *tangents))
                       if t is not None}
             calls.append((current_pass(), name, dtypes))
             return fn(q, k, v, *rest, **kw)

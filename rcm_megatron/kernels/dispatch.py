@@ -119,18 +119,18 @@ def attention(q, k, v, softmax_scale: float | None = None) -> torch.Tensor:
 
 
 @torch.compiler.disable  # compiled blocks call the fused kernel as it is (a graph break)
-def attention_with_tangent(q, k, v, tq, tk=None, tv=None, softmax_scale: float | None = None, *,
+def attention_with_tangent(q, k, v, q_tan, k_tan=None, v_tan=None, softmax_scale: float | None = None, *,
                            kv_len=None):
-    """(out, tout, lse, tlse) of attention; see ``reference.attention_with_tangent_reference``.
+    """(out, out_tan, lse, lse_tan) of attention; see ``reference.attention_with_tangent_reference``.
 
     ``kv_len`` (int or int tensor [B], optional) excludes keys at positions >= kv_len (padded
     tails in ring attention); rows with no valid key give lse = -inf and zero outputs.
     Inputs the fused kernel does not support (head dim > 128, other dtypes) fall back to the
     plain-math reference with a one-time warning.
     """
-    _check_training_dtypes("attention_with_tangent", q=q, k=k, v=v, tq=tq, tk=tk, tv=tv)
+    _check_training_dtypes("attention_with_tangent", q=q, k=k, v=v, q_tan=q_tan, k_tan=k_tan, v_tan=v_tan)
     if _backend_for(q) == "reference":
-        return attention_with_tangent_reference(q, k, v, tq, tk, tv, softmax_scale, kv_len=kv_len)
+        return attention_with_tangent_reference(q, k, v, q_tan, k_tan, v_tan, softmax_scale, kv_len=kv_len)
     from .triton_attention import triton_attention_supported, triton_attention_with_tangent
 
     if not triton_attention_supported(q, k, v):
@@ -140,8 +140,8 @@ def attention_with_tangent(q, k, v, tq, tk=None, tv=None, softmax_scale: float |
                 f"{_describe([('q', q), ('k', k), ('v', v)])} (it needs one dtype, head dim <= 128); the "
                 f"plain-math fallback needs O(L^2) memory")
         _warn_fallback(q, k, v)
-        return attention_with_tangent_reference(q, k, v, tq, tk, tv, softmax_scale, kv_len=kv_len)
-    return triton_attention_with_tangent(q, k, v, tq, tk, tv, softmax_scale, kv_len=kv_len)
+        return attention_with_tangent_reference(q, k, v, q_tan, k_tan, v_tan, softmax_scale, kv_len=kv_len)
+    return triton_attention_with_tangent(q, k, v, q_tan, k_tan, v_tan, softmax_scale, kv_len=kv_len)
 
 
 _warned: set = set()

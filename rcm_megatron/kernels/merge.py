@@ -18,7 +18,7 @@ For ring attention keep an fp32 running state and fold each arriving chunk into 
 
     acc = None
     for step in range(cp):
-        part = attention_with_tangent(q, k_i, v_i, q_tan, tk_i, tv_i, kv_len=...)
+        part = attention_with_tangent(q, k_i, v_i, q_tan, k_tan_i, v_tan_i, kv_len=...)
         acc = merge_attention_pair(acc, part, out=acc)   # acc None -> fp32 copy of part
     out, out_tan, lse, lse_tan = finalize_attention_merge(acc, q.dtype)
 

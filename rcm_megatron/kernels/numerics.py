@@ -1,6 +1,6 @@
 """Precision and scale conventions shared by every attention path (plain math, chunk merge, ring).
 
-Statistics (lse, tlse) and accumulators are fp32 for half-precision inputs and fp64 for fp64
+Statistics (lse, lse_tan) and accumulators are fp32 for half-precision inputs and fp64 for fp64
 inputs, so the float64 oracle stays float64 end to end.
 """
 

@@ -118,7 +118,7 @@ WITH_GRAD_TRANSIENT = 4 * 4
 
 
 def block_working_set(cfg: WanConfig, r: RankShape, tangent: bool) -> float:
-    """Peak bytes one no-grad block holds besides its input stream (x, and tx with a tangent):
+    """Peak bytes one no-grad block holds besides its input stream (x, and x_tan with a tangent):
     the new residual stream, the normalized input cast to the activation dtype and the copy the
     tensor-parallel region reads (gathered under SP, value and tangent packed into one buffer),
     and the largest of the attention, FFN, residual and norm phases."""

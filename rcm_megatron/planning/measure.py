@@ -107,7 +107,7 @@ class LiveTensorPeak(TorchDispatchMode):
 @contextlib.contextmanager
 def fused_attention_outputs_only(tracker: LiveTensorPeak):
     """Count only the outputs of attention-with-tangent (what the fused Triton kernel allocates:
-    out, tout, lse, tlse; its tiles live in shared memory), not the score matrices of the
+    out, out_tan, lse, lse_tan; its tiles live in shared memory), not the score matrices of the
     plain-math reference that runs on CPU."""
     from ..kernels import dispatch
 

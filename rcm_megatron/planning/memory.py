@@ -154,7 +154,7 @@ def _stage_plan(w: Workload, lay: Layout, stage: int, assume: MemoryAssumptions)
     gpu, host = model_states(w, lay, stage)
     passes = pass_memory(w, lay, stage)
     r = _rank_shape(w, lay)
-    pipe_msgs = 2 * 2 * r.batch * r.act_bytes * r.stream * w.model.hidden_size if lay.pp > 1 else 0  # x, tx in/out
+    pipe_msgs = 2 * 2 * r.batch * r.act_bytes * r.stream * w.model.hidden_size if lay.pp > 1 else 0  # x, x_tan in/out
     plan = MemoryPlan(gpu, host, stage=stage)
     student_passes = {"with_grad": passes["with_grad"].peak}
     if w.mode == "distill":

@@ -19,12 +19,12 @@ from rcm_megatron.kernels import attention, attention_reference, merge_attention
 from rcm_megatron.kernels.triton_attention import triton_attention_with_tangent  # noqa: E402
 
 
-def oracle64(q, k, v, tq, tk=None, tv=None, rows=None, scale=None):
-    q, k, v, tq = (x.double() for x in (q, k, v, tq))
-    tk = torch.zeros_like(k) if tk is None else tk.double()
-    tv = torch.zeros_like(v) if tv is None else tv.double()
+def oracle64(q, k, v, q_tan, k_tan=None, v_tan=None, rows=None, scale=None):
+    q, k, v, q_tan = (x.double() for x in (q, k, v, q_tan))
+    k_tan = torch.zeros_like(k) if k_tan is None else k_tan.double()
+    v_tan = torch.zeros_like(v) if v_tan is None else v_tan.double()
     if rows is not None:
-        q, tq = q[:, rows], tq[:, rows]
+        q, q_tan = q[:, rows], q_tan[:, rows]
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
     def f(q_, k_, v_):
@@ -32,8 +32,8 @@ def oracle64(q, k, v, tq, tk=None, tv=None, rows=None, scale=None):
         lse = torch.logsumexp(torch.einsum("bqhd,bkhd->bhqk", q_, k_) * s, dim=-1)
         return out, lse
 
-    (o, lse), (to, tlse) = torch.func.jvp(f, (q, k, v), (tq, tk, tv))
-    return o, to, lse, tlse
+    (o, lse), (o_tan, lse_tan) = torch.func.jvp(f, (q, k, v), (q_tan, k_tan, v_tan))
+    return o, o_tan, lse, lse_tan
 
 
 def rel(a, b):
@@ -52,18 +52,18 @@ def poisoned(q):
 def inputs(B, Sq, Sk, H, D, kvt, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float32).to(dtype)  # noqa: E731
-    q, tq, k, v = r(B, Sq, H, D), r(B, Sq, H, D), r(B, Sk, H, D), r(B, Sk, H, D)
-    tk, tv = (r(B, Sk, H, D), r(B, Sk, H, D)) if kvt else (None, None)
-    return q, k, v, tq, tk, tv
+    q, q_tan, k, v = r(B, Sq, H, D), r(B, Sq, H, D), r(B, Sk, H, D), r(B, Sk, H, D)
+    k_tan, v_tan = (r(B, Sk, H, D), r(B, Sk, H, D)) if kvt else (None, None)
+    return q, k, v, q_tan, k_tan, v_tan
 
 
 def check_case(args, tol, rows=None, config=None, **kw):
     res = triton_attention_with_tangent(*args, config=config, out=poisoned(args[0]), **kw)
-    o, to, lse, tlse = res
+    o, o_tan, lse, lse_tan = res
     if rows is not None:
-        o, to, lse, tlse = o[:, rows], to[:, rows], lse[:, :, rows], tlse[:, :, rows]
-    ro, rto, rlse, rtlse = oracle64(*args, rows=rows)
-    errs = dict(out=rel(o, ro), tout=rel(to, rto), lse=rel(lse, rlse), tlse=rel(tlse, rtlse))
+        o, o_tan, lse, lse_tan = o[:, rows], o_tan[:, rows], lse[:, :, rows], lse_tan[:, :, rows]
+    ro, ro_tan, rlse, rlse_tan = oracle64(*args, rows=rows)
+    errs = dict(out=rel(o, ro), out_tan=rel(o_tan, ro_tan), lse=rel(lse, rlse), lse_tan=rel(lse_tan, rlse_tan))
     assert all(v < tol for v in errs.values()), errs
     return errs
 
@@ -101,24 +101,24 @@ def test_against_float64(name, B, Sq, Sk, H, D, kvt, dtype, nrows, tol, variant)
 
 def test_kv_len_and_merge_on_gpu():
     args = inputs(2, 700, 1200, 4, 128, True, torch.bfloat16, seed=3)
-    q, k, v, tq, tk, tv = args
+    q, k, v, q_tan, k_tan, v_tan = args
     lens = torch.tensor([1200, 0], device="cuda")
-    a = triton_attention_with_tangent(q, k[:, :500], v[:, :500], tq, tk[:, :500], tv[:, :500])
-    b = triton_attention_with_tangent(q, k[:, 500:], v[:, 500:], tq, tk[:, 500:], tv[:, 500:],
+    a = triton_attention_with_tangent(q, k[:, :500], v[:, :500], q_tan, k_tan[:, :500], v_tan[:, :500])
+    b = triton_attention_with_tangent(q, k[:, 500:], v[:, 500:], q_tan, k_tan[:, 500:], v_tan[:, 500:],
                                       kv_len=lens - 500)
     assert torch.isneginf(b[2][1]).all() and (b[1][1] == 0).all()
     merged = merge_attention_chunks([a, b])
     full_b0 = oracle64(*(None if x is None else x[:1] for x in args))
     for m, r in zip(merged, full_b0):
         assert rel(m[:1], r) < 1e-2
-    only_a = oracle64(q[1:], k[1:, :500], v[1:, :500], tq[1:], tk[1:, :500], tv[1:, :500])
+    only_a = oracle64(q[1:], k[1:, :500], v[1:, :500], q_tan[1:], k_tan[1:, :500], v_tan[1:, :500])
     for m, r in zip(merged, only_a):
         assert rel(m[1:], r) < 1e-2
 
 
 def test_new_seq_len_does_not_recompile():
-    q, k, v, tq, tk, tv = inputs(1, 4096, 4096, 12, 128, True, torch.bfloat16)
-    triton_attention_with_tangent(q, k, v, tq, tk, tv)
+    q, k, v, q_tan, k_tan, v_tan = inputs(1, 4096, 4096, 12, 128, True, torch.bfloat16)
+    triton_attention_with_tangent(q, k, v, q_tan, k_tan, v_tan)
     torch.cuda.synchronize()
     for L in (4099, 5000, 6151):
         a = inputs(1, L, L + 3, 12, 128, True, torch.bfloat16, seed=L)
