@@ -184,3 +184,22 @@ def test_fsdp_backend_steps_like_adamw_and_resumes_at_another_dp_size(oracle, tm
         assert torch.equal(p, saved[0]["params"][n]), n
     for n, p in resumed["params"].items():  # Adam moments and step count came back too
         assert rel(p, stepped[1][0][n]) < 1e-12, n
+
+
+@pytest.mark.parametrize("factor", [0.3, 10.0])  # clipping active, and a clip above the norm (no change)
+def test_clip_grads_with_norm_scales_like_torch(factor):
+    from rcm_megatron.parallel import fsdp
+
+    g = torch.Generator().manual_seed(3)
+    ours = [torch.nn.Parameter(torch.zeros(4, 5, dtype=torch.float64)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(torch.zeros(4, 5, dtype=torch.float64)) for _ in range(3)]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn(4, 5, generator=g, dtype=torch.float64)
+        b.grad = a.grad.clone()
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in ours]))
+    fsdp.clip_grads_with_norm_(ours, factor * float(norm), float(norm))
+    torch.nn.utils.clip_grads_with_norm_(theirs, factor * float(norm), norm)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-14, atol=0)
+    new = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in ours]))
+    assert abs(float(new) - min(factor, 1.0) * float(norm)) < 1e-5 * float(norm)

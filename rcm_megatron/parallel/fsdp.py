@@ -151,6 +151,17 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def clip_grads_with_norm_(params, clip: float, norm: float) -> None:
+    """Scale each rank's local shard of ``params``' gradients by min(1, clip / (norm + 1e-6)), the
+    coefficient of torch's ``clip_grads_with_norm_``; ``norm`` is already reduced over every group,
+    so all ranks scale alike. The FSDP trainers' one clipping rule."""
+    coef = min(1.0, clip / (norm + 1e-6))
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                local_tensor(p.grad).mul_(coef)
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded (TP-local) parameters of a sharded model, on every rank (collective)."""
     return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
@@ -212,10 +223,7 @@ class FSDPTrainedModel:
         if not torch.isfinite(torch.tensor(norm)):
             return False, norm
         if self.clip_grad:
-            coef = min(1.0, self.clip_grad / (norm + 1e-6))
-            for p in self.module.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+            clip_grads_with_norm_(self.module.parameters(), self.clip_grad, norm)
         self.optimizer.step()
         return True, norm
 

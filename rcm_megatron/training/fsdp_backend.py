@@ -84,10 +84,7 @@ class FSDPDataParallel(LocalDataParallel):
             self.zero_grad()
             return False, float(grad_norm)
         if self.clip_grad is not None:
-            coef = min(1.0, self.clip_grad / (float(grad_norm) + 1e-6))  # torch's clip_grads_with_norm_
-            if coef < 1.0:
-                for p in self._trainable():
-                    fsdp.local_tensor(p.grad).mul_(coef)
+            fsdp.clip_grads_with_norm_(self._trainable(), self.clip_grad, float(grad_norm))
         self.optimizer.step()
         return True, float(grad_norm)
 
