@@ -452,14 +452,6 @@ def latent_shape(args, cfg) -> tuple[int, int, int, int]:
     return shape
 
 
-@torch.no_grad()
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Normalized latents [C,T,H,W] -> uint8 video [T', H', W', 3]."""
-    z = latents.unsqueeze(0).float() * vae.std + vae.mean
-    video = vae.vae.decode(z.to(vae.device, vae.dtype)).sample[0].float().cpu()  # [3, T', H', W'] in [-1, 1]
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous()
-
-
 def write_mp4(path: str, frames: torch.Tensor, fps: int) -> bool:
     try:
         import av
@@ -484,19 +476,6 @@ def write_mp4(path: str, frames: torch.Tensor, fps: int) -> bool:
         for packet in s.encode():
             c.mux(packet)
     return True
-
-
-def contact_sheet(rows: list[torch.Tensor], max_frames: int, pad: int = 2) -> torch.Tensor:
-    """uint8 videos [T,H,W,3] (same H, W) -> one uint8 image: a row per video, frames evenly subsampled."""
-    t = min(r.shape[0] for r in rows)
-    idx = torch.linspace(0, t - 1, min(t, max_frames)).round().long().unique()
-    h, w = rows[0].shape[1:3]
-    sheet = torch.full((len(rows) * (h + pad) + pad, len(idx) * (w + pad) + pad, 3), 255, dtype=torch.uint8)
-    for i, r in enumerate(rows):
-        for j, k in enumerate(idx.tolist()):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            sheet[y:y + h, x:x + w] = r[k]
-    return sheet
 
 
 # ----------------------------------------------------------------------------- main
@@ -614,6 +593,7 @@ def run(args) -> int:
 
 def write_outputs(args, out: dict, vae) -> None:
     from rcm_megatron.training.throughput import latent_grid
+    from rcm_megatron.training.video_samples import decode_video, frame_grid
 
     os.makedirs(args.out, exist_ok=True)
     torch.save(out, os.path.join(args.out, "latents.pt"))
@@ -627,7 +607,7 @@ def write_outputs(args, out: dict, vae) -> None:
         rows, legend, no_av = [], [], False
         for i in range(len(out["prompts"])):
             for m in models:
-                video = decode(vae, out[m][i])
+                video = decode_video(vae, out[m][i])
                 rows.append(video)
                 legend.append(f"{m} {i}")
                 path = os.path.join(args.out, f"{m}_{i}.mp4")
@@ -638,7 +618,7 @@ def write_outputs(args, out: dict, vae) -> None:
         if no_av:
             print(f"{PROG}: PyAV is not installed (pip install av): no mp4 written; see the contact sheet",
                   file=sys.stderr)
-        sheet = contact_sheet(rows, args.sheet_frames)
+        sheet = frame_grid(rows, args.sheet_frames)
     write_png(os.path.join(args.out, "contact_sheet.png"), sheet)
     written.append(os.path.join(args.out, "contact_sheet.png"))
     print(f"contact sheet rows: {', '.join(f'{k}: {name}' for k, name in enumerate(legend))}")
