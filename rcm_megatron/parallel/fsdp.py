@@ -151,6 +151,30 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def grad_square_sum(params, group) -> torch.Tensor:
+    """Sum of the squared gradient entries of ``params`` (fp64, on the CPU) over the whole model:
+    local shards summed over the shard ``group``, and TP-split parameters' slices also over the
+    tensor-parallel group (replicated ones counted once). Parameters without a gradient count 0."""
+    from . import state as pstate
+
+    split, rest = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None:
+            continue
+        sq = local_tensor(p.grad).detach().double().pow(2).sum().cpu()
+        if getattr(p, "tp_split_dim", None) is not None:
+            split += sq
+        else:
+            rest += sq
+    both = torch.stack([split, rest])
+    if group is not None and dist.get_world_size(group) > 1:
+        both = _all_reduce(both, group)
+    tp = pstate.tensor_parallel_group()
+    if tp is not None and dist.get_world_size(tp) > 1:  # TP-split squares from every TP rank
+        both[0] = _all_reduce(both[:1].clone(), tp)[0]
+    return both.sum()
+
+
 def clip_grads_with_norm_(params, clip: float, norm: float) -> None:
     """Scale each rank's local shard of ``params``' gradients by min(1, clip / (norm + 1e-6)), the
     coefficient of torch's ``clip_grads_with_norm_``; ``norm`` is already reduced over every group,
@@ -198,25 +222,7 @@ class FSDPTrainedModel:
         return contextlib.nullcontext()
 
     def grad_norm(self) -> torch.Tensor:
-        from . import state as pstate
-
-        split, rest = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        for p in self.module.parameters():
-            if p.grad is None:
-                continue
-            sq = local_tensor(p.grad).detach().double().pow(2).sum().cpu()
-            if getattr(p, "tp_split_dim", None) is not None:
-                split += sq
-            else:
-                rest += sq
-        both = torch.stack([split, rest])
-        group = shard_group()
-        if group is not None and dist.get_world_size(group) > 1:
-            both = _all_reduce(both, group)
-        tp = pstate.tensor_parallel_group()
-        if tp is not None and dist.get_world_size(tp) > 1:
-            both[0] = _all_reduce(both[:1].clone(), tp)[0]
-        return both.sum().sqrt()
+        return grad_square_sum(self.module.parameters(), shard_group()).sqrt()
 
     def step(self) -> tuple[bool, float]:
         norm = float(self.grad_norm())

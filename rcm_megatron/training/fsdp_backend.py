@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 
 from ..parallel import fsdp
-from ..parallel import state as pstate
 from . import pipeline_step
 from .local_dp import LocalDataParallel
 from .trained_model import OptimizerSettings
@@ -99,22 +98,8 @@ class FSDPDataParallel(LocalDataParallel):
                     grad = fsdp.local_tensor(p.grad)
                     reduced = self.pipe.all_reduce(grad.to(self._comm_device()))
                     grad.copy_(reduced)
-        split, rest = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        for n, p in named:
-            if not self.pipe.is_first and pipeline_step.is_pipeline_replicated(n):
-                continue
-            sq = fsdp.local_tensor(p.grad).detach().double().pow(2).sum().cpu()
-            if getattr(p, "tp_split_dim", None) is not None:
-                split += sq
-            else:
-                rest += sq
-        both = torch.stack([split, rest])
-        if self.shard_group is not None and dist.get_world_size(self.shard_group) > 1:
-            both = self._all_reduce(both, self.shard_group)
-        tp = pstate.tensor_parallel_group()
-        if tp is not None and dist.get_world_size(tp) > 1:  # TP-split squares from every TP rank
-            both[0] = self._all_reduce(both[:1].clone(), tp)[0]
-        total = both.sum()
+        counted = [p for n, p in named if self.pipe.is_first or not pipeline_step.is_pipeline_replicated(n)]
+        total = fsdp.grad_square_sum(counted, self.shard_group)
         if self.pipe.size > 1:
             total = self._all_reduce(total.reshape(1), self.pipe.group)[0]
         return total.sqrt()
