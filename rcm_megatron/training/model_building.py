@@ -99,9 +99,10 @@ def build_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, ctx: Ran
     sampled times lie there), so the student starts exact where its output is finally formed and
     learns the high-noise range (its first step) from the teacher's high-noise expert through sCM and
     DMD; the fake score tracks the student's outputs, which are low-noise samples, so it starts from
-    the same expert. One network keeps every layout, checkpoint and export path of a one-network run
-    and costs one copy of the trained weights; the two-network alternative is argued in
-    ``rcm.conditioning`` and measured against nothing yet (docs/quality.md).
+    the same expert. The price: above the boundary the student starts off the teacher (35% of p_d's
+    times at I2V's 0.9), which sCM and DMD must close. One network keeps every layout, checkpoint and
+    export path of a one-network run and one copy of the trained weights; the per-expert alternative
+    is argued in ``rcm.conditioning``, not built here.
     """
     distill = train.mode == "distill"
     teacher = None
