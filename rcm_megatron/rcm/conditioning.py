@@ -22,23 +22,15 @@ c_noise = 1000 sin t/(cos t + sin t) is the flow-matching timestep 1000 sigma th
 so each call (per sample) runs the high-noise expert at t >= atan(b/(1-b)) (b = boundary_ratio:
 I2V 0.9 -> t >= 1.4601) and the low-noise expert below.
 
-Student and fake score of a two-expert teacher: each is a two-expert ``WanExperts`` too (one network
-per expert, the same boundary), initialized expert by expert from the teacher. Why:
-- rCM starts both at the teacher (sCM's tangent error and DMD's fake-minus-real are 0 at step 0);
-  only the two-expert form equals the teacher over the whole time range. One network initialized
-  from one expert starts wrong on the other expert's range, and both ranges are trained a lot:
-  above the I2V boundary lie 35% of p_d's times (DMD, critic, rollouts; uniform_shift(5)) and 32% of
-  the 14B p_g's sCM times (lognormal(1.5, 1.6)); the 4-step schedule (atan 80, 1.5 | 1.4, 1.0)
-  runs two steps on each side, the 1-step sampler only the high-noise student.
-- Compute per pass is unchanged (each sample runs one expert); the cost is a second copy of the
-  student's and fake score's weights and optimizer state (the 14B memory plan is out of scope).
-- Caveat: the tangent (sCM) loss is local in t, so it does not tie the two student experts together
-  at the boundary; what keeps the few-step map continuous there is the initialization (the
-  teacher's experts agree at the boundary) and DMD, which scores only the final output.
-If memory allows one network only, start it (and the fake score) from the low-noise expert: about
-2/3 of every sampled time lies below the boundary, and the last, detail-forming steps are there.
-Nothing in this package assumes either form: any ``VelocityNet`` works for each role. This is
-reasoning, not a measurement: no toy two-expert distillation has been run to compare the forms.
+Student and fake score of a two-expert teacher: ``pretrain_rcm.py`` builds ONE network each,
+initialized from the low-noise expert (``training.model_building.build_models`` says why; toy
+measurement in docs/quality.md). The alternative, one network per expert (a ``WanExperts`` student
+and fake score initialized expert by expert), starts equal to the teacher over the whole time range
+(above the I2V boundary lie 35% of p_d's times and 32% of the 14B p_g's sCM times; the 4-step
+schedule runs two steps on each side) at the cost of a second copy of the trained weights and
+optimizer state; its tangent loss is local in t and does not tie the two student experts together
+at the boundary. It works at the library level (any ``VelocityNet`` in every role) but is not built
+by the trainer and has not been compared on the toy task.
 """
 
 from __future__ import annotations

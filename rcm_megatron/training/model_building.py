@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.fused_ops import set_fused_ops
-from ..models import WanConfig, WanDiT
+from ..models import WanConfig, WanDiT, WanExperts
 from .compile_policy import blocks_compiled
 from ..parallel import state as pstate
 from ..parallel.pipeline import stage_layer_range
@@ -63,7 +63,7 @@ def stage_model(cfg: WanConfig, ctx: RankContext, seed: int, weights: dict | Non
 
 @dataclass
 class Models:
-    teacher: WanDiT | None
+    teacher: WanDiT | WanExperts | None
     student: WanDiT
     fake: WanDiT | None
 
@@ -75,20 +75,42 @@ def compile_wanted(train: TrainingConfig) -> bool:
                            parameter_sharding=train.use_torch_fsdp2)
 
 
+def frozen_teacher(train: TrainingConfig, cfg: WanConfig, ctx: RankContext, weights: dict | None) -> WanDiT:
+    teacher = stage_model(cfg, ctx, train.seed, weights, trainable=False).eval()
+    if train.bf16:
+        teacher.to_dtype(torch.bfloat16)
+    if train.fp8_teacher:
+        teacher.quantize_fp8()
+    if train.use_torch_fsdp2:  # ZeRO-3: 1/n of the frozen teacher per DP x CP rank, gathered per block
+        from ..parallel.fsdp import shard_model
+
+        shard_model(teacher)
+    return teacher
+
+
 def build_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, ctx: RankContext,
-                 teacher_weights: dict | None) -> Models:
+                 teacher_weights: dict | None, experts=None) -> Models:
+    """``experts`` (a ``checkpointing.expert_source.ExpertTeacherSource``, whose ``weights`` are
+    ``teacher_weights``): the teacher is a ``WanExperts``, each call routed per sample by its
+    time (the TrigFlow wrapper's c_noise = 1000 sigma against boundary_ratio * 1000, as diffusers).
+
+    Student and fake score stay ONE network each, initialized from the LOW-noise expert. Why: few-step
+    sampling ends below the boundary (the last, detail-forming steps; at I2V's 0.9 about 2/3 of the
+    sampled times lie there), so the student starts exact where its output is finally formed and
+    learns the high-noise range (its first step) from the teacher's high-noise expert through sCM and
+    DMD; the fake score tracks the student's outputs, which are low-noise samples, so it starts from
+    the same expert. The price: above the boundary the student starts off the teacher (35% of p_d's
+    times at I2V's 0.9), which sCM and DMD must close. One network keeps every layout, checkpoint and
+    export path of a one-network run and one copy of the trained weights; the per-expert alternative
+    is argued in ``rcm.conditioning``, not built here.
+    """
     distill = train.mode == "distill"
     teacher = None
-    if distill:
-        teacher = stage_model(cfg, ctx, train.seed, teacher_weights, trainable=False).eval()
-        if train.bf16:
-            teacher.to_dtype(torch.bfloat16)
-        if train.fp8_teacher:
-            teacher.quantize_fp8()
-        if train.use_torch_fsdp2:  # ZeRO-3: 1/n of the frozen teacher per DP x CP rank, gathered per block
-            from ..parallel.fsdp import shard_model
-
-            shard_model(teacher)
+    if distill and experts is not None:
+        teacher = WanExperts(frozen_teacher(train, cfg, ctx, experts.high_noise_weights),
+                             frozen_teacher(train, cfg, ctx, teacher_weights), experts.boundary_ratio).eval()
+    elif distill:
+        teacher = frozen_teacher(train, cfg, ctx, teacher_weights)
     student = stage_model(cfg, ctx, train.seed, teacher_weights, trainable=True)
     fake = stage_model(cfg, ctx, train.seed, teacher_weights, trainable=True) \
         if distill and rcm.uses_fake_score else None
@@ -97,7 +119,8 @@ def build_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, ctx: Ran
             m.set_activation_recompute(train.recompute)
     set_fused_ops("auto" if train.fused_tangent_ops else "off")  # the no-grad passes' elementwise kernels
     if compile_wanted(train):
-        for m in (teacher, student, fake):
+        teachers = (teacher.high_noise, teacher.low_noise) if isinstance(teacher, WanExperts) else (teacher,)
+        for m in (*teachers, student, fake):
             if m is not None:
                 m.compile_blocks()
     return Models(teacher, student, fake)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from ..checkpointing.errors import CheckpointError
+from ..checkpointing.expert_source import is_expert_checkpoint, read_expert_source
 from ..checkpointing.lease import acquire_writer_lease
 from ..checkpointing.loading import read_model_source
 from ..checkpointing.preflight import check_output_dirs, checkpoint_bytes
@@ -34,6 +35,7 @@ class Preflight:
     load_path: str | None  # the committed checkpoint to resume from
     resume_meta: dict | None
     lease: object | None  # this run's writer lease on --save (checkpointing.lease)
+    expert_teacher: object | None = None  # ExpertTeacherSource of a two-expert --teacher-checkpoint
 
 
 def model_cfg_name(cfg: WanConfig) -> str:
@@ -44,18 +46,26 @@ def model_cfg_name(cfg: WanConfig) -> str:
 def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMConfig, par: ParallelConfig) -> Preflight:
     """``model_cfg`` None: the architecture comes from --teacher-checkpoint."""
     teacher_weights, teacher_meta = None, {"source": "random-init", "seed": train.seed}
-    if train.teacher_checkpoint:
+    experts = None
+    if train.teacher_checkpoint and is_expert_checkpoint(train.teacher_checkpoint):
+        check_expert_layout(train, par)
+        try:
+            experts = read_expert_source(train.teacher_checkpoint)
+        except (OSError, ValueError, KeyError) as e:
+            raise ArgumentError(f"--teacher-checkpoint {train.teacher_checkpoint}: {e}") from e
+        model_cfg, teacher_weights, teacher_meta = experts.config, experts.weights, experts.provenance
+    elif train.teacher_checkpoint:
         try:
             model_cfg, teacher_weights, teacher_meta = read_model_source(train.teacher_checkpoint)
         except (OSError, ValueError, KeyError) as e:
             raise ArgumentError(f"--teacher-checkpoint {train.teacher_checkpoint}: {e}") from e
-        if train.model is not None and preset(train.model) != model_cfg:
-            want, got = preset(train.model).to_dict(), model_cfg.to_dict()
-            diff = {k: got[k] for k in want if want[k] != got[k]}
-            raise ArgumentError(f"--model {train.model} does not match --teacher-checkpoint "
-                                f"{train.teacher_checkpoint}, whose architecture has {diff} (--model "
-                                f"{model_cfg_name(model_cfg)}); the architecture comes from the checkpoint: drop "
-                                "--model or name the matching preset")
+    if train.teacher_checkpoint and train.model is not None and preset(train.model) != model_cfg:
+        want, got = preset(train.model).to_dict(), model_cfg.to_dict()
+        diff = {k: got[k] for k in want if want[k] != got[k]}
+        raise ArgumentError(f"--model {train.model} does not match --teacher-checkpoint "
+                            f"{train.teacher_checkpoint}, whose architecture has {diff} (--model "
+                            f"{model_cfg_name(model_cfg)}); the architecture comes from the checkpoint: drop "
+                            "--model or name the matching preset")
     try:
         dataset = open_dataset(train, model_cfg)
         validate_tp(model_cfg, par.tensor_model_parallel_size)
@@ -86,7 +96,18 @@ def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMCo
         line = check_host_memory(flags, model_cfg, source)
         if line:
             raise ArgumentError(line)
-    return Preflight(model_cfg, dataset, teacher_weights, teacher_meta, load_path, resume_meta, lease)
+    return Preflight(model_cfg, dataset, teacher_weights, teacher_meta, load_path, resume_meta, lease, experts)
+
+
+def check_expert_layout(train: TrainingConfig, par: ParallelConfig) -> None:
+    """A two-expert teacher routes each sample to one expert, so ranks holding different samples run
+    different experts: that rules out layouts whose collectives span them (ZeRO-3's per-block gathers
+    over DP, pipeline stages sending whole micro-batches), and --mode teacher has no teacher."""
+    flag = ("--mode teacher" if train.mode != "distill" else "--use-torch-fsdp2" if train.use_torch_fsdp2
+            else "--pipeline-model-parallel-size > 1" if par.pipeline_model_parallel_size > 1 else None)
+    if flag is not None:
+        raise ArgumentError(f"--teacher-checkpoint {train.teacher_checkpoint} is a two-expert teacher "
+                            f"(experts.json), which {flag} does not support; drop {flag.split()[0]}")
 
 
 def plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig) -> SimpleNamespace:

@@ -81,13 +81,13 @@ class Trainer:
         self.model_cfg, self.dataset = checked.model_cfg, checked.dataset
         self.teacher_weights, self.teacher_meta = checked.teacher_weights, checked.teacher_meta
         self.load_path, self.resume_meta = checked.load_path, checked.resume_meta
-        self.lease = checked.lease
+        self.lease, self.expert_teacher = checked.lease, checked.expert_teacher
 
     # ------------------------------------------------------------------ setup
     def build(self) -> None:
         self.ctx = ctx = RankContext.initialize(self.par, self.device)
         self.rank, self.pipe = ctx.rank, ctx.pipe
-        models = build_models(self.train, self.rcm, self.model_cfg, ctx, self.teacher_weights)
+        models = build_models(self.train, self.rcm, self.model_cfg, ctx, self.teacher_weights, self.expert_teacher)
         self.teacher, self.student, self.fake = models.teacher, models.student, models.fake
         self.trained = build_trained_models(self.train, self.rcm, self.model_cfg, self.par, ctx, models)
         self.ema = sharded_ema(self.student, self.rcm.ema_sigma_rel, ctx.dp_cp_group)
