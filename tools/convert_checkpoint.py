@@ -33,6 +33,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rcm_megatron.checkpointing.expert_source import EXPERT_KEYS, EXPERTS_FILE, is_expert_checkpoint  # noqa: E402
 from rcm_megatron.cli import ArgumentParser, quiet_optional_backends  # noqa: E402
 
 quiet_optional_backends()  # before anything imports megatron-core
@@ -107,7 +108,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-EXPERTS_FILE = "experts.json"  # in an imported two-expert directory: the boundary and the experts' folders
 
 
 def expert_folders(path: str) -> dict[str, str] | None:
@@ -118,8 +118,8 @@ def expert_folders(path: str) -> dict[str, str] | None:
 
     if not os.path.isdir(path):
         return None
-    if os.path.isfile(os.path.join(path, EXPERTS_FILE)):
-        return {k: os.path.join(path, k) for k in ("high_noise", "low_noise")}
+    if is_expert_checkpoint(path):
+        return {k: os.path.join(path, k) for k in EXPERT_KEYS}
     for layout in (EXPERT_SUBFOLDERS, EXPERT_FOLDERS):
         if all(os.path.isdir(os.path.join(path, d)) for d in layout.values()):
             return {k: os.path.join(path, d) for k, d in layout.items()}
