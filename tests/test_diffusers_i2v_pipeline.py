@@ -72,29 +72,9 @@ class RCMFewStepScheduler(SchedulerMixin, ConfigMixin):
 @pytest.fixture(scope="module")
 def pipeline_folder(tmp_path_factory):
     """vae/, text_encoder/, tokenizer/, image_encoder/, image_processor/ and the exported student transformer/."""
-    from diffusers import AutoencoderKLWan
-    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers, processors
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast,
-                              UMT5Config, UMT5EncoderModel)
+    from tiny_wan_assets import write_tiny_wan_folder
 
-    root = tmp_path_factory.mktemp("wan_i2v_pipe")
-    torch.manual_seed(0)
-    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
-                     temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
-                     latents_std=[2.0, 1.5, 1.0, 0.5]).save_pretrained(root / "vae")
-    tok = Tokenizer(tmodels.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(root / "tokenizer")
-    UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=TEXT_DIM, d_kv=4, num_heads=2, d_ff=32, num_layers=2,
-                                relative_attention_num_buckets=8, relative_attention_max_distance=16)
-                     ).save_pretrained(root / "text_encoder")
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_DIM, intermediate_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, image_size=16, patch_size=8)).save_pretrained(
-        root / "image_encoder")
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
-        root / "image_processor")
+    root = write_tiny_wan_folder(tmp_path_factory.mktemp("wan_i2v_pipe"), WORDS, TEXT_DIM, CLIP_DIM)
     cfg = WanConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, in_channels=12,
                     out_channels=4, text_dim=TEXT_DIM, freq_dim=32, image_dim=CLIP_DIM)  # 4 noisy + 4 mask + 4 cond
     student = WanDiT(cfg)

@@ -55,24 +55,9 @@ def write_video(path, num_frames, size=(16, 16), fps=8, codec="mpeg4", seed=0):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A Wan-pipeline-shaped folder: vae/, text_encoder/, tokenizer/ (tiny, random)."""
-    from diffusers import AutoencoderKLWan
-    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+    from tiny_wan_assets import write_tiny_wan_folder
 
-    root = tmp_path_factory.mktemp("wan")
-    torch.manual_seed(0)
-    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
-                     temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
-                     latents_std=[2.0, 1.5, 1.0, 0.5]).save_pretrained(root / "vae")
-    tok = Tokenizer(tmodels.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(root / "tokenizer")
-    cfg = UMT5Config(vocab_size=len(WORDS), d_model=TEXT_DIM, d_kv=4, num_heads=2, d_ff=32, num_layers=2,
-                     relative_attention_num_buckets=8, relative_attention_max_distance=16)
-    UMT5EncoderModel(cfg).save_pretrained(root / "text_encoder")
-    return root
+    return write_tiny_wan_folder(tmp_path_factory.mktemp("wan"), WORDS, TEXT_DIM)
 
 
 @pytest.fixture(scope="module")
