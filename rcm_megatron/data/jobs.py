@@ -211,8 +211,14 @@ def barrier_and_sum(values: list[int], ranks: RankInfo) -> list[int]:
     import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
     t = torch.tensor(values, dtype=torch.int64)
     dist.all_reduce(t)
+    if created:
+        # A gloo group left alive until interpreter exit can abort the process
+        # ("terminate called without an active exception") after all work is done.
+        dist.barrier()
+        dist.destroy_process_group()
     return t.tolist()
