@@ -219,3 +219,35 @@ def test_synthesize_i2v_bad_input_exits_2(inputs, tmp_path, case, message):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and re.search(message, lines[0]), p.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_synthesize_i2v_from_a_two_expert_teacher(inputs, tmp_path, capfd):
+    """A two-expert folder (Wan2.2 A14B form) as the teacher: each Euler step runs the expert of its time."""
+    from test_pretrain_experts import expert_dir
+
+    from rcm_megatron.models import WanExperts
+
+    root, d = inputs
+    experts = expert_dir(tmp_path / "wan22", cfgs=(CFG, CFG))  # high: seed 0, low: seed 1
+    out = tmp_path / "synth"
+    args = synth_args(root, d, out, "--limit", "1", "--samples-per-prompt", "1", "--steps", "4")
+    args[args.index("--teacher-checkpoint") + 1] = experts
+    assert load_tool("synthesize_data").main(args) == 0
+    ds = ShardDataset(str(out))
+    assert len(ds) == 1
+    nets = []
+    for seed in (0, 1):
+        m = WanDiT(CFG)
+        m.reset_parameters(seed)
+        nets.append(m.eval())
+    teacher = WanExperts(*nets, 0.9).eval()
+    s0 = ds[0]
+    raw = {k: s0[k][None] for k in ("first_frame", "condition", "image_embeds")}
+    neg = torch.zeros(1, 8, TEXT_DIM)
+    neg[0, :3] = torch.load(out / "negative_context.pth")["context"]
+    want = euler_sample(teacher, s0["context"][None].float(), neg, (4, 2, 2, 2), [0], seed=5, num_steps=4,
+                        guidance_scale=5.0, shift=5.0, cond=batch_conditioning(raw, CFG))
+    torch.testing.assert_close(s0["latents"], want[0].float(), rtol=1e-4, atol=1e-4)
+    alone = euler_sample(nets[1], s0["context"][None].float(), neg, (4, 2, 2, 2), [0], seed=5, num_steps=4,
+                         guidance_scale=5.0, shift=5.0, cond=batch_conditioning(raw, CFG))
+    assert not torch.allclose(want, alone, atol=1e-3)  # the high-noise expert took part
