@@ -128,7 +128,8 @@ def test_prepare_i2v_bad_input_exits_2(inputs, tmp_path, extra, message):
 
 @pytest.mark.slow
 def test_synthesize_refuses_an_image_teacher(inputs, tmp_path):
-    """synthesize_data.py samples text-to-video teachers only: an I2V teacher is named, exit 2, nothing written."""
+    """Without --task i2v, synthesize_data.py refuses an I2V teacher: it is named, exit 2, nothing written
+    (tests/test_synthesize_i2v.py samples one with --task i2v)."""
     root, _ = inputs
     cfg = WanConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, in_channels=12,
                     out_channels=4, text_dim=TEXT_DIM, freq_dim=32, image_dim=CLIP_DIM)
@@ -137,5 +138,5 @@ def test_synthesize_refuses_an_image_teacher(inputs, tmp_path):
     p = run("tools/synthesize_data.py", "--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "o"),
             "--teacher-checkpoint", str(tmp_path / "t.pt"), "--text-encoder", str(root), "--latent-shape", "4", "2",
             "2", "2", "--device", "cpu", check=False)
-    assert p.returncode == 2 and "synthesize_data.py samples text-to-video teachers only" in p.stderr, p.stderr
+    assert p.returncode == 2 and "sample it with --task i2v from prompt + image pairs" in p.stderr, p.stderr
     assert "in_channels 12 = 4 noisy + 8 condition" in p.stderr and not os.path.exists(tmp_path / "o")

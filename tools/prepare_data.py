@@ -40,7 +40,7 @@ quiet_optional_backends()  # before anything imports megatron-core
 import torch  # noqa: E402
 
 from rcm_megatron.data.encoders import (  # noqa: E402
-    WAN_NEGATIVE_PROMPT, CLIPImageEncoder, UMT5TextEncoder, WanVAEEncoder, image_conditions,
+    WAN_NEGATIVE_PROMPT, CLIPImageEncoder, UMT5TextEncoder, WanVAEEncoder, first_frame_conditions, i2v_dataset_meta,
 )
 from rcm_megatron.data.jobs import Progress, RankInfo, barrier_and_sum, quiet_hub, read_manifest  # noqa: E402
 from rcm_megatron.data.shards import (  # noqa: E402
@@ -134,9 +134,7 @@ def encode_shard(items, vae, text, args, backend, device, progress, image=None) 
             progress.warn(f"skipped row {it.row} {it.path}: non-finite latents")
             progress.sample(False, "non_finite")
             continue
-        conds = None
-        if image is not None:
-            conds = image_conditions(vae, clip) | {"image_embeds": image.encode(clip[:, 0].unsqueeze(0))[0]}
+        conds = first_frame_conditions(vae, image, clip) if image is not None else None
         videos.append((it, z, conds))
     out = []
     for k in range(0, len(videos), args.text_batch_size):
@@ -191,11 +189,7 @@ def main(argv=None) -> int:
         "negative_prompt": args.negative_prompt, "tool": "prepare_data", "input": os.path.abspath(args.input),
         "samples_per_shard": args.samples_per_shard, "sample_posterior": args.sample_posterior}
     if image is not None:
-        c, t, h, w = latent_shape
-        lt = vae.temporal_factor
-        dataset_meta |= {"task": "i2v", "image_encoder": image.source, "conditions": {
-            "first_frame": [c, 1, h, w], "condition": [lt + c, t, h, w],
-            "image_embeds": list(image.encode(torch.zeros(1, 3, args.height, args.width)).shape[1:])}}
+        dataset_meta |= i2v_dataset_meta(vae, image, latent_shape, args.height, args.width)
     try:
         check_dataset_meta(args.output, dataset_meta)  # every rank: never add shards to another dataset
         if ranks.rank == 0:

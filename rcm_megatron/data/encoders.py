@@ -148,3 +148,27 @@ def image_conditions(vae: WanVAEEncoder, clip: torch.Tensor, mask_channels: int 
     mask = torch.zeros(m, *latents.shape[1:])
     mask[:, 0] = 1
     return {"first_frame": first, "condition": torch.cat([mask, latents], dim=0)}
+
+
+@torch.no_grad()
+def first_frame_conditions(vae: WanVAEEncoder, image: CLIPImageEncoder | None, clip: torch.Tensor) -> dict:
+    """Everything an image-to-video sample stores for a clip [3, T, H, W] in [-1, 1] conditioned on its
+    first frame: ``image_conditions`` plus, with a CLIP encoder, ``image_embeds`` [L_img, D] of that frame.
+    Only the first frame is read: a video's clip and an image followed by any frames give the same."""
+    conds = image_conditions(vae, clip)
+    if image is not None:
+        conds["image_embeds"] = image.encode(clip[:, 0].unsqueeze(0))[0]
+    return conds
+
+
+def i2v_dataset_meta(vae: WanVAEEncoder, image: CLIPImageEncoder | None, latent_shape, height: int,
+                     width: int) -> dict:
+    """meta.json's image-to-video entries: ``task``, the encoders and per field its per-sample shape
+    (``conditions``, as ``shard_dataset.ShardDataset`` reads them)."""
+    c, t, h, w = latent_shape
+    conditions = {"first_frame": [c, 1, h, w], "condition": [vae.temporal_factor + c, t, h, w]}
+    meta = {"task": "i2v", "vae": vae.source, "conditions": conditions}
+    if image is not None:
+        meta["image_encoder"] = image.source
+        conditions["image_embeds"] = list(image.encode(torch.zeros(1, 3, height, width)).shape[1:])
+    return meta

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
 VIDEO_COLUMNS = ("video", "path", "file", "filename", "video_path", "file_path", "videos")
 CAPTION_COLUMNS = ("caption", "text", "prompt", "captions", "description")
+IMAGE_COLUMNS = ("image", "image_path", "first_frame", "img", "images")
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class Progress:
 @dataclass(frozen=True)
 class Item:
     row: int  # position in the input: the stable id of what the item becomes
-    path: str | None
+    path: str | None  # the video (prepare_data) or the first-frame image (synthesize_data --task i2v)
     text: str | None
 
 
@@ -134,11 +135,15 @@ def _pick_column(fields, candidates, flag, given, source):
 
 
 def read_manifest(source: str, video_column: str | None = None, caption_column: str | None = None,
-                  need_video: bool = True) -> list[Item]:
+                  need_video: bool = True, image_column: str | None = None, need_image: bool = False) -> list[Item]:
     """Items of a CSV/TSV, JSONL or JSON manifest, a text file (one prompt per line, when
     ``need_video`` is False), or a directory of videos with sidecar ``.txt`` captions.
     Relative video paths are resolved against the manifest's directory; a missing caption
-    becomes ``text=None`` (skipped and counted by the tools, not an error here)."""
+    becomes ``text=None`` (skipped and counted by the tools, not an error here).
+    ``need_image`` (prompt + image pairs, no video): ``path`` is the row's image, from an image
+    column (``image_column`` or one of IMAGE_COLUMNS); a row without one is an error."""
+    if need_image and need_video:
+        raise ValueError("read_manifest: a row holds a video or a first-frame image, not both")
     if os.path.isdir(source):
         if not need_video:
             raise ValueError(f"{source}: expected a prompt file (.txt, .jsonl, .csv), got a directory")
@@ -176,12 +181,20 @@ def read_manifest(source: str, video_column: str | None = None, caption_column: 
             reader = csv.DictReader(f, delimiter="\t" if low.endswith(".tsv") else ",")
             rows = list(reader)
             fields = reader.fieldnames or []
+    elif need_image:
+        raise ValueError(f"{source}: a prompt file with one prompt per line has no image column; prompt + image pairs "
+                         "need a .csv/.tsv/.jsonl/.json manifest with an image and a prompt column")
     elif not need_video:  # plain prompts, one per line
         with open(source, encoding="utf-8") as f:
             return [Item(i, None, line.strip() or None) for i, line in enumerate(f.read().splitlines())]
     else:
         raise ValueError(f"{source}: unknown manifest type; use .csv, .tsv, .jsonl, .json or a directory of videos")
     vcol = _pick_column(fields, VIDEO_COLUMNS, "--video-column", video_column, source) if need_video else None
+    if need_image:
+        vcol = _pick_column(fields, IMAGE_COLUMNS, "--image-column", image_column, source)
+        if vcol is None:
+            raise ValueError(f"{source}: no image column (tried {', '.join(IMAGE_COLUMNS)}; set --image-column); "
+                             f"columns are {list(fields)}")
     ccol = _pick_column(fields, CAPTION_COLUMNS, "--caption-column", caption_column, source)
     if need_video and vcol is None:
         raise ValueError(f"{source}: no video column (tried {', '.join(VIDEO_COLUMNS)}; set --video-column); "
@@ -193,6 +206,8 @@ def read_manifest(source: str, video_column: str | None = None, caption_column: 
     for i, r in enumerate(rows):
         r = r if isinstance(r, dict) else {}
         path = r.get(vcol) if vcol else None
+        if need_image and not path:
+            raise ValueError(f"{source}: row {i} has no image (column {vcol!r})")
         if path:
             path = str(path)
             path = path if os.path.isabs(path) else os.path.join(base, path)

@@ -1,4 +1,5 @@
-"""Video decoding, frame sampling and resizing for ``tools/prepare_data.py``.
+"""Video decoding, frame sampling and resizing for ``tools/prepare_data.py`` (and the first-frame
+images of ``tools/synthesize_data.py --task i2v``, read with Pillow as one-frame clips).
 
 Decoders: DALI on GPU when ``nvidia.dali`` is installed (NGC containers ship it), PyAV
 otherwise; torchcodec when asked for. Each returns uint8 frames [T, H, W, 3] at the
@@ -185,6 +186,22 @@ def read_video(path: str, num_frames: int, target_fps: float | None = None, back
     if backend == "torchcodec":
         return _read_torchcodec(path, num_frames, target_fps, device)
     return _read_pyav(path, num_frames, target_fps)
+
+
+def read_image(path: str) -> torch.Tensor:
+    """uint8 [1, H, W, 3] (RGB) of an image file, as ``read_video`` gives frames; VideoError (naming
+    ``path``) if it is missing or Pillow cannot decode it."""
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: no such file")
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise VideoError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    return torch.from_numpy(rgb.copy()).unsqueeze(0)
 
 
 # ----------------------------------------------------------------------------- resize
