@@ -85,15 +85,13 @@ def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMCo
         resume_meta = train_state.check_resume_compatible(load_path, train, rcm_cfg, model_cfg,
                                                           peak_lrs(train, rcm_cfg))
     if train.memory_check and train.device.startswith("cuda"):  # the last checks: the models are built next
-        line = check_fits(plan_flags(train, rcm_cfg, par), model_cfg)
+        line = check_fits(data_plan_flags(train, rcm_cfg, par, dataset), model_cfg)
         if line:
             raise ArgumentError(line)
     if train.memory_check and train.device == "cpu":
         source = f"--teacher-checkpoint {train.teacher_checkpoint}" if train.teacher_checkpoint else \
             f"--model {model_cfg_name(model_cfg)}"
-        flags = plan_flags(train, rcm_cfg, par)
-        flags.latent_shape, flags.text_len = tuple(dataset.latent_shape), dataset.text_len  # the data's own
-        line = check_host_memory(flags, model_cfg, source)
+        line = check_host_memory(data_plan_flags(train, rcm_cfg, par, dataset), model_cfg, source)
         if line:
             raise ArgumentError(line)
     return Preflight(model_cfg, dataset, teacher_weights, teacher_meta, load_path, resume_meta, lease, experts)
@@ -122,6 +120,14 @@ def plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig) -
         optimizer_cpu_offload=train.optimizer_cpu_offload,
         recompute_granularity=train.recompute.granularity, recompute_num_layers=train.recompute.num_layers,
         device=train.device, compile_blocks=train.compile_blocks)
+
+
+def data_plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig, dataset) -> SimpleNamespace:
+    """``plan_flags`` at the shape of the samples trained on: the dataset's latent shape and text
+    length (for shards, their metadata), not --latent-shape's default of 480p."""
+    flags = plan_flags(train, rcm_cfg, par)
+    flags.latent_shape, flags.text_len = tuple(dataset.latent_shape), dataset.text_len
+    return flags
 
 
 def claim_outputs(train: TrainingConfig, model_cfg: WanConfig, rcm_cfg: RCMConfig):
