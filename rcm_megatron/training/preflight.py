@@ -24,6 +24,7 @@ from . import train_state
 from .arguments import ArgumentError, TrainingConfig
 from .batches import check_data_against_model, open_dataset
 from .model_building import peak_lrs
+from .trained_model import backend_name
 
 
 @dataclass
@@ -135,7 +136,9 @@ def claim_outputs(train: TrainingConfig, model_cfg: WanConfig, rcm_cfg: RCMConfi
     (the lease; None without --save). The first write of the run, after every check."""
     fake = train.mode == "distill" and rcm_cfg.uses_fake_score
     try:
-        check_output_dirs(train.save, train.log_dir, checkpoint_bytes(model_cfg, models=2 + fake, trained=1 + fake))
+        size = checkpoint_bytes(model_cfg, backend_name(train.use_distributed_optimizer, train.use_torch_fsdp2),
+                                train.bf16, fake)
+        check_output_dirs(train.save, train.log_dir, size)
         return acquire_writer_lease(train.save)
     except CheckpointError as e:
         raise ArgumentError(str(e)) from e
