@@ -34,7 +34,7 @@ def test_checkpoint_components_match_parameter_count_and_hold_no_teacher(tmp_pat
     trainer = Trainer(train, model_cfg, rcm_cfg, par)
     trainer.run()
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("saved checkpoint at iteration 1")]
-    assert line and re.search(r": \d+\.\d\d GB in \d+\.\d s \([\d.]+ GB/s; plan .* write .* commit", line[0]), line
+    assert line and re.search(r": \d+\.\d\d GB in \d+\.\d s \([\d.]+ GB/s; build .* plan .* write .* commit", line[0]), line
 
     n = sum(p.numel() for p in trainer.student.parameters())
     sd = train_state.sharded_state_dict(trainer)

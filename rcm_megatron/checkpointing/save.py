@@ -82,14 +82,19 @@ class CheckpointManager:
         self.report: SaveReport | None = None  # the last committed save's
         install_write_hashing()
 
-    def save(self, iteration: int, sharded_state_dict: dict, protected=()) -> None:
-        """Write and commit ``iteration``; ``protected``: iterations rotation must keep."""
+    def save(self, iteration: int, sharded_state_dict, protected=()) -> None:
+        """Write and commit ``iteration``; ``protected``: iterations rotation must keep.
+        ``sharded_state_dict``: the dict, or a function building it (timed as the 'build' phase:
+        e.g. megatron-core gathering distributed-optimizer state to the CPU)."""
         from megatron.core import dist_checkpointing
 
         self.finalize(blocking=True)  # one save in flight at a time
         self._protected = {int(i) for i in protected if i is not None}
         tmp = iteration_dir(self.root, iteration) + ".tmp"
         report = self._reports[iteration] = SaveReport(iteration)
+        if callable(sharded_state_dict):
+            with report.timed("build"):
+                sharded_state_dict = sharded_state_dict()
         try:
             if rank() == 0:
                 os.makedirs(self.root, exist_ok=True)
@@ -147,6 +152,8 @@ class CheckpointManager:
         final = iteration_dir(self.root, iteration)
         tmp = final + ".tmp"
         t0 = time.perf_counter()
+        if report.blocking_s is not None:  # asynchronous: the background write ended before this commit
+            report.add("write (background)", t0 - report.started - report.blocking_s)
         report.bytes = folder_bytes(tmp)
         write_manifest(tmp)
         if os.path.exists(final):  # re-saving an iteration: the complete old copy stays until swapped

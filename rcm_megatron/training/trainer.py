@@ -119,7 +119,7 @@ class Trainer:
         if self.checkpoints is not None:
             protect = [self.last_good_save] if self.consecutive_skips and self.last_good_save is not None else []
             try:
-                self.checkpoints.save(self.iteration, train_state.sharded_state_dict(self), protected=protect)
+                self.checkpoints.save(self.iteration, lambda: train_state.sharded_state_dict(self), protected=protect)
             except CheckpointError as e:  # e.g. a full disk: the partial copy is gone, the previous one kept
                 raise TrainingAborted(str(e)) from e
             if self.consecutive_skips == 0:
