@@ -15,6 +15,17 @@ from rcm_megatron.checkpointing.save_report import expected_bytes, state_bytes
 pytestmark = pytest.mark.slow  # a tiny training run and saves (~15 s)
 
 
+def load_pipeline():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "pipeline",
+                        "run_pipeline.py")
+    spec = importlib.util.spec_from_file_location("run_pipeline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _tensor_ptrs(sd) -> set:
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -35,6 +46,9 @@ def test_checkpoint_components_match_parameter_count_and_hold_no_teacher(tmp_pat
     trainer.run()
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("saved checkpoint at iteration 1")]
     assert line and re.search(r": \d+\.\d\d GB in \d+\.\d s \([\d.]+ GB/s; build .* plan .* write .* commit", line[0]), line
+    (tmp_path / "pretrain.log").write_text("\n".join(line) + "\n")  # what examples/pipeline records of it
+    parsed = load_pipeline().checkpoint_save(str(tmp_path / "pretrain.log"))
+    assert parsed["iteration"] == 1 and parsed["seconds"] > 0 and "commit" in parsed["phases"]
 
     n = sum(p.numel() for p in trainer.student.parameters())
     sd = train_state.sharded_state_dict(trainer)

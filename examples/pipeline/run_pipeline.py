@@ -177,6 +177,20 @@ def training_rates(rec: dict, metrics_path: str) -> None:
                loss_last=rows[-1].get("loss"), phases=sorted({r.get("phase") for r in rows}))
 
 
+def checkpoint_save(log_path: str) -> dict | None:
+    """The trainer's last 'saved checkpoint at iteration N to DIR: X GB in Y s (Z GB/s; phases)' line."""
+    import re
+
+    found = None
+    for line in open(log_path, errors="replace"):
+        m = re.search(r"saved checkpoint at iteration (\d+) to .*: ([\d.]+) GB in ([\d.]+) s \(([\d.na]+) GB/s; (.*)\)",
+                      line)
+        if m:
+            found = {"iteration": int(m.group(1)), "gb": float(m.group(2)), "seconds": float(m.group(3)),
+                     "gb_per_s": float(m.group(4)), "phases": m.group(5)}
+    return found
+
+
 def tensorboard_tags(log_dir: str) -> dict:
     """{tag: [steps]} of the image/video summaries in the run's event files (None without tensorboard)."""
     try:
@@ -330,6 +344,7 @@ def main(argv=None) -> int:
                                     "--log-video-context", ctx_file, "--log-video-prompts", "1",
                                     "--log-video-teacher-steps", "4", "--seed", str(args.seed), *device])
         training_rates(r, os.path.join(run_dir, "tensorboard", "metrics.jsonl"))
+        r["checkpoint_save"] = checkpoint_save(r["log"])
         r["tensorboard_images"] = tensorboard_tags(os.path.join(run_dir, "tensorboard"))
         ckpt = os.path.join(run_dir, "checkpoints")
         dt = ["--bf16"] if gpu else []
