@@ -36,7 +36,9 @@ TRAIN_ARGS=(
   --rollout-max-steps 4
   --ema-sigma-rel 0.1
   --tangent-warmup-iters 1000
-  # checkpoint often enough that one interval fits in the 300 s requeue lead (--signal)
+  # checkpoint often enough that one interval fits in the 300 s requeue lead (--signal). A checkpoint
+  # is 45.4 GB (bf16 student + fake score, fp32 EMA, both models' fp32 main params and Adam moments;
+  # no teacher): --keep-last 3 needs ~185 GB in --save (three kept + the one being written)
   --save-interval 50
   --keep-last 3
   --log-interval 10

@@ -21,6 +21,16 @@ stage's wall time, rate (videos/s, tokens/s, model TFLOP/s) and peak memory go t
 ``benchmarks/results/pipeline_<date>_<card>.json`` (``--tiny``: WORK/pipeline_<date>_cpu.json)
 with the command; a table is printed last. Exit 1 when a stage fails or generate.py and the
 diffusers pipeline disagree beyond the tolerance (relative L2 error: 1e-4 in fp32, 3e-2 in bf16).
+
+Disk and memory at real size (Wan-1.3B): training saves once, at its end (the shipped config's
+--save-interval is replaced: a short run takes no interval saves). That checkpoint is 45.4 GB
+(bf16 student and fake score 2.8 GB each, fp32 EMA 5.7 GB, each trained model's fp32 main
+parameters and two Adam moments 17.0 GB; the frozen teacher is not saved: it is reloaded from
+--teacher-checkpoint), so WORK needs ~55 GB free on a disk (the trainer refuses to start with
+less). Keep WORK off /dev/shm: the save stages ~80 GB in host RAM besides (megatron-core's
+distributed-optimizer state gathered to the CPU and copied by its writer, and the weights' GPU to
+host copy). The trainer's log says each save's size, time and GB/s per phase
+("saved checkpoint at iteration N to DIR: 45.41 GB in ... s (... GB/s; ...)").
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CONFIG = os.path.join(REPO, "examples", "configs", "wan-1.3b.sh")
-# flags of the shipped config the pipeline replaces: paths, the run's length and, on one GPU, the batch
+# flags of the shipped config the pipeline replaces: paths, the run's length (one save, at its end), on one GPU the batch
 # and the tangent warmup (1000 iterations of sCM-only student steps): a short one, so that the run
 # also takes the critic and the sCM + DMD student steps, the largest of the method's passes
 REPLACED = {"--teacher-checkpoint", "--data", "--train-iters", "--global-batch-size", "--save-interval",
@@ -165,6 +175,20 @@ def training_rates(rec: dict, metrics_path: str) -> None:
                model_tflops=med("model_tflops_per_gpu"), mfu=med("mfu"),
                peak_allocated_gib=round(max(peaks), 2) if peaks else None,
                loss_last=rows[-1].get("loss"), phases=sorted({r.get("phase") for r in rows}))
+
+
+def checkpoint_save(log_path: str) -> dict | None:
+    """The trainer's last 'saved checkpoint at iteration N to DIR: X GB in Y s (Z GB/s; phases)' line."""
+    import re
+
+    found = None
+    for line in open(log_path, errors="replace"):
+        m = re.search(r"saved checkpoint at iteration (\d+) to .*: ([\d.]+) GB in ([\d.]+) s \(([\d.na]+) GB/s; (.*)\)",
+                      line)
+        if m:
+            found = {"iteration": int(m.group(1)), "gb": float(m.group(2)), "seconds": float(m.group(3)),
+                     "gb_per_s": float(m.group(4)), "phases": m.group(5)}
+    return found
 
 
 def tensorboard_tags(log_dir: str) -> dict:
@@ -320,6 +344,7 @@ def main(argv=None) -> int:
                                     "--log-video-context", ctx_file, "--log-video-prompts", "1",
                                     "--log-video-teacher-steps", "4", "--seed", str(args.seed), *device])
         training_rates(r, os.path.join(run_dir, "tensorboard", "metrics.jsonl"))
+        r["checkpoint_save"] = checkpoint_save(r["log"])
         r["tensorboard_images"] = tensorboard_tags(os.path.join(run_dir, "tensorboard"))
         ckpt = os.path.join(run_dir, "checkpoints")
         dt = ["--bf16"] if gpu else []

@@ -7,6 +7,7 @@ run as one plain process (convert, evaluate) the world of one that dist_checkpoi
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.distributed as dist
@@ -77,46 +78,71 @@ class _CPUSaveStrategy:
 
     The default writer stages tensors with a CUDA synchronize and forks writer processes;
     on CPU the first fails and the second can deadlock a process that has other threads
-    (TensorBoard's writer, OpenMP). Here the same per-bucket writer runs in this process,
-    then megatron-core's own finalization (metadata, commit of the DCP plan) follows.
+    (TensorBoard's writer, OpenMP). Here the same per-bucket writer (megatron-core splits the
+    tensors into ``thread_count`` files of about equal size) runs in this process, one thread
+    per file: the file writes, the CRC-32 and the fsync release the GIL, so files are written
+    in parallel. Then megatron-core's own finalization (metadata, commit of the DCP plan)
+    follows. ``report``: a ``SaveReport`` that gets the plan / write / finalize seconds.
     """
 
-    def __new__(cls):
+    def __new__(cls, thread_count: int = 1, report=None):
         import queue
+        from concurrent.futures import ThreadPoolExecutor
 
         from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
         from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
+        def timed(phase):
+            return report.timed(phase) if report is not None else contextlib.nullcontext()
+
+        def write_bucket(transform_list, i, bucket):
+            local, count = queue.Queue(), queue.Queue()
+            count.put(i)
+            FileSystemWriterAsync.write_preloaded_data(transform_list, i, bucket, local, count, True)
+            return local.get()
+
         class Strategy(TorchDistSaveShardedStrategy):
             def save(self, sharded_state_dict, checkpoint_dir):
-                request = self.async_save(sharded_state_dict, checkpoint_dir)
-                if request.async_fn is not None:
-                    transform_list = request.async_fn.args[0]
-                    _rank, buckets, global_results = request.async_fn_args
-                    local, count = queue.Queue(), queue.Queue()
-                    results = {}
-                    for i, bucket in enumerate(buckets):
-                        count.put(i)
-                        FileSystemWriterAsync.write_preloaded_data(transform_list, i, bucket, local, count, True)
-                        idx, out = local.get()
-                        if isinstance(out, Exception):
-                            raise out
-                        results[idx] = out
-                    global_results.put(results)
-                barrier()
+                with timed("plan"):
+                    request = self.async_save(sharded_state_dict, checkpoint_dir)
+                with timed("write"):
+                    if request.async_fn is not None:
+                        transform_list = request.async_fn.args[0]
+                        _rank, buckets, global_results = request.async_fn_args
+                        with ThreadPoolExecutor(max_workers=max(1, len(buckets))) as pool:
+                            outs = list(pool.map(lambda ib: write_bucket(transform_list, *ib), enumerate(buckets)))
+                        results = {}
+                        for idx, out in outs:
+                            if isinstance(out, Exception):
+                                raise out
+                            results[idx] = out
+                        global_results.put(results)
+                    barrier()
                 # megatron-core's finalization broadcasts a failure flag on
                 # torch.cuda.current_device(); on a CPU-only run that tensor must live on the CPU.
                 real = torch.cuda.current_device
                 torch.cuda.current_device = lambda: "cpu"
                 try:
-                    for fn in request.finalize_fns:
-                        fn()
+                    with timed("finalize"):
+                        for fn in request.finalize_fns:
+                            fn()
                 finally:
                     torch.cuda.current_device = real
 
-        return Strategy("torch_dist", 1, thread_count=1)
+        return Strategy("torch_dist", 1, thread_count=thread_count)
 
 
-def cpu_save_strategy():
+def default_thread_count() -> int:
+    """Writer threads (files) per rank: megatron-core's default of 2, up to 4 where this rank has the
+    cores (the node's cores shared by its local ranks); ``RCM_CKPT_WRITE_THREADS`` overrides it."""
+    env = os.environ.get("RCM_CKPT_WRITE_THREADS")
+    if env:
+        return max(1, int(env))
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(2, min(4, cores // local))
+
+
+def cpu_save_strategy(thread_count: int = 1, report=None):
     install_write_hashing()
-    return _CPUSaveStrategy()
+    return _CPUSaveStrategy(thread_count, report)

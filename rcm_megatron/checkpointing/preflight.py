@@ -13,9 +13,11 @@ from .errors import CheckpointError
 SLACK = 1.1  # dist_checkpointing's per-tensor headers and the common state
 
 
-def checkpoint_bytes(cfg, models: int, trained: int) -> int:
-    """Bytes of one training checkpoint: ``models`` fp32 weight sets (student, its EMA, fake score)
-    plus two fp32 AdamW moments per ``trained`` model."""
+def checkpoint_bytes(cfg, backend: str = "local", bf16: bool = False, fake_score: bool = True) -> int:
+    """Bytes of one training checkpoint (``save_report.expected_bytes``: weights, fp32 EMA, optimizer
+    state of the student and, with ``fake_score``, the fake score) for the trained-model backend
+    ('local', 'megatron', 'fsdp'); Wan-1.3B with the distributed optimizer and bf16: 45.4 GB."""
+    from .save_report import expected_bytes
     from .sources import full_shapes
 
     n = 0
@@ -24,7 +26,7 @@ def checkpoint_bytes(cfg, models: int, trained: int) -> int:
         for s in shape:
             k *= int(s)
         n += k
-    return int(n * 4 * (models + 2 * trained) * SLACK)
+    return int(sum(expected_bytes(n, backend, bf16, fake_score).values()) * SLACK)
 
 
 def check_writable(path: str, flag: str) -> None:

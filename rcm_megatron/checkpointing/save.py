@@ -15,7 +15,9 @@ the folder; the previous checkpoints stay. ``--keep-last`` rotation never remove
 checkpoint nor the ``protected`` iterations the caller names (the last one before a run of
 skipped steps). On GPU the write is asynchronous (megatron-core's async request, finalized later
 by the commit); on CPU a synchronous strategy is used because megatron-core's default writer
-synchronizes CUDA.
+synchronizes CUDA. Either way each rank writes ``thread_count`` files in parallel (megatron-core's
+torch_dist writer: forked processes on GPU, threads here). ``report`` (``save_report.SaveReport``)
+holds the last committed save's bytes and seconds per phase.
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ import ctypes
 import errno
 import os
 import shutil
+import time
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .checksums import install_write_hashing, write_manifest
-from .dist_io import barrier, cpu_save_strategy, rank
+from .dist_io import barrier, cpu_save_strategy, default_thread_count, rank
 from .errors import CheckpointError
 from .layout import MARKER, committed_iterations, iteration_dir, latest_iteration
+from .save_report import SaveReport, folder_bytes
 
 RENAME_EXCHANGE = 2
 
@@ -65,21 +69,32 @@ def _reason(e: BaseException) -> str:
 class CheckpointManager:
     """Saves and commits checkpoints under ``root``; keeps the newest ``keep_last``."""
 
-    def __init__(self, root: str, keep_last: int | None = None, async_save: bool | None = None):
-        self.root, self.keep_last = root, keep_last
+    def __init__(self, root: str, keep_last: int | None = None, async_save: bool | None = None,
+                 thread_count: int | None = None, on_commit=None):
+        """``on_commit(report)``: called on rank 0 once a save is committed (the log line)."""
+        self.root, self.keep_last, self.on_commit = root, keep_last, on_commit
         self.async_save = torch.cuda.is_available() if async_save is None else async_save
+        self.thread_count = thread_count or default_thread_count()
         self._queue = None
         self._pending: list[int] = []
         self._protected: set[int] = set()
+        self._reports: dict[int, SaveReport] = {}
+        self.report: SaveReport | None = None  # the last committed save's
         install_write_hashing()
 
-    def save(self, iteration: int, sharded_state_dict: dict, protected=()) -> None:
-        """Write and commit ``iteration``; ``protected``: iterations rotation must keep."""
+    def save(self, iteration: int, sharded_state_dict, protected=()) -> None:
+        """Write and commit ``iteration``; ``protected``: iterations rotation must keep.
+        ``sharded_state_dict``: the dict, or a function building it (timed as the 'build' phase:
+        e.g. megatron-core gathering distributed-optimizer state to the CPU)."""
         from megatron.core import dist_checkpointing
 
         self.finalize(blocking=True)  # one save in flight at a time
         self._protected = {int(i) for i in protected if i is not None}
         tmp = iteration_dir(self.root, iteration) + ".tmp"
+        report = self._reports[iteration] = SaveReport(iteration)
+        if callable(sharded_state_dict):
+            with report.timed("build"):
+                sharded_state_dict = sharded_state_dict()
         try:
             if rank() == 0:
                 os.makedirs(self.root, exist_ok=True)
@@ -88,15 +103,21 @@ class CheckpointManager:
             barrier()
             if self.async_save:
                 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+                from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-                request = dist_checkpointing.save(sharded_state_dict, tmp, async_sharded_save=True)
+                with report.timed("plan+stage"):
+                    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=self.thread_count)
+                    request = dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=strategy,
+                                                      async_sharded_save=True)
                 request.add_finalize_fn(lambda: self.commit(iteration))
                 if self._queue is None:
                     self._queue = AsyncCallsQueue()
                 self._queue.schedule_async_request(request)
                 self._pending.append(iteration)
+                report.blocking_s = time.perf_counter() - report.started
             else:
-                dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=cpu_save_strategy())
+                dist_checkpointing.save(sharded_state_dict, tmp,
+                                        sharded_strategy=cpu_save_strategy(self.thread_count, report))
                 barrier()
                 self.commit(iteration)
                 barrier()
@@ -104,6 +125,7 @@ class CheckpointManager:
             self._failed(iteration, e)
 
     def _failed(self, iteration: int, e: BaseException):
+        self._reports.pop(iteration, None)
         tmp = iteration_dir(self.root, iteration) + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         kept = latest_iteration(self.root) if os.path.isfile(os.path.join(self.root, MARKER)) else None
@@ -124,10 +146,15 @@ class CheckpointManager:
     def commit(self, iteration: int) -> None:
         """Rank 0: the written ``.tmp`` folder, with its checksums, becomes ``iter_NNNNNNN`` and the
         marker names it."""
+        report = self._reports.pop(iteration, None) or SaveReport(iteration)
         if rank() != 0:
             return
         final = iteration_dir(self.root, iteration)
         tmp = final + ".tmp"
+        t0 = time.perf_counter()
+        if report.blocking_s is not None:  # asynchronous: the background write ended before this commit
+            report.add("write (background)", t0 - report.started - report.blocking_s)
+        report.bytes = folder_bytes(tmp)
         write_manifest(tmp)
         if os.path.exists(final):  # re-saving an iteration: the complete old copy stays until swapped
             if exchange_folders(tmp, final):
@@ -147,6 +174,11 @@ class CheckpointManager:
         shutil.rmtree(final + ".old", ignore_errors=True)
         if self.keep_last:
             self.rotate(iteration)
+        report.add("commit", time.perf_counter() - t0)
+        report.total_s = time.perf_counter() - report.started
+        self.report = report
+        if self.on_commit is not None:
+            self.on_commit(report)
 
     def rotate(self, committed: int) -> None:
         """Keep the newest ``keep_last``, the marker's and the protected iterations."""

@@ -24,6 +24,7 @@ from . import train_state
 from .arguments import ArgumentError, TrainingConfig
 from .batches import check_data_against_model, open_dataset
 from .model_building import peak_lrs
+from .trained_model import backend_name
 
 
 @dataclass
@@ -85,15 +86,13 @@ def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMCo
         resume_meta = train_state.check_resume_compatible(load_path, train, rcm_cfg, model_cfg,
                                                           peak_lrs(train, rcm_cfg))
     if train.memory_check and train.device.startswith("cuda"):  # the last checks: the models are built next
-        line = check_fits(plan_flags(train, rcm_cfg, par), model_cfg)
+        line = check_fits(data_plan_flags(train, rcm_cfg, par, dataset), model_cfg)
         if line:
             raise ArgumentError(line)
     if train.memory_check and train.device == "cpu":
         source = f"--teacher-checkpoint {train.teacher_checkpoint}" if train.teacher_checkpoint else \
             f"--model {model_cfg_name(model_cfg)}"
-        flags = plan_flags(train, rcm_cfg, par)
-        flags.latent_shape, flags.text_len = tuple(dataset.latent_shape), dataset.text_len  # the data's own
-        line = check_host_memory(flags, model_cfg, source)
+        line = check_host_memory(data_plan_flags(train, rcm_cfg, par, dataset), model_cfg, source)
         if line:
             raise ArgumentError(line)
     return Preflight(model_cfg, dataset, teacher_weights, teacher_meta, load_path, resume_meta, lease, experts)
@@ -124,12 +123,22 @@ def plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig) -
         device=train.device, compile_blocks=train.compile_blocks)
 
 
+def data_plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig, dataset) -> SimpleNamespace:
+    """``plan_flags`` at the shape of the samples trained on: the dataset's latent shape and text
+    length (for shards, their metadata), not --latent-shape's default of 480p."""
+    flags = plan_flags(train, rcm_cfg, par)
+    flags.latent_shape, flags.text_len = tuple(dataset.latent_shape), dataset.text_len
+    return flags
+
+
 def claim_outputs(train: TrainingConfig, model_cfg: WanConfig, rcm_cfg: RCMConfig):
     """--save / --log-dir writable, --save with room for one checkpoint, and this run its one writer
     (the lease; None without --save). The first write of the run, after every check."""
     fake = train.mode == "distill" and rcm_cfg.uses_fake_score
     try:
-        check_output_dirs(train.save, train.log_dir, checkpoint_bytes(model_cfg, models=2 + fake, trained=1 + fake))
+        size = checkpoint_bytes(model_cfg, backend_name(train.use_distributed_optimizer, train.use_torch_fsdp2),
+                                train.bf16, fake)
+        check_output_dirs(train.save, train.log_dir, size)
         return acquire_writer_lease(train.save)
     except CheckpointError as e:
         raise ArgumentError(str(e)) from e

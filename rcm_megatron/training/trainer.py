@@ -94,7 +94,8 @@ class Trainer:
         self.batches = BatchSource(self.dataset, self.train, self.par.micro_batch_size, ctx, self.model_cfg)
         self.iteration, self.student_steps, self.skipped_steps, self.consecutive_skips = 0, 0, 0, 0
         self.last_good_save: int | None = None  # the newest checkpoint saved with no skipped step pending
-        self.checkpoints = CheckpointManager(self.train.save, self.train.keep_last) if self.train.save else None
+        self.checkpoints = CheckpointManager(self.train.save, self.train.keep_last, on_commit=self._saved) \
+            if self.train.save else None
         if self.load_path is not None:
             path = train_state.verified_load_path(self.load_path, self.train.auto_resume)
             if path != self.load_path:  # --auto-resume fell back to an older checkpoint that verifies
@@ -118,13 +119,15 @@ class Trainer:
         if self.checkpoints is not None:
             protect = [self.last_good_save] if self.consecutive_skips and self.last_good_save is not None else []
             try:
-                self.checkpoints.save(self.iteration, train_state.sharded_state_dict(self), protected=protect)
+                self.checkpoints.save(self.iteration, lambda: train_state.sharded_state_dict(self), protected=protect)
             except CheckpointError as e:  # e.g. a full disk: the partial copy is gone, the previous one kept
                 raise TrainingAborted(str(e)) from e
             if self.consecutive_skips == 0:
                 self.last_good_save = self.iteration
-            if self.rank == 0:
-                print(f"saved checkpoint at iteration {self.iteration} to {self.train.save}", flush=True)
+
+    def _saved(self, report) -> None:
+        """Rank 0, at each commit (asynchronous saves: when the write has finished)."""
+        print(f"saved checkpoint at iteration {report.iteration} to {self.train.save}: {report.line()}", flush=True)
 
     # ------------------------------------------------------------------ one iteration
     def _autocast(self):

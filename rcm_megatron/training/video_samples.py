@@ -12,11 +12,13 @@ Memory: the VAE lives on the CPU between logs and visits the GPU only to decode,
 time (``AutoencoderKLWan`` decodes one latent frame at a time with its causal cache); frames go
 to the CPU as uint8 at once and the cache is emptied after. Before decoding, the largest
 decoder activation of one latent frame is estimated; when it does not fit the free GPU memory
-the decode is skipped with a one-line warning (the run continues).
+the decode is skipped with a one-line warning (the run continues). On a CPU run the same check uses
+the host's available memory.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -122,19 +124,18 @@ class VideoSampleLogger:
 
     def _fits(self, vae, latent_hw) -> tuple[bool, int, int]:
         need = decode_bytes(vae.vae, latent_hw)
-        if self.device.type != "cuda":
-            return True, need, 0
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        weights = sum(p.numel() * p.element_size() for p in vae.vae.parameters())
-        return need + weights <= free, need + weights, free
+        if self.device.type == "cuda":  # the VAE's weights move to the GPU for the decode
+            need += sum(p.numel() * p.element_size() for p in vae.vae.parameters())
+        free = free_memory_bytes(self.device)
+        return need <= free, need, free
 
     def _write(self, logger, iteration: int, samples: dict) -> None:
         vae = self._load_vae()
         ok, need, free = self._fits(vae, next(iter(samples.values())).shape[-2:])
         if not ok:
+            where = "GPU memory" if self.device.type == "cuda" else "host memory"
             print(f"warning: video samples at iteration {iteration} skipped: decoding needs ~{need / 2**30:.1f} GiB, "
-                  f"{free / 2**30:.1f} GiB of GPU memory is free", file=sys.stderr, flush=True)
+                  f"{free / 2**30:.1f} GiB of {where} is free", file=sys.stderr, flush=True)
             return
         vae.vae.to(self.device)
         vae.device = self.device
@@ -149,6 +150,22 @@ class VideoSampleLogger:
             vae.device = torch.device("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """What a decode may use: free GPU memory plus what torch's allocator holds unused, or on the
+    CPU the host's available memory (MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def sample_noise(seed: int, idx: list[int], shape, device) -> torch.Tensor:
