@@ -240,3 +240,23 @@ def test_tiny_training_run_with_fp8_teacher(tmp_path):
     dtypes = {getattr(getattr(m, "properties", None), "dtype", None) for m in meta.values()}
     assert torch.float32 in dtypes and torch.float8_e4m3fn not in dtypes
     assert not any("weight_fp8" in k or "weight_scale" in k for k in meta)
+
+
+@pytest.mark.slow
+def test_numerics_benchmark_fp8_mode(tmp_path):
+    import glob
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("numerics_bench", os.path.join(root, "benchmarks", "numerics.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--fp8-teacher", "--out", str(tmp_path)]) == 0
+    (path,) = glob.glob(str(tmp_path / "numerics_*.json"))
+    result = json.load(open(path))
+    rows = result["relative_l2_error_vs_fp32"]
+    assert result["mode"] == "fp8 teacher" and list(rows) == ["teacher fp8, fp32 activations", "teacher bf16", "teacher fp8"]
+    assert 1e-4 < rows["teacher bf16"]["v"] < rows["teacher fp8, fp32 activations"]["v"] < 0.1  # FP8 above bf16 rounding
+    assert rows["teacher fp8"]["v vs bf16"] > rows["teacher bf16"]["v"]
+    for row in rows.values():
+        assert 0 < row["g"] < row["F"] and 0 < row["g direction"] < 2 * row["g"]  # g moves less than F_T
