@@ -260,3 +260,33 @@ def test_numerics_benchmark_fp8_mode(tmp_path):
     assert rows["teacher fp8"]["v vs bf16"] > rows["teacher bf16"]["v"]
     for row in rows.values():
         assert 0 < row["g"] < row["F"] and 0 < row["g direction"] < 2 * row["g"]  # g moves less than F_T
+
+
+@pytest.mark.slow
+def test_rcm_step_benchmark_reports_fp8_teacher_passes_apart(tmp_path):
+    import glob
+    import importlib.util
+
+    from rcm_megatron.training.throughput import wan_forward_flops
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("rcm_step_bench", os.path.join(root, "benchmarks", "rcm_step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--out", str(tmp_path), "--", "--fp8-teacher"]) == 0
+    (path,) = glob.glob(str(tmp_path / "rcm_step_*.json"))
+    r = json.load(open(path))
+    assert r["fp8_teacher"] is True and r["card"] == "cpu" and "--fp8-teacher" in r["pretrain_flags"]
+    fp8_passes = {p["pass"] for p in r["passes"] if p["precision"] == "fp8"}
+    assert fp8_passes == {"teacher CFG (sCM)", "teacher CFG (DMD)"}
+    assert {p["precision"] for p in r["passes"] if p["pass"] not in fp8_passes} == {"fp32"}
+    # the student step (iteration 6) ran the teacher twice with CFG on micro-batch 2: 8 sample-forwards in FP8
+    total = wan_forward_flops(preset("tiny"), r["tokens"], r["text_len"]).total
+    by_it = {i["iteration"]: i for i in r["iterations"]}
+    assert by_it[6]["fp8_teacher_flops"] == pytest.approx(8 * total) and by_it[6]["fp8_teacher_seconds"] > 0
+    assert all(i["fp8_teacher_flops"] == 0 for n, i in by_it.items() if n != 6)  # critic steps: no teacher
+    summary = r["fp8_teacher_passes"]
+    assert summary["seconds"] == pytest.approx(by_it[6]["fp8_teacher_seconds"])
+    assert summary["model_tflops"] == pytest.approx(8 * total / summary["seconds"] / 1e12)
+    bf16 = sum(i["bf16_flops"] for i in r["iterations"]) / (r["period_seconds"] - summary["seconds"]) / 1e12
+    assert r["period_bf16_model_tflops_per_gpu"] == pytest.approx(bf16)
