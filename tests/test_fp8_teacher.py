@@ -290,3 +290,11 @@ def test_rcm_step_benchmark_reports_fp8_teacher_passes_apart(tmp_path):
     assert summary["model_tflops"] == pytest.approx(8 * total / summary["seconds"] / 1e12)
     bf16 = sum(i["bf16_flops"] for i in r["iterations"]) / (r["period_seconds"] - summary["seconds"]) / 1e12
     assert r["period_bf16_model_tflops_per_gpu"] == pytest.approx(bf16)
+
+
+def test_output_dtype_follows_autocast_like_f_linear():
+    wq, ws = quantize_rows(torch.randn(32, 64))
+    x = torch.randn(5, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fp8_linear(x, wq, ws).dtype == torch.nn.functional.linear(x, torch.randn(32, 64)).dtype == torch.bfloat16
+    assert fp8_linear(x, wq, ws).dtype == torch.float32 and fp8_linear(x.bfloat16(), wq, ws).dtype == torch.bfloat16

@@ -5,8 +5,9 @@ row amax / 448, the e4m3 maximum), and kept in FP8: 1 byte per weight plus one f
 row, against 2 in bf16. Activations are quantized per token row at call time (dynamic scales).
 The product runs in ``torch._scaled_mm`` on every device: cuBLASLt FP8 on H100/H200 (about twice
 the bf16 rate), torch's reference kernel on CPU (as fast as the dequantized fp32 product there,
-so the CPU tests run the real path). It accumulates in fp32 and writes the activation's dtype;
-on CUDA row-wise scaling writes bf16 only, so an fp32 activation's output is bf16 cast back.
+so the CPU tests run the real path). It accumulates in fp32 and writes the dtype F.linear would
+(the activation's, or autocast's); on CUDA row-wise scaling writes bf16 only, so an fp32 output is
+bf16 cast up.
 Row-wise scales keep the error of one outlier row (or output channel) from spreading to the others.
 
 Under tensor parallelism each rank quantizes its own shard: a column-parallel shard holds whole
@@ -34,15 +35,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ b) with W given as (weight_fp8 [N, K], weight_scale [N, 1]); y in x's dtype.
+    """y = x W^T (+ b) with W given as (weight_fp8 [N, K], weight_scale [N, 1]); y in x's dtype (autocast's
+    dtype where autocast is on, as F.linear: an fp32 activation under bf16 autocast gives bf16).
 
     x [..., K] in a float dtype; its rows are quantized here."""
     if torch.is_grad_enabled() and x.requires_grad:
         raise RuntimeError("an FP8-frozen linear (the --fp8-teacher teacher) runs no-grad passes only")
     shape = x.shape
     xq, xs = quantize_rows(x.reshape(-1, shape[-1]))
-    out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
-    y = torch._scaled_mm(xq, weight_fp8.t(), scale_a=xs, scale_b=weight_scale.t(), out_dtype=out_dtype).to(x.dtype)
+    dev = x.device.type  # the output dtype F.linear would give: autocast's where it is on, else the activation's
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    y = torch._scaled_mm(xq, weight_fp8.t(), scale_a=xs, scale_b=weight_scale.t(),
+                         out_dtype=torch.bfloat16 if x.is_cuda else dtype).to(dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*shape[:-1], weight_fp8.shape[0])
