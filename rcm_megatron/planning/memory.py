@@ -91,7 +91,8 @@ def model_states(w: Workload, lay: Layout, stage: int = 0) -> tuple[dict[str, fl
     if w.mode == "distill":
         gpu["teacher"] = weights if lay.zero < 3 else compute * (sharded - sharded32) + 4 * sharded32
         if w.fp8_teacher:  # WanDiT.quantize_fp8: 1 byte per block-linear weight + one fp32 scale per row
-            gpu["teacher"] -= sum((compute - 1) * s.numel - 4 * s.shape[0] for n, s in shapes.items() if fp8_weight(n, s))
+            gpu["teacher"] -= sum((compute - 1) * s.numel - 4 * s.shape[0]
+                                  for n, s in shapes.items() if fp8_weight(n, s))
     for name in trained:
         if lay.zero == 0:
             gpu[f"{name}_params"], gpu[f"{name}_grads"], gpu[f"{name}_optimizer"] = 4 * (p16 + p32), 4 * (p16 + p32), 8 * (p16 + p32)
