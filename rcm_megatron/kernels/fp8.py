@@ -1,11 +1,19 @@
 """FP8 (e4m3) matrix products for the frozen teacher (``--fp8-teacher``).
 
 The teacher never trains, so its linear weights are quantized once, per output row (scale =
-row amax / 448, the e4m3 maximum), and kept in FP8: half the bytes of bf16. Activations are
-quantized per token row on the fly. The product runs in ``torch._scaled_mm`` (cuBLASLt FP8 on
-H100/H200, where it is about twice the bf16 rate), accumulating
-in fp32 and writing bf16 (on CPU the same products of the dequantized values, in fp32). Row-wise scales keep the error of one outlier row from spreading to the
-others. No tangent ever goes through here: the teacher runs primal passes only.
+row amax / 448, the e4m3 maximum), and kept in FP8: 1 byte per weight plus one fp32 scale per
+row, against 2 in bf16. Activations are quantized per token row at call time (dynamic scales).
+The product runs in ``torch._scaled_mm`` on every device: cuBLASLt FP8 on H100/H200 (about twice
+the bf16 rate), torch's reference kernel on CPU (as fast as the dequantized fp32 product there,
+so the CPU tests run the real path). It accumulates in fp32 and writes the dtype F.linear would
+(the activation's, or autocast's); on CUDA row-wise scaling writes bf16 only, so an fp32 output is
+bf16 cast up.
+Row-wise scales keep the error of one outlier row (or output channel) from spreading to the others.
+
+Under tensor parallelism each rank quantizes its own shard: a column-parallel shard holds whole
+output rows (the same scales as TP = 1), a row-parallel shard a slice of each row (its own, finer
+scales); row-parallel partial sums are reduced after the dequantized output, as in bf16.
+No tangent ever goes through here: the teacher runs primal, no-grad passes only.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import torch
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 _MIN_SCALE = 1e-12
+MIN_CUDA_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada / Hopper and newer
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,16 +35,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ b) with W given as (weight_fp8 [N, K], weight_scale [N, 1]); y in bf16.
+    """y = x W^T (+ b) with W given as (weight_fp8 [N, K], weight_scale [N, 1]); y in x's dtype (autocast's
+    dtype where autocast is on, as F.linear: an fp32 activation under bf16 autocast gives bf16).
 
-    x [..., K] in any float dtype; its rows are quantized here.
-    """
+    x [..., K] in a float dtype; its rows are quantized here."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("an FP8-frozen linear (the --fp8-teacher teacher) runs no-grad passes only")
     shape = x.shape
     xq, xs = quantize_rows(x.reshape(-1, shape[-1]))
-    if x.is_cuda:
-        y = torch._scaled_mm(xq, weight_fp8.t(), scale_a=xs, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)
-    else:  # the same products in fp32 (torch's CPU _scaled_mm is a slow reference, 100x slower)
-        y = ((xq.float() * xs) @ (weight_fp8.float() * weight_scale).t()).to(torch.bfloat16)
+    dev = x.device.type  # the output dtype F.linear would give: autocast's where it is on, else the activation's
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    y = torch._scaled_mm(xq, weight_fp8.t(), scale_a=xs, scale_b=weight_scale.t(),
+                         out_dtype=torch.bfloat16 if x.is_cuda else dtype).to(dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*shape[:-1], weight_fp8.shape[0])
@@ -44,3 +55,18 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
 def fp8_supported(in_features: int, out_features: int) -> bool:
     """cuBLASLt FP8 needs both matrix dimensions of the weight to be multiples of 16."""
     return in_features % 16 == 0 and out_features % 16 == 0
+
+
+def fp8_teacher_flag_error(mode: str, parameter_sharding: bool, cuda_capability: tuple[int, int] | None) -> str | None:
+    """One line when ``--fp8-teacher`` cannot run with these settings (None: it can).
+    cuda_capability: the card's (major, minor) when training on CUDA, else None."""
+    if mode != "distill":
+        return (f"--fp8-teacher quantizes the frozen teacher of --mode distill; --mode {mode} trains the "
+                "network itself (no frozen teacher): drop --fp8-teacher")
+    if parameter_sharding:
+        return "--fp8-teacher does not compose with --use-torch-fsdp2 (FP8 weights are not sharded): drop one"
+    if cuda_capability is not None and tuple(cuda_capability) < MIN_CUDA_CAPABILITY:
+        major, minor = cuda_capability
+        return (f"--fp8-teacher needs FP8 tensor cores (CUDA capability >= 8.9: Ada, Hopper or newer); "
+                f"this card is {major}.{minor}: drop --fp8-teacher")
+    return None

@@ -216,8 +216,12 @@ class WanDiT(nn.Module):
         return state
 
     def quantize_fp8(self) -> int:
-        """Freeze the blocks' linears into FP8 weights (a frozen teacher only, ``--fp8-teacher``);
-        embeddings and head stay as they are. Returns how many linears were quantized."""
+        """Freeze the blocks' linears into FP8 weights (a frozen teacher only, ``--fp8-teacher``): self- and
+        cross-attention q/k/v/o (and I2V's image k/v), FFN fc1/fc2, each TP rank its own shard. They carry
+        nearly all FLOPs and weight bytes. Time/text/image embeddings, patch embedding and head stay in
+        full precision: per-sample or text-length work (well under 1% of the FLOPs), and the time embedding
+        drives every block's adaLN modulation (kept in fp32 as diffusers keeps it). Call after loading the
+        full-precision weights; returns how many linears were quantized."""
         from ..kernels.fp8 import fp8_supported
         from ..parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 

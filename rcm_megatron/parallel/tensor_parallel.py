@@ -165,8 +165,8 @@ class ColumnParallelLinear(_FP8Frozen, nn.Module):
             self.bias = mark_tensor_parallel(nn.Parameter(torch.zeros(out_features // tp)), 0)
         else:
             self.register_parameter("bias", None)
-        self.register_buffer("weight_fp8", None)
-        self.register_buffer("weight_scale", None)
+        self.register_buffer("weight_fp8", None, persistent=False)  # never saved: checkpoints keep full precision
+        self.register_buffer("weight_scale", None, persistent=False)
 
     def forward(self, x, x_tan=None):
         if self.weight_fp8 is not None:
@@ -190,8 +190,8 @@ class RowParallelLinear(_FP8Frozen, nn.Module):
             self.bias.tp_split_dim = None
         else:
             self.register_parameter("bias", None)
-        self.register_buffer("weight_fp8", None)
-        self.register_buffer("weight_scale", None)
+        self.register_buffer("weight_fp8", None, persistent=False)  # never saved: checkpoints keep full precision
+        self.register_buffer("weight_scale", None, persistent=False)
 
     def forward(self, x, x_tan=None):
         if self.weight_fp8 is not None:

@@ -90,6 +90,7 @@ class Workload:
     student_update_freq: int = 10
     global_batch_size: int | None = None
     mode: str = "distill"  # or "teacher": flow-matching pretraining, one trained model, no frozen teacher
+    fp8_teacher: bool = False  # --fp8-teacher: the teacher's block linears in FP8 (1 byte a weight + row scales)
 
     def __post_init__(self):
         if len(self.latent_shape) != 4:

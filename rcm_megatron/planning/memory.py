@@ -5,6 +5,7 @@ rcm/ema.py), per rank of a pipeline stage, P = this rank's parameters (P16 in th
 dtype, P32 kept in fp32), n = DP x CP:
 
     teacher (frozen)         zero 0/1: 2 P16 + 4 P32              zero 3: that / n (FSDP2 shards)
+                             --fp8-teacher: block-linear weights 1 byte each + a 4-byte scale per row
     student, fake score      zero 0: fp32 parameters 4P, fp32 grads 4P, AdamW moments 8P, and
                              autocast's bf16 weight copies 2 P16 while the model runs
                              zero 1: 2 P16 + 4 P32 parameters, fp32 grad buffer 4P, fp32 main
@@ -89,6 +90,9 @@ def model_states(w: Workload, lay: Layout, stage: int = 0) -> tuple[dict[str, fl
     trained = ["student"] + (["fake_score"] if w.uses_fake_score else [])
     if w.mode == "distill":
         gpu["teacher"] = weights if lay.zero < 3 else compute * (sharded - sharded32) + 4 * sharded32
+        if w.fp8_teacher:  # WanDiT.quantize_fp8: 1 byte per block-linear weight + one fp32 scale per row
+            gpu["teacher"] -= sum((compute - 1) * s.numel - 4 * s.shape[0]
+                                  for n, s in shapes.items() if fp8_weight(n, s))
     for name in trained:
         if lay.zero == 0:
             gpu[f"{name}_params"], gpu[f"{name}_grads"], gpu[f"{name}_optimizer"] = 4 * (p16 + p32), 4 * (p16 + p32), 8 * (p16 + p32)
@@ -112,6 +116,14 @@ def model_states(w: Workload, lay: Layout, stage: int = 0) -> tuple[dict[str, fl
         gathered = compute * blk[1] + 4 * blk[0]
         gpu["fsdp_gather_buffers"] = 2 * gathered + 4 * sum(blk) + compute * root[1] + 4 * root[0]
     return gpu, host
+
+
+def fp8_weight(name: str, s) -> bool:
+    """Whether --fp8-teacher quantizes this parameter: a block linear's weight whose sides are multiples of 16."""
+    from ..kernels.fp8 import fp8_supported
+
+    return name.startswith("blocks.") and name.endswith(".weight") and len(s.shape) == 2 and \
+        fp8_supported(s.shape[1], s.shape[0])
 
 
 def _gathered_student(w: Workload, lay: Layout, stage: int) -> float:

@@ -130,8 +130,13 @@ def backend_flag_error(args, device: str) -> str | None:
     if fsdp2 and args.pipeline_model_parallel_size > 1:
         return ("--use-torch-fsdp2 does not run with --pipeline-model-parallel-size > 1 yet (the pipelined step's "
                 "forward-only sweeps differ per data-parallel rank; ZeRO-3 gathers must not): use TP / CP with it")
-    if fsdp2 and getattr(args, "fp8_teacher", False):
-        return "--fp8-teacher does not compose with --use-torch-fsdp2 (FP8 weights are not sharded): drop one"
+    if getattr(args, "fp8_teacher", False):
+        from ..kernels.fp8 import fp8_teacher_flag_error
+
+        cuda = device == "cuda" and torch.cuda.is_available()
+        capability = torch.cuda.get_device_capability() if cuda else None
+        if (line := fp8_teacher_flag_error(args.mode, fsdp2, capability)) is not None:
+            return line
     if (args.overlap_grad_reduce or args.overlap_param_gather or args.optimizer_cpu_offload) and not (dist_opt or fsdp2):
         return ("--overlap-grad-reduce / --overlap-param-gather / --optimizer-cpu-offload need "
                 "--use-distributed-optimizer (--optimizer-cpu-offload also --use-torch-fsdp2)")
