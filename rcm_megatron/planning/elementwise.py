@@ -108,19 +108,27 @@ def _count(cfg, grid: tuple[int, int, int], text_len: int, kind: str, dtype: tor
     return counter.bytes
 
 
-@functools.lru_cache(maxsize=256)
-def _fit(cfg, text_len: int, kind: str, dtype: torch.dtype) -> tuple[float, float]:
-    """(bytes independent of the tokens, bytes per token) of one sample's pass through the model."""
+@functools.lru_cache(maxsize=64)
+def _fit(cfg, text_len: int, kind: str, dtype: torch.dtype) -> tuple[float, float, float, float]:
+    """Bytes of one sample's pass = fixed + per_token S + layers (per_layer + per_layer_token S):
+    four counts of one- and two-block models at 16 and 32 tokens (meta device, ~1 s)."""
     small, large = (1, 4, 4), (2, 4, 4)  # 16 and 32 tokens
-    b1, b2 = _count(cfg, small, text_len, kind, dtype), _count(cfg, large, text_len, kind, dtype)
-    per_token = (b2 - b1) / 16
-    return b1 - 16 * per_token, per_token
+    c = {(n, s): _count(cfg.replace(num_layers=n), g, text_len, kind, dtype)
+         for n in (1, 2) for s, g in ((16, small), (32, large))}
+    layer16, layer32 = c[2, 16] - c[1, 16], c[2, 32] - c[1, 32]
+    per_layer_token = (layer32 - layer16) / 16
+    per_layer = layer16 - 16 * per_layer_token
+    rest16, rest32 = c[1, 16] - layer16, c[1, 32] - layer32
+    per_token = (rest32 - rest16) / 16
+    return rest16 - 16 * per_token, per_token, per_layer, per_layer_token
 
 
-def elementwise_bytes(cfg, tokens: int, text_len: int = 512, kind: str = "forward",
-                      dtype: torch.dtype = torch.bfloat16) -> float:
-    """Bytes the non-GEMM, non-attention ops of one sample's ``kind`` pass move (``KINDS``)."""
+def elementwise_bytes(cfg, tokens: float, text_len: int = 512, kind: str = "forward",
+                      dtype: torch.dtype = torch.bfloat16, layers: int | None = None) -> float:
+    """Bytes the non-GEMM, non-attention ops of one sample's ``kind`` pass (``KINDS``) move, with
+    ``layers`` blocks (default: the model's)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    fixed, per_token = _fit(cfg, int(text_len), kind, dtype)
-    return fixed + per_token * tokens
+    fixed, per_token, per_layer, per_layer_token = _fit(cfg.replace(num_layers=1), int(text_len), kind, dtype)
+    n = cfg.num_layers if layers is None else layers
+    return fixed + per_token * tokens + n * (per_layer + per_layer_token * tokens)
