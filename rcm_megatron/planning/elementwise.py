@@ -132,3 +132,12 @@ def elementwise_bytes(cfg, tokens: float, text_len: int = 512, kind: str = "forw
     fixed, per_token, per_layer, per_layer_token = _fit(cfg.replace(num_layers=1), int(text_len), kind, dtype)
     n = cfg.num_layers if layers is None else layers
     return fixed + per_token * tokens + n * (per_layer + per_layer_token * tokens)
+
+
+def bytes_moved(fn) -> int:
+    """Bytes ``fn()``'s memory-bound ops move, counted as ``elementwise_bytes`` counts them (any device):
+    a benchmark times ``fn`` and divides, so its bandwidth and the planner's bytes agree on what a byte is."""
+    counter = _ByteCounter()
+    with counter:
+        fn()
+    return counter.bytes
