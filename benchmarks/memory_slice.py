@@ -13,15 +13,20 @@ gradients are dropped as they are made (FSDP2 reduce-scatters and frees them). E
 student and critic steps (no-grad forward, the tangent pass, the with-grad forward + backward
 under the planned recompute) is measured: its own peak memory above what was resident and its
 time, against the planner's prediction for the same model depth and shapes; the 40-layer figures
-are the planner's 40-layer prediction scaled by the measured / planned ratio. The optimizer step
+are the planner's 40-layer prediction scaled by the measured / planned ratio. The planner's time
+model takes its rates from this same run (``measure_rates``: bf16 GEMMs at every per-rank block
+shape, SDPA attention forward / backward over the tokens and over the text, the fused tangent
+attention kernel, the bandwidth of a norm-modulate-GELU chain), each entering only through the
+passes' FLOP and byte counts; ``time_error_default_rates`` is the planner's default (H100) rates. The optimizer step
 of a ZeRO-3 shard is timed on the GPU (offload off) and on the host with the PCIe copies
 (offload on: the planner's offload estimate).
 
 Not measured here (estimates in the plan, docs/memory_plan.md): collective time (ZeRO-3 gathers,
 gradient reduce-scatter) and the gather / prefetch buffers of FSDP2.
 
-    python benchmarks/memory_slice.py --out benchmarks/results          # one H100 / H200, ~5 min
+    python benchmarks/memory_slice.py --out benchmarks/results          # one H100 / H200, ~5-6 min
     python benchmarks/memory_slice.py --tiny                            # CPU, the tiny model, seconds
+    python benchmarks/memory_slice.py --replan results/memory_slice_X.json --out results  # no GPU
 
 Writes ``memory_slice_<date>_<card>.json`` (card, date, command, every figure with its relative
 error under a key containing ``error``) and prints a table last.

@@ -17,8 +17,12 @@ alone is 1, yet the 4 CP ranks hold identical parameters), made a DeviceMesh wit
 - CP: gradients are partial (own tokens) on each CP rank and must be SUMMED over DP x CP, as the
   trainer's all-reduce does; the reduce-scatter is told not to average (divide factor 1).
 - PP: each stage shards its own blocks; on a stage (not the whole model) the entry points the
-  pipeline calls (``embed``, ``time_conditioning``, ``head``) are registered as forward methods, so
-  the root unit (embeddings, time embedding, head) is gathered for them as for ``forward``.
+  pipeline calls from outside (``embed`` on the first stage, ``time_conditioning`` on the others,
+  ``head`` on the last: ``stage_entry_methods``) are registered as forward methods, so the root
+  unit (embeddings, time embedding, head) is gathered for them as for ``forward``. The pipelined
+  step keeps a stage's DP x CP ranks in step as ``LockstepNet`` does at PP 1 (forward-only sweeps
+  leave the units gathered, ``training/pipeline_step.stage_forward``) and reduce-scatters each
+  unit's gradients once, at the 1F1B pass's last backward (``set_gradient_sync``).
 - The tangent pass: ``forward_with_tangent`` is registered with ``register_fsdp_forward_method``,
   so it gathers (and reshards) parameters exactly as ``forward``; it runs without a graph.
 
@@ -35,9 +39,6 @@ student's DTensor shards; checkpoints go through megatron-core dist_checkpointin
 backend's (``checkpointing/sharded_state.py`` writes each DTensor shard as its rows of the global
 tensor), so they reshard to any layout and backend. ``FSDPTrainedModel`` and ``save_checkpoint`` /
 ``load_checkpoint`` (torch.distributed.checkpoint) below are the standalone form the unit tests use.
-
-Not done: ZeRO-3 with pipeline parallelism (``--use-torch-fsdp2`` with PP > 1 exits 2): the
-pipelined step calls the stage modules in forward-only sweeps whose count differs per DP rank.
 """
 
 from __future__ import annotations
