@@ -13,15 +13,20 @@ gradients are dropped as they are made (FSDP2 reduce-scatters and frees them). E
 student and critic steps (no-grad forward, the tangent pass, the with-grad forward + backward
 under the planned recompute) is measured: its own peak memory above what was resident and its
 time, against the planner's prediction for the same model depth and shapes; the 40-layer figures
-are the planner's 40-layer prediction scaled by the measured / planned ratio. The optimizer step
+are the planner's 40-layer prediction scaled by the measured / planned ratio. The planner's time
+model takes its rates from this same run (``measure_rates``: bf16 GEMMs at every per-rank block
+shape, SDPA attention forward / backward over the tokens and over the text, the fused tangent
+attention kernel, the bandwidth of a norm-modulate-GELU chain), each entering only through the
+passes' FLOP and byte counts; ``time_error_default_rates`` is the planner's default (H100) rates. The optimizer step
 of a ZeRO-3 shard is timed on the GPU (offload off) and on the host with the PCIe copies
 (offload on: the planner's offload estimate).
 
 Not measured here (estimates in the plan, docs/memory_plan.md): collective time (ZeRO-3 gathers,
 gradient reduce-scatter) and the gather / prefetch buffers of FSDP2.
 
-    python benchmarks/memory_slice.py --out benchmarks/results          # one H100 / H200, ~5 min
+    python benchmarks/memory_slice.py --out benchmarks/results          # one H100 / H200, ~5-6 min
     python benchmarks/memory_slice.py --tiny                            # CPU, the tiny model, seconds
+    python benchmarks/memory_slice.py --replan results/memory_slice_X.json --out results  # no GPU
 
 Writes ``memory_slice_<date>_<card>.json`` (card, date, command, every figure with its relative
 error under a key containing ``error``) and prints a table last.
@@ -139,6 +144,80 @@ def time_optimizer(numel: int, device, on_host: bool) -> float:
     return time.perf_counter() - t0
 
 
+def _seconds(fn, device, reps: int = 5) -> float:
+    """Mean seconds of fn() after a warm-up call (synchronized on CUDA)."""
+    import torch
+
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def measure_rates(cfg, lay, tokens: int, text_len: int, device, dtype):
+    """The planner's ``KernelRates``, measured here at this layout's per-rank shapes: every block
+    GEMM shape, attention forward / backward (SDPA: cuDNN or flash), the fused tangent kernel,
+    cross-attention over the text, and the bandwidth of a norm-modulate-GELU chain whose bytes are
+    counted as the planner counts them (``planning.elementwise.bytes_moved``). Not circular: the
+    passes are timed separately, and the rates enter the plan only through their FLOP/byte counts."""
+    import torch
+    import torch.nn.functional as F
+
+    from rcm_megatron.kernels import attention_with_tangent
+    from rcm_megatron.planning import Workload
+    from rcm_megatron.planning.elementwise import bytes_moved
+    from rcm_megatron.planning.step_time import KernelRates, block_gemms
+
+    w = Workload(cfg, (cfg.in_channels, 1, 2, 2), text_len=text_len)  # shapes only: rows set below
+    s = tokens // lay.cp
+    table = {}
+    for m, k, n in block_gemms(w, lay):
+        if (k, n) in table or m != w.tokens / lay.cp:
+            continue
+        a = torch.randn(s, k, device=device, dtype=dtype)
+        b = torch.randn(n, k, device=device, dtype=dtype)
+        table[(k, n)] = 2 * s * k * n / _seconds(lambda: F.linear(a, b), device) / 1e12
+        del a, b
+    heads, hd = cfg.num_attention_heads // lay.tp, cfg.head_dim
+
+    def attn_rates(lk):
+        q = torch.randn(1, heads, s, hd, device=device, dtype=dtype, requires_grad=True)
+        k = torch.randn(1, heads, lk, hd, device=device, dtype=dtype, requires_grad=True)
+        v = torch.randn(1, heads, lk, hd, device=device, dtype=dtype, requires_grad=True)
+        flops = 4 * s * lk * heads * hd
+        fwd = _seconds(lambda: F.scaled_dot_product_attention(q, k, v), device)
+        o = F.scaled_dot_product_attention(q, k, v)
+        g = torch.randn_like(o)
+        bwd = _seconds(lambda: torch.autograd.grad(o, (q, k, v), g, retain_graph=True), device)
+        return flops / fwd / 1e12, 2 * flops / bwd / 1e12
+
+    self_fwd, self_bwd = attn_rates(tokens)  # keys: every token (CP gathers or rings them)
+    cross_fwd, cross_bwd = attn_rates(text_len)
+    q, k, v, q_tan, k_tan, v_tan = (torch.randn(1, s, heads, hd, device=device, dtype=dtype) for _ in range(6))
+    with torch.no_grad():
+        tan = 3 * 4 * s * tokens * heads * hd / _seconds(lambda: attention_with_tangent(q, k, v, q_tan, k_tan, v_tan),
+                                                          device) / 1e12
+    del q, k, v, q_tan, k_tan, v_tan
+    x = torch.randn(s, cfg.hidden_size, device=device, dtype=dtype)
+    shift, scale = (torch.randn(cfg.hidden_size, device=device, dtype=torch.float32) for _ in range(2))
+
+    def chain():  # a norm, a modulation and a GELU, in fp32 as the blocks compute them
+        h = F.layer_norm(x.float(), (cfg.hidden_size,)) * (1 + scale) + shift
+        return F.gelu(h, approximate="tanh").to(dtype) + x
+
+    gbps = bytes_moved(chain) / _seconds(chain, device) / 1e9
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return KernelRates(gemm_table=tuple((k, n, r) for (k, n), r in table.items()), attn_fwd_tflops=self_fwd,
+                       attn_bwd_tflops=self_bwd, attn_tangent_tflops=tan, cross_attn_fwd_tflops=cross_fwd,
+                       cross_attn_bwd_tflops=cross_bwd, elementwise_gbps=gbps, source="measured in this run")
+
+
 _MODELS = {}
 
 
@@ -158,13 +237,13 @@ def _slice_model(cfg, device, bf16: bool):
     return _MODELS[cfg]
 
 
-def run_shape(name, latent, cfg_full, layers, device, lay, reps):
+def run_shape(name, latent, cfg_full, layers, device, lay, reps, rates):
     import torch
 
     from rcm_megatron.models.recompute import RecomputeConfig
     from rcm_megatron.planning import Workload
     from rcm_megatron.planning.memory import pass_memory
-    from rcm_megatron.planning.step_time import pass_seconds
+    from rcm_megatron.planning.step_time import TimeAssumptions, pass_seconds
 
     cfg = cfg_full.replace(num_layers=layers)
     bf16 = device.type == "cuda"
@@ -197,7 +276,9 @@ def run_shape(name, latent, cfg_full, layers, device, lay, reps):
     w_k = Workload(cfg, latent, bf16=bf16, global_batch_size=lay.dp)
     w_40 = Workload(cfg_full, latent, bf16=bf16, global_batch_size=lay.dp)
     plan_mem_k, plan_mem_40 = pass_memory(w_k, lay1), pass_memory(w_40, lay1)
-    plan_s_k, plan_s_40 = pass_seconds(w_k, lay1), pass_seconds(w_40, lay1)
+    measured_rates = TimeAssumptions(rates=rates)
+    plan_s_k, plan_s_40 = pass_seconds(w_k, lay1, measured_rates), pass_seconds(w_40, lay1, measured_rates)
+    default_s_k = pass_seconds(w_k, lay1)  # the planner's default (H100) rates, for comparison
     rows = {}
     for kind, fn in (("forward", forward), ("tangent", tangent), ("with_grad", with_grad)):
         fn()  # warm-up (kernels, autotuning, allocator)
@@ -208,11 +289,49 @@ def run_shape(name, latent, cfg_full, layers, device, lay, reps):
             "tokens": w_k.tokens, "layers": layers, "measured_peak_gib": peak / 2**30,
             "planned_peak_gib": planned_peak / 2**30, "peak_error": rel_error(peak, planned_peak),
             "measured_s": secs, "planned_s": planned_s, "time_error": rel_error(secs, planned_s),
+            "planned_s_default_rates": default_s_k[kind],
+            "time_error_default_rates": rel_error(secs, default_s_k[kind]),
             "planned_peak_gib_40_layers": plan_mem_40[kind].peak / 2**30,
             "extrapolated_peak_gib_40_layers": plan_mem_40[kind].peak / max(planned_peak, 1) * peak / 2**30,
             "planned_s_40_layers": plan_s_40[kind],
             "extrapolated_s_40_layers": plan_s_40[kind] / max(planned_s, 1e-12) * secs}
     return {name: rows}
+
+
+def replan(path: str, out: str | None) -> int:
+    """Recompute the planned pass times of an earlier slice JSON with today's planner and its default
+    rates (that run measured no rates), next to the measured times: no GPU needed."""
+    from rcm_megatron.models import preset
+    from rcm_megatron.planning import Layout, Workload
+    from rcm_megatron.planning.step_time import KernelRates, pass_seconds
+
+    with open(path) as f:
+        old = json.load(f)
+    lay = Layout(dp=old["dp"], zero=3, recompute_num_layers=1 if "--recompute-num-layers" in old["layout"] else 0,
+                 optimizer_cpu_offload="--optimizer-cpu-offload" in old["layout"])
+    cfg = preset(old["model"])
+    result = {"card": old["card"], "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "measured_on": old["date"], "measured_command": old["command"],
+              "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+              "rates": dataclasses.asdict(KernelRates()), "passes": {}}
+    for shape, rows in old["passes"].items():
+        latent = (SHAPES | TINY_SHAPES)[shape]
+        result["passes"][shape] = {}
+        for kind, r in rows.items():
+            w = Workload(cfg.replace(num_layers=r["layers"]), latent, bf16=old["model"] != "tiny",
+                         global_batch_size=lay.dp)
+            planned = pass_seconds(w, lay)[kind]
+            result["passes"][shape][kind] = {
+                "measured_s": r["measured_s"], "planned_s_before": r["planned_s"], "time_error_before": r["time_error"],
+                "planned_s": planned, "time_error": rel_error(r["measured_s"], planned)}
+            print(f"{shape:6} {kind:10} measured {r['measured_s']:7.3f} s  before {r['planned_s']:7.3f} s "
+                  f"({r['time_error']:+.1%})  now {planned:7.3f} s ({rel_error(r['measured_s'], planned):+.1%})")
+    if out:
+        target = os.path.join(out, os.path.basename(path).replace(".json", "_replanned.json"))
+        with open(target, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {target}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -223,7 +342,11 @@ def main(argv=None) -> int:
     ap.add_argument("--adam-fraction", type=float, default=0.125,
                     help="share of one model's ZeRO-3 shard the optimizer timing steps (scaled up)")
     ap.add_argument("--out", default=None, help="folder for the JSON (default: none written)")
+    ap.add_argument("--replan", default=None, metavar="JSON",
+                    help="no run: an earlier slice JSON's measured pass times against today's planner (default rates)")
     args = ap.parse_args(argv)
+    if args.replan:
+        return replan(args.replan, args.out)
     import torch
 
     from rcm_megatron.models import WanDiT, preset
@@ -259,8 +382,14 @@ def main(argv=None) -> int:
                         "gather_buffers_gib_estimate": gpu_plan.get("fsdp_gather_buffers", 0) / 2**30,
                         "host_gib": sum(host_plan.values()) / 2**30}
 
+    from rcm_megatron.training.throughput import num_tokens
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    result["rates"] = {}
     for name, latent in shapes.items():
-        result["passes"].update(run_shape(name, latent, cfg, args.layers, device, lay, args.reps))
+        rates = measure_rates(cfg, lay, num_tokens(cfg, latent), 512, device, dtype)
+        result["rates"][name] = dataclasses.asdict(rates)
+        result["passes"].update(run_shape(name, latent, cfg, args.layers, device, lay, args.reps, rates))
 
     # optimizer step of one model's ZeRO-3 shard: GPU (offload off) vs host + PCIe (offload on)
     with torch.device("meta"):
@@ -289,6 +418,11 @@ def main(argv=None) -> int:
     o = result["optimizer_step"]
     print(f"optimizer step of a {o['shard_params'] / 1e9:.3f}B shard: GPU {o['gpu_s']:.2f} s, offloaded "
           f"{o['offload_s']:.2f} s, planned offload {o['planned_offload_s']:.2f} s (error {o['offload_error']:+.1%})")
+    for shape, r in result["rates"].items():
+        gemms = ", ".join(f"{k}x{n} {t:.0f}" for k, n, t in r["gemm_table"])
+        print(f"rates {shape} (TFLOP/s; GB/s): GEMM {gemms}; attention fwd {r['attn_fwd_tflops']:.0f} bwd "
+              f"{r['attn_bwd_tflops']:.0f} tangent {r['attn_tangent_tflops']:.0f} cross {r['cross_attn_fwd_tflops']:.0f}"
+              f"/{r['cross_attn_bwd_tflops']:.0f}; elementwise {r['elementwise_gbps']:.0f}")
     print(f"{'shape':6} {'pass':10} {'layers':>6} {'peak GiB':>9} {'plan GiB':>9} {'error':>7} {'time s':>8} "
           f"{'plan s':>8} {'error':>7} {'40L GiB':>8} {'40L s':>8}")
     for shape, rows in result["passes"].items():

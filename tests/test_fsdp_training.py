@@ -46,7 +46,6 @@ def test_zero3_checkpoint_resumes_at_another_layout(unsharded, tmp_path):
 
 @pytest.mark.parametrize("flags, words", [
     (["--use-torch-fsdp2", "--use-distributed-optimizer"], "exclude each other"),
-    (["--use-torch-fsdp2", "--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size"),
     (["--use-torch-fsdp2", "--overlap-grad-reduce"], "FSDP2 overlaps"),
     (["--use-torch-fsdp2", "--fp8-teacher"], "--fp8-teacher"),
     (["--optimizer-cpu-offload"], "need --use-distributed-optimizer"),

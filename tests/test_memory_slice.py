@@ -21,7 +21,11 @@ def test_memory_slice_tiny_writes_errors_and_a_table(tmp_path, capsys):
     assert set(result["passes"]["tiny"]) == {"forward", "tangent", "with_grad"}
     for row in result["passes"]["tiny"].values():
         assert row["measured_peak_gib"] > 0 and row["measured_s"] > 0
-        assert {"peak_error", "time_error"} <= set(row)
+        assert {"peak_error", "time_error", "time_error_default_rates"} <= set(row)
+    # the planner's rates, measured in the same run at the slice's per-rank shapes
+    rates = result["rates"]["tiny"]
+    assert rates["source"] == "measured in this run" and len(rates["gemm_table"]) == 3  # (D, D), (D, F), (F, D)
+    assert all(v > 0 for k, v in rates.items() if k.endswith(("tflops", "gbps")))
     # the states are allocated from the real parameter shapes: the planner counts them within 5%
     assert abs(result["states"]["states_error"]) < 0.05
     for row in result["passes"]["tiny"].values():  # (the tiny model's fixed costs dominate: no bound here)

@@ -116,7 +116,7 @@ def breakdown(c, markdown: bool) -> str:
         lines.append(("" if not markdown else "\n") + f"host (optimizer CPU offload): {host} GiB")
     s = c.seconds
     lines.append(("\n" if markdown else "") + f"time: compute student {s['compute_student']:.2f} s, critic "
-                 f"{s['compute_critic']:.2f} s (measured efficiencies); estimates: gradient sync "
+                 f"{s['compute_critic']:.2f} s (measured rates); estimates: gradient sync "
                  f"{s['grad_sync_estimate']:.2f} s, ZeRO-3 gathers {s['fsdp_gather_estimate']:.2f} s, "
                  f"offload {s['offload_estimate']:.2f} s per step")
     return "\n".join(lines)

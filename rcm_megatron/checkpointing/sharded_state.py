@@ -136,8 +136,10 @@ def optimizer_sharded_state_dict(opt: torch.optim.Optimizer, model: nn.Module, p
         for p in group["params"]:
             n, st = names[p], opt.state[p]
             steps[n] = float(st["step"])
-            moments[n] = _present({k: _sharded(f"{prefix}.{k}.{n}", n, st[k], dims[n])
-                                   for k in ("exp_avg", "exp_avg_sq")})
+            present = _present({k: _sharded(f"{prefix}.{k}.{n}", n, st[k], dims[n])
+                                for k in ("exp_avg", "exp_avg_sq")})
+            if present:  # an empty ZeRO-3 shard has none (an empty dict would be non-sharded state)
+                moments[n] = present
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     return {"moments": moments, "steps": steps, "param_groups": groups}
 
@@ -151,7 +153,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, loaded: d
         for p in group["params"]:
             n, st = names[p], opt.state[p]
             st["step"] = torch.tensor(loaded["steps"][n], dtype=torch.float32)
-            for k, src in loaded["moments"][n].items():  # (none of an empty ZeRO-3 shard)
+            for k, src in loaded["moments"].get(n, {}).items():  # (none of an empty ZeRO-3 shard)
                 copy_into(st[k], src)
 
 

@@ -17,8 +17,12 @@ alone is 1, yet the 4 CP ranks hold identical parameters), made a DeviceMesh wit
 - CP: gradients are partial (own tokens) on each CP rank and must be SUMMED over DP x CP, as the
   trainer's all-reduce does; the reduce-scatter is told not to average (divide factor 1).
 - PP: each stage shards its own blocks; on a stage (not the whole model) the entry points the
-  pipeline calls (``embed``, ``time_conditioning``, ``head``) are registered as forward methods, so
-  the root unit (embeddings, time embedding, head) is gathered for them as for ``forward``.
+  pipeline calls from outside (``embed`` on the first stage, ``time_conditioning`` on the others,
+  ``head`` on the last: ``stage_entry_methods``) are registered as forward methods, so the root
+  unit (embeddings, time embedding, head) is gathered for them as for ``forward``. The pipelined
+  step keeps a stage's DP x CP ranks in step as ``LockstepNet`` does at PP 1 (forward-only sweeps
+  leave the units gathered, ``training/pipeline_step.stage_forward``) and reduce-scatters each
+  unit's gradients once, at the 1F1B pass's last backward (``set_gradient_sync``).
 - The tangent pass: ``forward_with_tangent`` is registered with ``register_fsdp_forward_method``,
   so it gathers (and reshards) parameters exactly as ``forward``; it runs without a graph.
 
@@ -35,9 +39,6 @@ student's DTensor shards; checkpoints go through megatron-core dist_checkpointin
 backend's (``checkpointing/sharded_state.py`` writes each DTensor shard as its rows of the global
 tensor), so they reshard to any layout and backend. ``FSDPTrainedModel`` and ``save_checkpoint`` /
 ``load_checkpoint`` (torch.distributed.checkpoint) below are the standalone form the unit tests use.
-
-Not done: ZeRO-3 with pipeline parallelism (``--use-torch-fsdp2`` with PP > 1 exits 2): the
-pipelined step calls the stage modules in forward-only sweeps whose count differs per DP rank.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ import torch.distributed as dist
 from torch import nn
 
 FORWARD_METHODS = ("forward_with_tangent",)
-STAGE_METHODS = ("embed", "time_conditioning", "head")  # what the pipeline schedule calls on a stage
 _PARALLEL_ATTRIBUTES = ("tp_split_dim", "tensor_model_parallel", "partition_dim", "partition_stride")
 
 
@@ -90,10 +90,9 @@ def shard_model(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = N
     for block in model.blocks.values():
         fully_shard(block, **kw)
     fully_shard(model, **kw)
-    whole = getattr(model, "pre_process", True) and getattr(model, "post_process", True)
-    for method in FORWARD_METHODS + (() if whole else STAGE_METHODS):  # forward() calls the stage methods
-        if hasattr(model, method):                                     # itself: registering them would
-            register_fsdp_forward_method(model, method)                # gather the root twice per pass
+    for method in FORWARD_METHODS + stage_entry_methods(model):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
     # Losses are sums over samples divided by the global batch: gradients add over DP x CP
     # (every unit's reduce-scatter; the setting is per unit). A plain SUM: for fp32 / bf16 FSDP2
     # would otherwise use PREMUL_SUM(1), which gloo does not have.
@@ -105,6 +104,17 @@ def shard_model(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = N
     return model
 
 
+def stage_entry_methods(model: nn.Module) -> tuple[str, ...]:
+    """The root-unit methods the pipeline schedule calls on this stage from outside (none on a whole
+    model: ``forward`` calls them). Only the outermost: a registered method called from inside
+    another (``embed`` calls ``time_conditioning``) would reshard the root when the outer one ends,
+    so the DP ranks' forward-only calls would gather it again, a different number of times."""
+    first, last = getattr(model, "pre_process", True), getattr(model, "post_process", True)
+    if first and last:
+        return ()
+    return ("embed" if first else "time_conditioning",) + (("head",) if last else ())
+
+
 def set_reshard_after_forward(model: nn.Module, reshard: bool) -> None:
     """Whether ``model``'s units free their gathered parameters after each forward (False: they
     stay gathered until ``reshard_all`` or a backward). The root unit keeps FSDP2's setting when
@@ -114,6 +124,17 @@ def set_reshard_after_forward(model: nn.Module, reshard: bool) -> None:
     for unit in model.modules():
         if isinstance(unit, FSDPModule) and not (reshard and unit is model):
             unit.set_reshard_after_forward(reshard, recurse=False)
+
+
+def set_gradient_sync(model: nn.Module, last: bool) -> None:
+    """Before one backward of a step's several (the pipelined 1F1B pass's items): reduce-scatter
+    the gradients only on the ``last`` one. The earlier ones accumulate unsharded gradients in
+    each unit (FSDP2's ``set_requires_gradient_sync(False)``, its no_sync; ``set_is_last_backward``
+    tells it which backward finishes the step). No-op for an unsharded model. Every DP x CP rank
+    of a stage runs the same items, so every rank reduces at the same backward."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(last)
+        model.set_is_last_backward(last)
 
 
 def reshard_all(model: nn.Module | None) -> None:

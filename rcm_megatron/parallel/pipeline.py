@@ -274,13 +274,16 @@ def _input_grads(inputs):
             else torch.zeros_like(t) for t in inputs]
 
 
-def one_f_one_b(num_items: int, step: StepFn, link: StageLink) -> None:
+def one_f_one_b(num_items: int, step: StepFn, link: StageLink,
+                before_backward: Callable[[bool], None] | None = None) -> None:
     """1F1B with-grad schedule over ``num_items`` items.
 
     ``step(k, inputs)`` runs item k's forward on this stage with grad; ``inputs`` are the
     received activations as leaves requiring grad (None on the first stage). It returns the
     list of tensors to send on, or on the last stage the scalar loss to backpropagate.
     Parameter gradients accumulate in ``.grad`` as with ``loss.backward()``.
+    ``before_backward(last)`` runs before each item's backward, ``last`` True for the final one
+    (ZeRO-3 reduces gradients there only: ``parallel.fsdp.set_gradient_sync``).
     """
     layout = link.layout
     warmup = min(layout.size - layout.rank - 1, num_items)
@@ -294,8 +297,13 @@ def one_f_one_b(num_items: int, step: StepFn, link: StageLink) -> None:
         in_flight.append((inputs, out))
         return out
 
+    backwards_left = [num_items]
+
     def backward(grads):
         inputs, out = in_flight.popleft()
+        backwards_left[0] -= 1
+        if before_backward is not None:
+            before_backward(backwards_left[0] == 0)
         if layout.is_last:
             if out.requires_grad:
                 out.backward()

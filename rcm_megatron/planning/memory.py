@@ -115,6 +115,8 @@ def model_states(w: Workload, lay: Layout, stage: int = 0) -> tuple[dict[str, fl
         root = count({k: v for k, v in shapes.items() if not k.startswith("blocks.")})
         gathered = compute * blk[1] + 4 * blk[0]
         gpu["fsdp_gather_buffers"] = 2 * gathered + 4 * sum(blk) + compute * root[1] + 4 * root[0]
+        if lay.pp > 1:  # the 1F1B pass reduce-scatters at its last backward only: until then each unit
+            gpu["fsdp_unsharded_grad_accumulation"] = 4 * (p16 + p32)  # of the stage holds its fp32 gradient
     return gpu, host
 
 

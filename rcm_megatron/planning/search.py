@@ -60,7 +60,7 @@ def candidate_layouts(w: Workload, gpus: int, max_tp: int = 8, zero_levels=(1, 3
                 micro = _micro_batches(w, dp, micro_batch_size, pp)
                 if micro is None:
                     continue
-                for zero in (z for z in zero_levels if not (z == 3 and pp > 1)):  # the trainer's ZeRO-3: PP 1
+                for zero in zero_levels:
                     for recompute in (0, 1):
                         for offload in ((False, True) if zero else (False,)):
                             out.append(Layout(tp=tp, cp=cp, pp=pp, dp=dp, cp_comm_type=comm, zero=zero,

@@ -1,13 +1,30 @@
-"""Step time of an rCM iteration at a layout, from model FLOPs and per-pass efficiencies.
+"""Step time of an rCM iteration at a layout: compute from the kinds of work and their measured rates.
 
-Compute: every pass's FLOPs (training/throughput.py) over the rank's share (TP x CP x PP of
-the work), divided by the card's dense bf16 peak times the pass's efficiency. The default
-efficiencies are the measured ones (docs/performance.md, Wan-1.3B, 32760 tokens, one H100):
-tangent pass 2838 ms, with-grad pass with every block recomputed 3549 ms and without
-recompute 563 ms for 6 blocks, a forward of 4 blocks 131 ms; TP 2 + SP scaled the tangent
-pass 1.90x and the with-grad pass 1.87x; CP 4 all-to-all 3.87x / 3.75x, ring 3.52x / 2.72x;
-the pipeline bubble followed (p - 1) / (m + p - 1). Scaling beyond the measured sizes repeats
-the measured factor per doubling.
+A pass's compute time on one rank is the sum of three kinds of work, each at its own rate:
+
+- GEMMs: the per-rank linear shapes of every block (q/k/v/o and cross q/o ``(D, D/tp)``, FFN
+  ``(D, F/tp)`` / ``(F/tp, D)``, cross k/v over the text) with ``S/cp`` rows, each at the rate of
+  its shape (``KernelRates.gemm_rate``: a measured table, else ``1/r = 1/r_inf + c (1/k + 1/n)``
+  fitted to measured shapes: narrow GEMMs run slower, which is why Wan-1.3B's per-pass
+  efficiencies over-predicted Wan-14B). Backward GEMMs at the forward shapes' rates.
+- attention: its own FLOPs (training/throughput.py) at a separate rate for the forward, the
+  backward, the fused tangent kernel and cross-attention (short keys run slower).
+- memory-bound ops (norms, modulation, RoPE, GELU, casts): bytes moved (``planning.elementwise``,
+  counted from the model on the meta device) over the achieved bandwidth; compiled blocks move a
+  measured share of the eager bytes.
+
+Passes: forward = 1 unit of each; tangent = 2x token GEMMs (primal and tangent), the tangent
+attention kernel, its bytes; with grad = forward + backward (2x GEMMs, attention backward), plus
+one more forward under full recompute. Per-rank shares: tokens / CP, widths / TP (sequence-
+parallel elementwise work / TP), blocks / PP. TP and CP communication keep the measured
+per-doubling factors (``tp_scaling``, ``cp_*_scaling``: TP 2 + SP scaled the passes 1.87-1.90x,
+CP 4 all-to-all 3.75-3.87x, ring 2.72-3.52x), the pipeline bubble (p - 1) / m.
+
+Default rates (``KernelRates()``): GEMM and attention rates measured on one H100 in one run
+(benchmarks/rcm_step.py, Wan-1.3B shapes, results/rcm_step_20261206T043933Z); the eager
+elementwise bandwidth is an assumption (about 70% of the H100's 3.35 TB/s), the compiled share
+fitted to that run. ``benchmarks/memory_slice.py`` measures every rate at the planned per-rank
+shapes in the same run as the passes it compares against and passes them in.
 
 Estimates, not measured (marked in the plan): gradient reduction and ZeRO-3 parameter
 gathers from link bandwidths, optimizer CPU offload from host Adam throughput and PCIe.
@@ -16,32 +33,41 @@ gathers from link bandwidths, optimizer CPU offload from host Adam throughput an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..models.config import PRESETS
 from ..training.throughput import mean_rollout_steps, wan_forward_flops
+from .elementwise import elementwise_bytes
 from .layout import Layout, Workload
 from .params import count, stage_shapes
 
-_MEASURED_CFG = PRESETS["wan-1.3b"]
-_MEASURED_TOKENS = 32760
 
+@dataclass(frozen=True)
+class KernelRates:
+    """Achieved rates of each kind of work on one GPU: TFLOP/s for GEMMs and attention, GB/s for
+    memory-bound ops. ``gemm_table``: measured rates by (k, n) of a GEMM [m, k] x [k, n]."""
 
-def _measured_efficiency(seconds: float, flops: float, peak_tflops: float = 989.4) -> float:
-    return flops / seconds / (peak_tflops * 1e12)
+    gemm_r_inf_tflops: float = 843.5  # fit of 1/r = 1/r_inf + c (1/k + 1/n) to the H100 run's shapes
+    gemm_width_c: float = 0.1095  # (1536x1536 753, 1536x8960 788, 8960x1536 816 TFLOP/s)
+    gemm_table: tuple = ()  # ((k, n, tflops), ...)
+    attn_fwd_tflops: float = 573.0  # cuDNN self-attention 32,760 x 32,760, 12 heads x 128
+    attn_bwd_tflops: float = 427.6  # its backward (2x the forward FLOPs)
+    attn_tangent_tflops: float = 573.0  # fused tangent kernel per forward-attention unit (3 per call)
+    cross_attn_fwd_tflops: float = 536.5  # keys: 512 text tokens
+    cross_attn_bwd_tflops: float = 152.6
+    elementwise_gbps: float = 2400.0  # eager memory-bound kernels (assumed: ~70% of 3.35 TB/s)
+    compiled_elementwise_share: float = 0.16  # bytes left after --compile-blocks (fit, Wan-1.3B run)
+    source: str = "H100 defaults (rcm_step 1.3B shapes; elementwise assumed)"
 
-
-def _f(layers: int):
-    return wan_forward_flops(_MEASURED_CFG.replace(num_layers=layers), _MEASURED_TOKENS, 512)
+    def gemm_rate(self, k: int, n: int) -> float:
+        for tk, tn, r in self.gemm_table:
+            if (tk, tn) == (k, n):
+                return r
+        return 1.0 / (1.0 / self.gemm_r_inf_tflops + self.gemm_width_c * (1.0 / k + 1.0 / n))
 
 
 @dataclass(frozen=True)
 class TimeAssumptions:
-    peak_tflops: float = 989.4  # H100 SXM / H200 dense bf16
-    eff_forward: float = _measured_efficiency(0.131, _f(4).total)
-    eff_tangent: float = _measured_efficiency(2.838, _f(30).tangent)
-    eff_with_grad: float = _measured_efficiency(0.563, 3 * _f(6).total)
-    eff_with_grad_recompute: float = _measured_efficiency(3.549, 3 * _f(30).total)
+    rates: KernelRates = field(default_factory=KernelRates)
     tp_scaling: float = 0.94  # per doubling of TP with SP (1.90x tangent, 1.87x with grad at TP 2)
     cp_a2a_scaling: float = 0.98  # per doubling (CP 4: 0.97 tangent, 0.94 with grad)
     cp_p2p_scaling: float = 0.85  # per doubling, mean of tangent and with-grad (CP 4: 0.88, 0.68)
@@ -62,17 +88,57 @@ def layout_efficiency(lay: Layout, a: TimeAssumptions) -> float:
     return _scaling(a.tp_scaling, lay.tp) * _scaling(cp, lay.cp)
 
 
+def block_gemms(w: Workload, lay: Layout) -> list[tuple[float, int, int]]:
+    """(m, k, n) of one block's linears on one rank: token rows S / cp, widths / tp."""
+    c = w.model
+    d, f, tp = c.hidden_size, c.ffn_hidden_size, lay.tp
+    s, text = w.tokens / lay.cp, w.text_len
+    return [(s, d, d // tp)] * 3 + [(s, d // tp, d)] + [(s, d, d // tp), (s, d // tp, d)] \
+        + [(text, d, d // tp)] * 2 + [(s, d, f // tp), (s, f // tp, d)]
+
+
+def work_seconds(w: Workload, lay: Layout, r: KernelRates) -> dict[str, dict[str, float]]:
+    """One sample's seconds on one rank by pass ('forward', 'tangent', 'with_grad') and kind of work
+    ('gemm', 'attention', 'elementwise'), without communication factors or bubble."""
+    c = w.model
+    layers = c.num_layers / lay.pp
+    fw = wan_forward_flops(c, w.tokens, w.text_len)
+    per_block = sum(2 * m * k * n / (r.gemm_rate(k, n) * 1e12) for m, k, n in block_gemms(w, lay))
+    token_block = sum(2 * m * k * n / (r.gemm_rate(k, n) * 1e12) for m, k, n in block_gemms(w, lay) if m != w.text_len)
+    outside = (fw.token_linear + fw.text_linear + fw.time_linear
+               - c.num_layers * (12 * w.tokens * c.hidden_size ** 2 + 4 * w.tokens * c.hidden_size * c.ffn_hidden_size
+                                 + 4 * w.text_len * c.hidden_size ** 2)) / (lay.tp * lay.cp * lay.pp)
+    gemm = layers * per_block + outside / (r.gemm_rate(c.hidden_size, c.hidden_size) * 1e12)
+    gemm_tan = gemm + layers * token_block + outside / (r.gemm_rate(c.hidden_size, c.hidden_size) * 1e12)
+    share = lay.tp * lay.cp * lay.pp
+    sa, ca = fw.self_attention / share, fw.cross_attention / share
+    attn_fwd = sa / (r.attn_fwd_tflops * 1e12) + ca / (r.cross_attn_fwd_tflops * 1e12)
+    attn_bwd = 2 * sa / (r.attn_bwd_tflops * 1e12) + 2 * ca / (r.cross_attn_bwd_tflops * 1e12)
+    attn_tan = 3 * sa / (r.attn_tangent_tflops * 1e12) + 2 * ca / (r.cross_attn_fwd_tflops * 1e12)
+    dtype = "bf16" if w.bf16 else "fp32"
+    bw = r.elementwise_gbps * 1e9 / (r.compiled_elementwise_share if lay.compiled_blocks else 1.0)
+
+    def moved(kind):
+        import torch
+
+        b = elementwise_bytes(c, w.tokens / lay.cp, w.text_len, kind,
+                              torch.bfloat16 if dtype == "bf16" else torch.float32, layers=round(layers))
+        return b / lay.tp / bw
+
+    out = {"forward": {"gemm": gemm, "attention": attn_fwd, "elementwise": moved("forward")},
+           "tangent": {"gemm": gemm_tan, "attention": attn_tan, "elementwise": moved("tangent")},
+           "with_grad": {"gemm": 3 * gemm, "attention": attn_fwd + attn_bwd, "elementwise": moved("with_grad")}}
+    if lay.recompute_num_layers:  # full recompute: every block's forward runs again in the backward
+        out["with_grad"] = {k: v + out["forward"][k] for k, v in out["with_grad"].items()}
+    return out
+
+
 def pass_seconds(w: Workload, lay: Layout, a: TimeAssumptions = TimeAssumptions()) -> dict[str, float]:
     """Seconds of one pass over a DP rank's whole batch (all its micro-batches), by kind."""
-    fw = wan_forward_flops(w.model, w.tokens, w.text_len)
     samples = lay.micro_batch_size * lay.num_micro_batches
-    share = lay.tp * lay.cp * lay.pp
-    rate = a.peak_tflops * 1e12 * layout_efficiency(lay, a)
     bubble = 1 + (lay.pp - 1) / lay.num_micro_batches if lay.pp > 1 else 1.0
-    grad_eff = a.eff_with_grad_recompute if lay.recompute_num_layers else a.eff_with_grad
-    flops = {"forward": fw.total, "tangent": fw.tangent, "with_grad": 3 * fw.total}
-    eff = {"forward": a.eff_forward, "tangent": a.eff_tangent, "with_grad": grad_eff}
-    return {k: samples * flops[k] / share / (rate * eff[k]) * bubble for k in flops}
+    eff = layout_efficiency(lay, a)
+    return {k: samples * sum(parts.values()) / eff * bubble for k, parts in work_seconds(w, lay, a.rates).items()}
 
 
 def _link_gbps(lay: Layout, a: TimeAssumptions) -> float:

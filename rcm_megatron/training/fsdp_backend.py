@@ -39,10 +39,8 @@ class LockstepNet:
     frees what is left gathered at the end of the iteration. Cost: the model's compute-dtype
     weights stay whole through the forward-only half of a step.
 
-    Not under pipeline parallelism (``--use-torch-fsdp2`` with PP > 1 exits 2): the pipelined
-    step calls the stage modules directly, and keeping the ranks of a stage in step there
-    (forward-only sweeps of different lengths per DP rank, the teacher's and fake score's units)
-    did not work in the time this was written; the pipeline's p2p messages themselves compose."""
+    Under pipeline parallelism the pipelined step calls the stage modules directly; its
+    ``stage_forward`` sets the same mode per call (``training/pipeline_step.py``)."""
 
     def __init__(self, module):
         self.module = module

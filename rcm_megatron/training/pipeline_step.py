@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..models.wan import FP32_MODULE_KEYWORDS, StageState, WanDiT
+from ..parallel import fsdp
 from ..parallel.pipeline import StageLink, forward_sweep, one_f_one_b
 from ..rcm.conditioning import Conditioning
 from ..rcm.losses import critic_regression
@@ -59,14 +60,19 @@ def _grid(model: WanDiT, shape) -> tuple[int, int, int]:
 def stage_forward(model: WanDiT, latents, timestep, context, latents_tan, timestep_tan, received, image_context=None):
     """This stage's share of ``net(latents, timestep, context, image_context)`` (with tangent when
     latents_tan is given). Returns the activations to send on, [x, x_tan, embedded text, embedded image
-    tokens (None for text-only models)], or on the last stage the head's (v, dv)."""
+    tokens (None for text-only models)], or on the last stage the head's (v, dv).
+
+    ZeRO-3: a forward-only call leaves the gathered units gathered (the DP ranks' no-grad sweeps
+    differ in number: only their first gathers), a call with grad reshards after it, as
+    ``fsdp_backend.LockstepNet`` does at PP = 1."""
+    fsdp.set_reshard_after_forward(model, torch.is_grad_enabled())
     if model.pre_process:
         model.check_inputs(latents, timestep, context, image_context)
         state = model.embed(latents, timestep, context, latents_tan, timestep_tan, image_context)
     else:
         x, x_tan, ctx, img = received
         state = StageState(x, x_tan, None, None, None, None, ctx, _grid(model, latents.shape), img)
-        model.time_conditioning(state, timestep, timestep_tan)
+        state = model.time_conditioning(state, timestep, timestep_tan)  # FSDP2 may hand back a copy
     state = model.run_blocks(state)
     if model.post_process:
         return model.head(state, (latents.shape[0], model.config.out_channels, *latents.shape[2:]))
@@ -162,7 +168,7 @@ def run_regressions(model: WanDiT, items, link: StageLink) -> dict[str, Tensor]:
         totals[key] = totals[key] + loss.detach().to(torch.float64)  # stays on the device: no sync per item
         return loss
 
-    one_f_one_b(len(items), step, link)
+    one_f_one_b(len(items), step, link, before_backward=lambda last: fsdp.set_gradient_sync(model, last))
     return {key: torch.as_tensor(v, dtype=torch.float64).cpu() for key, v in totals.items()}
 
 

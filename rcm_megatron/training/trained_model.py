@@ -127,9 +127,6 @@ def backend_flag_error(args, device: str) -> str | None:
     if fsdp2 and (args.overlap_grad_reduce or args.overlap_param_gather):
         return "--overlap-grad-reduce / --overlap-param-gather are --use-distributed-optimizer's; FSDP2 overlaps " \
                "its gathers and reduce-scatters itself"
-    if fsdp2 and args.pipeline_model_parallel_size > 1:
-        return ("--use-torch-fsdp2 does not run with --pipeline-model-parallel-size > 1 yet (the pipelined step's "
-                "forward-only sweeps differ per data-parallel rank; ZeRO-3 gathers must not): use TP / CP with it")
     if getattr(args, "fp8_teacher", False):
         from ..kernels.fp8 import fp8_teacher_flag_error
 
