@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass, field
 
 from ..cli import ArgumentParser
-
 from ..data.datasets import DEFAULT_MAX_LATENT_MAGNITUDE, check_max_latent_magnitude
 from ..models.config import PRESETS, WanConfig, preset
 from ..models.recompute import GRANULARITIES, RECOMPUTE_MODULES, RecomputeConfig
@@ -70,6 +69,7 @@ class TrainingConfig:
     recompute: RecomputeConfig = RecomputeConfig()  # activation recompute of the with-grad passes
     compile_blocks: str = "auto"  # --compile-blocks auto|on|off (model_building.compile_wanted)
     fp8_teacher: bool = False  # the frozen teacher's block linears in FP8 (WanDiT.quantize_fp8)
+    expert_init: str = "low_noise"  # which expert of a two-expert teacher starts student and fake score
     fused_tangent_ops: bool = False  # --fused-tangent-ops: fused Triton elementwise kernels, no-grad passes, CUDA
     max_latent_magnitude: float = DEFAULT_MAX_LATENT_MAGNITUDE  # larger |latent| values make a bad sample
     memory_check: bool = True  # --no-memory-check skips the memory plan check before building models
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers WanTransformer3DModel folder, original Wan2.1 .pth/.safetensors, an rcm-megatron "
                         "checkpoint directory (tools/convert_checkpoint.py import, or a --save dir: its EMA) or model file; "
                         "default assets/toy_teacher.pt when --model is not given")
+    g.add_argument("--expert-init", choices=("low_noise", "high_noise"), default="low_noise",
+                   help="two-expert teacher: the expert that initializes student and fake score (default low_noise)")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters/activations (fp32 norms, time embedding)")
     g.add_argument("--recompute-granularity", choices=GRANULARITIES, default=None,
                    help="recompute in with-grad passes: full (groups of blocks) or selective (elementwise work)")
@@ -346,8 +348,8 @@ def parse_args(argv=None):
         teacher_lr=args.teacher_lr, auto_resume=args.auto_resume, exit_duration_in_mins=args.exit_duration_in_mins,
         max_consecutive_skipped_steps=args.max_consecutive_skipped_steps, log_images_interval=args.log_images_interval,
         use_distributed_optimizer=args.use_distributed_optimizer, use_torch_fsdp2=args.use_torch_fsdp2,
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather, optimizer_cpu_offload=args.optimizer_cpu_offload,
+        overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
+        optimizer_cpu_offload=args.optimizer_cpu_offload, expert_init=args.expert_init,
         lr_schedule=schedule, recompute=RecomputeConfig(args.recompute_granularity, args.recompute_num_layers,
                                                         tuple(args.recompute_modules)),
         compile_blocks=args.compile_blocks, fp8_teacher=args.fp8_teacher, fused_tangent_ops=args.fused_tangent_ops,
@@ -357,14 +359,12 @@ def parse_args(argv=None):
 
 
 def _apply_toy_defaults(args) -> tuple[dict, str]:
-    """Resolve the defaults that depend on the embedded toy task (see TOY_DEFAULTS); returns the
-    settings chosen here (flag -> value) and what chose them."""
+    """Resolve the toy task's defaults (see TOY_DEFAULTS); returns the settings chosen here (flag -> value) and by what."""
     if args.teacher_checkpoint is not None and args.model is None and args.mode == "distill" \
             and os.path.isfile(DEFAULT_TEACHER) \
             and os.path.exists(args.teacher_checkpoint) and os.path.samefile(args.teacher_checkpoint, DEFAULT_TEACHER):
         args.teacher_checkpoint = None  # naming the shipped teacher is the default run
-    before = {k: getattr(args, k) for k in ("teacher_checkpoint", "model", "save", "data", "train_iters",
-                                            "micro_batch_size")}
+    before = {k: getattr(args, k) for k in ("teacher_checkpoint", "model", "save", "data", "train_iters", "micro_batch_size")}
     implied_by = (f"--model {args.model}" if args.model else f"--teacher-checkpoint {args.teacher_checkpoint}"
                   if args.teacher_checkpoint else "the default run (the shipped toy teacher, the toy video task)"
                   if args.mode == "distill" else "the default run of --mode teacher (the toy preset and task)")
