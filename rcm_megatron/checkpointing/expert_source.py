@@ -4,9 +4,10 @@
 boundary in (0, 1), both folders present, one architecture for both; every failure is a
 ``ValueError`` whose one line names the file and what was expected.
 
-Student and fake score are one network each, initialized from the low-noise expert (why:
-``training.model_building.build_models``), so ``weights`` are the low-noise expert's and the
-high-noise expert's are kept beside them for the teacher only.
+Student and fake score are one network each, initialized from the expert ``init`` names
+(``--expert-init``, default the low-noise one; why: ``training.model_building.build_models``), so
+``weights`` are that expert's; both experts' weights are kept for the teacher. ``provenance``
+records the choice as ``student_init``, which a resume must match (``check_resume_init``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ EXPERT_KEYS = ("high_noise", "low_noise")
 class ExpertTeacherSource:
     config: WanConfig
     boundary_ratio: float
-    weights: dict  # the low-noise expert's: the student's and fake score's start as well
+    weights: dict  # the --expert-init expert's: the student's and fake score's start
     high_noise_weights: dict
+    low_noise_weights: dict
     provenance: dict
 
 
@@ -35,8 +37,11 @@ def is_expert_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, EXPERTS_FILE))
 
 
-def read_expert_source(path: str) -> ExpertTeacherSource:
-    """Both experts' weights in memory, after the cheap checks (boundary, folders, configs)."""
+def read_expert_source(path: str, init: str = "low_noise") -> ExpertTeacherSource:
+    """Both experts' weights in memory, after the cheap checks (boundary, folders, configs); ``init``
+    (one of EXPERT_KEYS) names the expert whose weights start student and fake score."""
+    if init not in EXPERT_KEYS:
+        raise ValueError(f"the initializing expert must be one of {', '.join(EXPERT_KEYS)}, got {init!r}")
     info_path = os.path.join(path, EXPERTS_FILE)
     try:
         with open(info_path) as f:
@@ -61,9 +66,22 @@ def read_expert_source(path: str) -> ExpertTeacherSource:
                              "a two-expert teacher needs one architecture")
         low_weights = read_full_state_dict(sources["low_noise"])
         high_weights = read_full_state_dict(sources["high_noise"])
-        provenance = {"source": os.path.abspath(path), "boundary_ratio": ratio, "student_init": "low_noise",
+        provenance = {"source": os.path.abspath(path), "boundary_ratio": ratio, "student_init": init,
                       **{k: dict(s.provenance) for k, s in sources.items()}}
     finally:
         for s in sources.values():
             s.close()
-    return ExpertTeacherSource(low, ratio, low_weights, high_weights, provenance)
+    weights = high_weights if init == "high_noise" else low_weights
+    return ExpertTeacherSource(low, ratio, weights, high_weights, low_weights, provenance)
+
+
+def check_resume_init(resume_teacher_meta: dict, init: str) -> str | None:
+    """The one-line refusal when a resumed run names another initializing expert than the one its
+    checkpoint started from (else None). The resumed weights come from the checkpoint either way, so
+    a differing --expert-init would change nothing but leave the provenance saying something false;
+    checkpoints written before the choice existed started from the low-noise expert."""
+    saved = (resume_teacher_meta or {}).get("student_init", "low_noise")
+    if saved == init:
+        return None
+    return (f"--expert-init {init}: the checkpoint's student and fake score started from the {saved} expert; "
+            f"a resume keeps its start (pass --expert-init {saved}, or --save a new run)")

@@ -91,10 +91,12 @@ def frozen_teacher(train: TrainingConfig, cfg: WanConfig, ctx: RankContext, weig
 def build_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, ctx: RankContext,
                  teacher_weights: dict | None, experts=None) -> Models:
     """``experts`` (a ``checkpointing.expert_source.ExpertTeacherSource``, whose ``weights`` are
-    ``teacher_weights``): the teacher is a ``WanExperts``, each call routed per sample by its
-    time (the TrigFlow wrapper's c_noise = 1000 sigma against boundary_ratio * 1000, as diffusers).
+    ``teacher_weights``, the --expert-init expert's): the teacher is a ``WanExperts``, each call routed
+    per sample by its time (the TrigFlow wrapper's c_noise = 1000 sigma against boundary_ratio * 1000,
+    as diffusers).
 
-    Student and fake score stay ONE network each, initialized from the LOW-noise expert. Why: few-step
+    Student and fake score stay ONE network each, by default (--expert-init low_noise) initialized
+    from the LOW-noise expert; the toy measurement of high_noise is in docs/quality.md. Why: few-step
     sampling ends below the boundary (the last, detail-forming steps; at I2V's 0.9 about 2/3 of the
     sampled times lie there), so the student starts exact where its output is finally formed and
     learns the high-noise range (its first step) from the teacher's high-noise expert through sCM and
@@ -108,7 +110,7 @@ def build_models(train: TrainingConfig, rcm: RCMConfig, cfg: WanConfig, ctx: Ran
     teacher = None
     if distill and experts is not None:
         teacher = WanExperts(frozen_teacher(train, cfg, ctx, experts.high_noise_weights),
-                             frozen_teacher(train, cfg, ctx, teacher_weights), experts.boundary_ratio).eval()
+                             frozen_teacher(train, cfg, ctx, experts.low_noise_weights), experts.boundary_ratio).eval()
     elif distill:
         teacher = frozen_teacher(train, cfg, ctx, teacher_weights)
     student = stage_model(cfg, ctx, train.seed, teacher_weights, trainable=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from ..checkpointing.errors import CheckpointError
-from ..checkpointing.expert_source import is_expert_checkpoint, read_expert_source
+from ..checkpointing.expert_source import EXPERTS_FILE, check_resume_init, is_expert_checkpoint, read_expert_source
 from ..checkpointing.lease import acquire_writer_lease
 from ..checkpointing.loading import read_model_source
 from ..checkpointing.preflight import check_output_dirs, checkpoint_bytes
@@ -51,11 +51,14 @@ def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMCo
     if train.teacher_checkpoint and is_expert_checkpoint(train.teacher_checkpoint):
         check_expert_layout(train, par)
         try:
-            experts = read_expert_source(train.teacher_checkpoint)
+            experts = read_expert_source(train.teacher_checkpoint, train.expert_init)
         except (OSError, ValueError, KeyError) as e:
             raise ArgumentError(f"--teacher-checkpoint {train.teacher_checkpoint}: {e}") from e
         model_cfg, teacher_weights, teacher_meta = experts.config, experts.weights, experts.provenance
-    elif train.teacher_checkpoint:
+    elif train.expert_init != "low_noise":
+        raise ArgumentError(f"--expert-init {train.expert_init} needs a two-expert --teacher-checkpoint "
+                            f"(a folder with {EXPERTS_FILE}), got {train.teacher_checkpoint or 'none'}")
+    if train.teacher_checkpoint and experts is None:
         try:
             model_cfg, teacher_weights, teacher_meta = read_model_source(train.teacher_checkpoint)
         except (OSError, ValueError, KeyError) as e:
@@ -85,6 +88,8 @@ def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMCo
     if load_path is not None:
         resume_meta = train_state.check_resume_compatible(load_path, train, rcm_cfg, model_cfg,
                                                           peak_lrs(train, rcm_cfg))
+        if experts is not None and (line := check_resume_init(resume_meta.get("teacher"), train.expert_init)):
+            raise ArgumentError(f"--load {load_path}: {line}")
     if train.memory_check and train.device.startswith("cuda"):  # the last checks: the models are built next
         line = check_fits(data_plan_flags(train, rcm_cfg, par, dataset), model_cfg)
         if line:
