@@ -20,6 +20,11 @@ complete is not distilled again, so a rerun with more seeds adds only the new on
     python benchmarks/toy_i2v_seeds.py --task experts --teacher DIR/experts --seeds 0 1 2 --out /tmp/e
     python benchmarks/toy_i2v_seeds.py --task i2v --tiny --seeds 0 1 --out /tmp/t      # CI smoke run
 
+``--expert-init high_noise`` (experts) distills with ``pretrain_rcm.py --expert-init high_noise``:
+student and fake score start from the high-noise expert instead of the low-noise one; the
+``student_init_4step`` row is then evaluated from the high-noise expert as well (not taken from
+``--teacher-result``, which recorded the low-noise start).
+
 Targets (issue 22), per seed and for the means: the 4-step student's first-frame error within 2x the
 teacher's and its FD within 2x the teacher's FD. Rows: the teacher (Euler + CFG 2), for two experts
 also the student before training (the low-noise expert as a 4-step sampler), and the student's EMA
@@ -124,12 +129,16 @@ def main(argv=None) -> int:
                    help="take this seed's student from an earlier run of the same settings (repeatable)")
     p.add_argument("--teacher-result", default=None,
                    help="take the teacher's rows from this recorded result (same evaluation settings)")
+    p.add_argument("--expert-init", choices=("low_noise", "high_noise"), default="low_noise",
+                   help="experts: the expert that initializes student and fake score (pretrain_rcm.py --expert-init)")
     p.add_argument("--distill-only", action="store_true", help="distill the seeds' students, evaluate nothing")
     p.add_argument("--out", required=True, help="working directory (runs, logs, results JSON)")
     p.add_argument("--tiny", action="store_true", help="a smoke run: few iterations and samples")
     p.add_argument("--result", default=None, help="also write the JSON here (e.g. benchmarks/results/...)")
     args = p.parse_args(argv)
     s = SETTINGS["tiny" if args.tiny else args.task]
+    if args.expert_init != "low_noise" and args.task != "experts":
+        raise SystemExit(f"toy_i2v_seeds.py: error: --expert-init {args.expert_init} needs --task experts")
     os.makedirs(args.out, exist_ok=True)
     out = lambda *a: os.path.join(args.out, *a)  # noqa: E731
     teacher_path = args.teacher
@@ -159,10 +168,12 @@ def main(argv=None) -> int:
         if not complete(ckpts[seed], s["distill_iters"]):
             distill_s[seed] = tool(out(f"distill_seed{seed}.log"), "pretrain_rcm.py", "--teacher-checkpoint",
                                    teacher_path, *common, "--seed", str(seed), "--train-iters", str(s["distill_iters"]),
+                                   *(["--expert-init", args.expert_init] if args.task == "experts" else []),
                                    "--log-dir", run, "--save", ckpts[seed])
     if args.distill_only:
         return 0
     teacher, low = load_teacher(teacher_path)
+    start = teacher.high_noise if args.expert_init == "high_noise" else low  # the student before training
     if (low is not None) != (args.task == "experts"):
         raise SystemExit(f"toy_i2v_seeds.py: error: --teacher {teacher_path} is "
                          f"{'a two-expert folder' if low is not None else 'one model'}; --task {args.task} expects "
@@ -171,15 +182,16 @@ def main(argv=None) -> int:
     ref = reference_features(s["num_reference"])
     seed_kw = {"seed": args.sample_seed}
     t0 = time.time()
-    fixed_names = ["teacher", *(["student_init_4step"] if low is not None else [])]
+    recorded_start = low is not None and args.expert_init == "low_noise"  # the recorded results' start
+    fixed_names = ["teacher", *(["student_init_4step"] if recorded_start else [])]
     if args.teacher_result:
         fixed = recorded_rows(args.teacher_result, s, args.sample_seed, fixed_names)
     else:
         fixed = {"teacher": evaluate_model(teacher, "teacher", held, ref, steps=s["teacher_steps"], cfg_scale=2.0,
                                            **seed_kw)}
-        if low is not None:
-            fixed["student_init_4step"] = evaluate_model(low, "student", held, ref, steps=4, **seed_kw)
-        fixed = {k: {m: r[m] for m in (*METRICS, "steps")} for k, r in fixed.items()}
+    if start is not None and "student_init_4step" not in fixed:
+        fixed["student_init_4step"] = evaluate_model(start, "student", held, ref, steps=4, **seed_kw)
+    fixed = {k: {m: r[m] for m in (*METRICS, "steps")} for k, r in fixed.items()}
     teacher_s = round(time.time() - t0, 1)
     per_seed = []
     for seed in seeds:
@@ -198,7 +210,8 @@ def main(argv=None) -> int:
               "machine": "CPU", "settings": s, "sample_seed": args.sample_seed,
               "teacher": os.path.abspath(teacher_path), "teacher_rows_from": args.teacher_result,
               "teacher_evaluate_s": teacher_s,
-              "student": ("one network, initialized from the low-noise expert (fake score likewise)"
+              "student": (f"one network, initialized from the {args.expert_init.replace('_', '-')} expert "
+                          "(fake score likewise)"
                           if low is not None else "one network, initialized from the teacher"),
               **summarize(per_seed), "per_seed": per_seed}
     for path in filter(None, (out("toy_i2v_seeds.json"), args.result)):
