@@ -23,8 +23,8 @@ so each call (per sample) runs the high-noise expert at t >= atan(b/(1-b)) (b = 
 I2V 0.9 -> t >= 1.4601) and the low-noise expert below.
 
 Student and fake score of a two-expert teacher: ``pretrain_rcm.py`` builds ONE network each,
-initialized from the low-noise expert (``training.model_building.build_models`` says why; toy
-measurement in docs/quality.md). The alternative, one network per expert (a ``WanExperts`` student
+initialized from the low-noise expert by default (``--expert-init high_noise``: the other one;
+``training.model_building.build_models`` says why; toy comparison in docs/quality.md). The alternative, one network per expert (a ``WanExperts`` student
 and fake score initialized expert by expert), starts equal to the teacher over the whole time range
 (above the I2V boundary lie 35% of p_d's times and 32% of the 14B p_g's sCM times; the 4-step
 schedule runs two steps on each side) at the cost of a second copy of the trained weights and
