@@ -24,3 +24,14 @@ def tiny_checkpoints(tmp_path_factory):
     pretrain(*BASE, "--train-iters", "4", "--save-interval", "2", "--log-dir", str(d / "log"), "--save", str(d / "ck"))
     assert sorted(x for x in os.listdir(d / "ck") if x.startswith("iter_")) == ["iter_0000002", "iter_0000004"]
     return d
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_wide_kernel_modes():
+    """Tests that build models in-process (``build_models``) set the process-wide fused-ops mode; under
+    pytest-xdist the next test on the same worker would inherit it. Restore it after every test."""
+    from rcm_megatron.kernels import fused_ops
+
+    saved = list(fused_ops._mode)
+    yield
+    fused_ops._mode[:] = saved

@@ -117,6 +117,7 @@ def test_cpu_default_is_the_pytorch_path(monkeypatch):
     x, x_tan, t, t_tan, ctx = inputs(False)
     model = WanDiT(CFG)
     monkeypatch.delenv("RCM_FUSED_TANGENT_OPS", raising=False)
+    monkeypatch.setattr(fused_ops_mod, "_mode", ["auto"])  # the module's default, whatever ran before
     assert fused_ops_mod.fused_ops_mode() == "auto"
     launches = Launches(monkeypatch)
     y, y_tan = model.forward_with_tangent(x, t, ctx, x_tan, t_tan)
