@@ -112,6 +112,16 @@ def op_cases(dev, tiny: bool):
     ]
 
 
+def pytorch_path(fn):
+    """fn with the fused kernels off: the model's layers dispatch to them under no_grad on CUDA."""
+    from rcm_megatron.kernels.fused_ops import fused_ops
+
+    def run():
+        with fused_ops("off"):
+            return fn()
+    return run
+
+
 def rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -131,6 +141,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         tokens, cases = op_cases(dev, args.tiny)
         for name, fused, pytorch, exact, nbytes in cases:
+            pytorch, exact = pytorch_path(pytorch), pytorch_path(exact)
             ref = exact()
             err = max(rel(f, r) for f, r in zip(fused(), ref))
             err_pt = max(rel(p, r) for p, r in zip(pytorch(), ref))

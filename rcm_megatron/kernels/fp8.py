@@ -28,7 +28,7 @@ MIN_CUDA_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada / Hopper and newer
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_fp8, scale [rows, 1] fp32) with x ~= x_fp8 * scale, one scale per row of the 2-D x."""
-    xf = x.float()
+    xf = x.float().contiguous()  # row-major: cuBLASLt multiplies row-major by column-major only
     scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(_MIN_SCALE)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
