@@ -23,8 +23,8 @@ under ``period_model_tflops_per_gpu``, the trainer's FLOP counting) and prints a
 
     python benchmarks/rcm_step.py --out benchmarks/results [--label baseline] [-- extra pretrain flags]
 
-A/B of the trainer's switches goes through the extra flags, e.g. ``-- --fused-tangent-ops`` (the fused Triton
-elementwise kernels in the no-grad passes of eager blocks), ``-- --compile-blocks on``, ``-- --fp8-teacher``; the JSON
+A/B of the trainer's switches goes through the extra flags, e.g. ``-- --no-fused-tangent-ops`` (the PyTorch ops instead of
+the fused Triton elementwise kernels in the no-grad passes of eager blocks), ``-- --compile-blocks on``, ``-- --fp8-teacher``; the JSON
 records the label and the switches (``fused_tangent_ops``, ``compile_blocks``, ``fp8_teacher``).
 
 With ``--fp8-teacher`` the teacher passes are FP8 work: they are reported apart (``fp8_teacher_passes``: time, model
@@ -130,13 +130,15 @@ def ceiling_rates(fp8: bool = False) -> dict:
 
 def path_switches(extra: list[str]) -> dict:
     """The A/B switches of the trainer path this run took, from its extra pretrain flags (last wins)."""
-    compile_blocks = "auto"
+    compile_blocks, fused = "auto", True
     for i, flag in enumerate(extra):
-        if flag == "--compile-blocks" and i + 1 < len(extra):
+        if flag in ("--fused-tangent-ops", "--no-fused-tangent-ops"):
+            fused = flag == "--fused-tangent-ops"
+        elif flag == "--compile-blocks" and i + 1 < len(extra):
             compile_blocks = extra[i + 1]
         elif flag.startswith("--compile-blocks="):
             compile_blocks = flag.split("=", 1)[1]
-    return {"fused_tangent_ops": "--fused-tangent-ops" in extra, "compile_blocks": compile_blocks,
+    return {"fused_tangent_ops": fused, "compile_blocks": compile_blocks,
             "fp8_teacher": "--fp8-teacher" in extra}
 
 

@@ -70,7 +70,7 @@ class TrainingConfig:
     compile_blocks: str = "auto"  # --compile-blocks auto|on|off (model_building.compile_wanted)
     fp8_teacher: bool = False  # the frozen teacher's block linears in FP8 (WanDiT.quantize_fp8)
     expert_init: str = "low_noise"  # which expert of a two-expert teacher starts student and fake score
-    fused_tangent_ops: bool = False  # --fused-tangent-ops: fused Triton elementwise kernels, no-grad passes, CUDA
+    fused_tangent_ops: bool = True  # --[no-]fused-tangent-ops: fused Triton elementwise kernels, no-grad passes, CUDA
     max_latent_magnitude: float = DEFAULT_MAX_LATENT_MAGNITUDE  # larger |latent| values make a bad sample
     memory_check: bool = True  # --no-memory-check skips the memory plan check before building models
     reporting: ReportingConfig = ReportingConfig()  # decoded video samples, Weights & Biases
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8-teacher", action="store_true", help="frozen teacher's block linears in FP8 (e4m3, row-wise scales)")
     g.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="auto",
                    help="regional torch.compile of the DiT blocks; auto (default): CUDA without TP, CP, selective recompute")
-    g.add_argument("--fused-tangent-ops", action="store_true", help="fused Triton elementwise kernels in no-grad passes")
+    g.add_argument("--fused-tangent-ops", action=argparse.BooleanOptionalAction, default=True, help="fused Triton kernels")
     g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=["elementwise"],
                    help="selective: what is recomputed; core_attn also recomputes attention")
     g.add_argument("--mode", choices=("distill", "teacher"), default="distill",
