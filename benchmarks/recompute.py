@@ -110,7 +110,8 @@ def main(argv=None) -> int:
             if dev == "cuda":
                 grads = sum(p.numel() * p.element_size() for p in model.parameters())  # freed after each step
                 held = torch.cuda.max_memory_allocated() - before - grads
-                row["activation_gib_per_block_per_sample"] = held / 2**30 / args.layers / args.micro_batch
+                row["activation_gib_per_sample"] = held / 2**30 / args.micro_batch
+                row["activation_gib_per_block_per_sample"] = row["activation_gib_per_sample"] / args.layers
         except torch.OutOfMemoryError as e:  # a choice that does not fit is a result, not a crash
             row["error"] = f"out of memory: {str(e).splitlines()[0]}"
         rows.append(row)
