@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--global-batch-size", type=int, default=64, help="samples per iteration (default 64, the recipe's)")
     p.add_argument("--method", choices=("rcm", "scm", "dmd", "dcm"), default="rcm")
+    p.add_argument("--teacher-experts", type=int, choices=(1, 2), default=1,
+                   help="2: a two-expert teacher (Wan2.2 A14B), both experts' weights on every rank")
     p.add_argument("--student-update-freq", type=int, default=10)
     p.add_argument("--headroom", type=float, default=0.1, help="free fraction of the GPU required (default 0.1)")
     p.add_argument("--zero", type=int, nargs="+", choices=(0, 1, 3), default=[1, 3],
@@ -52,7 +54,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         w = Workload(preset(args.model), tuple(args.latent_shape), args.text_len, method=args.method,
-                     student_update_freq=args.student_update_freq, global_batch_size=args.global_batch_size)
+                     student_update_freq=args.student_update_freq, global_batch_size=args.global_batch_size,
+                     teacher_experts=args.teacher_experts)
     except ValueError as e:
         print(f"plan_memory: {e}", file=sys.stderr)
         return 2

@@ -91,6 +91,7 @@ class Workload:
     global_batch_size: int | None = None
     mode: str = "distill"  # or "teacher": flow-matching pretraining, one trained model, no frozen teacher
     fp8_teacher: bool = False  # --fp8-teacher: the teacher's block linears in FP8 (1 byte a weight + row scales)
+    teacher_experts: int = 1  # 2: a two-expert teacher (Wan2.2 A14B), both experts resident on every rank
 
     def __post_init__(self):
         if len(self.latent_shape) != 4:
@@ -101,6 +102,8 @@ class Workload:
         for size, p, axis in zip((t, h, w), self.model.patch_size, "THW"):
             if size % p:
                 raise ValueError(f"--latent-shape {axis}={size} is not divisible by the patch size {p}")
+        if self.teacher_experts not in (1, 2):
+            raise ValueError(f"teacher_experts must be 1 or 2 (a two-expert teacher), got {self.teacher_experts}")
         if self.method not in ("rcm", "scm", "dmd", "dcm"):
             raise ValueError(f"method must be rcm, scm, dmd or dcm, got {self.method!r}")
 

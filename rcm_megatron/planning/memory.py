@@ -5,6 +5,7 @@ rcm/ema.py), per rank of a pipeline stage, P = this rank's parameters (P16 in th
 dtype, P32 kept in fp32), n = DP x CP:
 
     teacher (frozen)         zero 0/1: 2 P16 + 4 P32              zero 3: that / n (FSDP2 shards)
+                             x 2 for a two-expert teacher (Wan2.2 A14B: both experts on every rank)
                              --fp8-teacher: block-linear weights 1 byte each + a 4-byte scale per row
     student, fake score      zero 0: fp32 parameters 4P, fp32 grads 4P, AdamW moments 8P, and
                              autocast's bf16 weight copies 2 P16 while the model runs
@@ -93,6 +94,7 @@ def model_states(w: Workload, lay: Layout, stage: int = 0) -> tuple[dict[str, fl
         if w.fp8_teacher:  # WanDiT.quantize_fp8: 1 byte per block-linear weight + one fp32 scale per row
             gpu["teacher"] -= sum((compute - 1) * s.numel - 4 * s.shape[0]
                                   for n, s in shapes.items() if fp8_weight(n, s))
+        gpu["teacher"] *= w.teacher_experts  # models/experts.py: each expert is a whole frozen network
     for name in trained:
         if lay.zero == 0:
             gpu[f"{name}_params"], gpu[f"{name}_grads"], gpu[f"{name}_optimizer"] = 4 * (p16 + p32), 4 * (p16 + p32), 8 * (p16 + p32)

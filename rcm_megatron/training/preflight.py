@@ -91,13 +91,13 @@ def preflight(train: TrainingConfig, model_cfg: WanConfig | None, rcm_cfg: RCMCo
         if experts is not None and (line := check_resume_init(resume_meta.get("teacher"), train.expert_init)):
             raise ArgumentError(f"--load {load_path}: {line}")
     if train.memory_check and train.device.startswith("cuda"):  # the last checks: the models are built next
-        line = check_fits(data_plan_flags(train, rcm_cfg, par, dataset), model_cfg)
+        line = check_fits(data_plan_flags(train, rcm_cfg, par, dataset, experts), model_cfg)
         if line:
             raise ArgumentError(line)
     if train.memory_check and train.device == "cpu":
         source = f"--teacher-checkpoint {train.teacher_checkpoint}" if train.teacher_checkpoint else \
             f"--model {model_cfg_name(model_cfg)}"
-        line = check_host_memory(data_plan_flags(train, rcm_cfg, par, dataset), model_cfg, source)
+        line = check_host_memory(data_plan_flags(train, rcm_cfg, par, dataset, experts), model_cfg, source)
         if line:
             raise ArgumentError(line)
     return Preflight(model_cfg, dataset, teacher_weights, teacher_meta, load_path, resume_meta, lease, experts)
@@ -128,11 +128,14 @@ def plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig) -
         device=train.device, compile_blocks=train.compile_blocks)
 
 
-def data_plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig, dataset) -> SimpleNamespace:
+def data_plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig, dataset,
+                    experts=None) -> SimpleNamespace:
     """``plan_flags`` at the shape of the samples trained on: the dataset's latent shape and text
-    length (for shards, their metadata), not --latent-shape's default of 480p."""
+    length (for shards, their metadata), not --latent-shape's default of 480p; with a two-expert
+    teacher (``experts``), both experts' weights."""
     flags = plan_flags(train, rcm_cfg, par)
     flags.latent_shape, flags.text_len = tuple(dataset.latent_shape), dataset.text_len
+    flags.teacher_experts = 1 if experts is None else 2
     return flags
 
 
