@@ -157,3 +157,22 @@ def test_ema_is_sharded_over_data_parallel_and_reshards(baseline, dp2, tmp_path)
     (resume / "latest_checkpointed_iteration.txt").write_text("3")
     torchrun(1, "--train-iters", "6", "--log-dir", str(tmp_path / "log6"), "--load", str(resume))
     assert_same_losses(first6(baseline / "log")[3:], losses(tmp_path / "log6"))
+
+
+def _bytes_written_by_rank(ckpt_dir):
+    """Bytes of the torch_dist data files of each rank (``__<rank>_<i>.distcp``)."""
+    out = {}
+    for name in os.listdir(ckpt_dir):
+        if name.startswith("__") and name.endswith(".distcp"):
+            r = int(name[2:].split("_")[0])
+            out[r] = out.get(r, 0) + os.path.getsize(os.path.join(ckpt_dir, name))
+    return out
+
+
+def test_fully_parallel_save_spreads_the_replicated_writes(dp2):
+    """--ckpt-fully-parallel-save (the default): the DP-replicated model and optimizer tensors are
+    written by both DP ranks, not all by DP rank 0 (which leaves rank 1 its EMA shard only)."""
+    written = _bytes_written_by_rank(dp2 / "ckpt" / "iter_0000006")
+    total = sum(written.values())
+    assert set(written) == {0, 1} and total > 0
+    assert min(written.values()) > 0.3 * total, written  # the replicated tensors are most of the bytes

@@ -70,9 +70,14 @@ class CheckpointManager:
     """Saves and commits checkpoints under ``root``; keeps the newest ``keep_last``."""
 
     def __init__(self, root: str, keep_last: int | None = None, async_save: bool | None = None,
-                 thread_count: int | None = None, on_commit=None):
-        """``on_commit(report)``: called on rank 0 once a save is committed (the log line)."""
+                 thread_count: int | None = None, on_commit=None, parallel_group=None):
+        """``on_commit(report)``: called on rank 0 once a save is committed (the log line).
+        ``parallel_group``: the DP (x CP) group whose ranks hold replicas of the same tensors; with
+        more than one rank, megatron-core's ``FullyParallelSaveStrategyWrapper`` spreads the writing
+        of the replicated tensors over them (``--ckpt-fully-parallel-save``), instead of each
+        tensor's first replica (DP rank 0) writing all of them."""
         self.root, self.keep_last, self.on_commit = root, keep_last, on_commit
+        self.parallel_group = parallel_group
         self.async_save = torch.cuda.is_available() if async_save is None else async_save
         self.thread_count = thread_count or default_thread_count()
         self._queue = None
@@ -106,7 +111,7 @@ class CheckpointManager:
                 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
                 with report.timed("plan+stage"):
-                    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=self.thread_count)
+                    strategy = self._spread(TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=self.thread_count))
                     request = dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=strategy,
                                                       async_sharded_save=True)
                 request.add_finalize_fn(lambda: self.commit(iteration))
@@ -117,12 +122,22 @@ class CheckpointManager:
                 report.blocking_s = time.perf_counter() - report.started
             else:
                 dist_checkpointing.save(sharded_state_dict, tmp,
-                                        sharded_strategy=cpu_save_strategy(self.thread_count, report))
+                                        sharded_strategy=self._spread(cpu_save_strategy(self.thread_count, report)))
                 barrier()
                 self.commit(iteration)
                 barrier()
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
             self._failed(iteration, e)
+
+    def _spread(self, strategy):
+        """The strategy, wrapped to share the replicated tensors' writes over ``parallel_group``."""
+        import torch.distributed as dist
+
+        if self.parallel_group is None or dist.get_world_size(self.parallel_group) < 2:
+            return strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+        return FullyParallelSaveStrategyWrapper(strategy, self.parallel_group)
 
     def _failed(self, iteration: int, e: BaseException):
         self._reports.pop(iteration, None)

@@ -71,6 +71,7 @@ class TrainingConfig:
     fp8_teacher: bool = False  # the frozen teacher's block linears in FP8 (WanDiT.quantize_fp8)
     expert_init: str = "low_noise"  # which expert of a two-expert teacher starts student and fake score
     fused_tangent_ops: bool = True  # --[no-]fused-tangent-ops: fused Triton elementwise kernels, no-grad passes, CUDA
+    ckpt_fully_parallel_save: bool = True  # DP-replicated tensors written by all DP ranks (checkpointing/save.py)
     max_latent_magnitude: float = DEFAULT_MAX_LATENT_MAGNITUDE  # larger |latent| values make a bad sample
     memory_check: bool = True  # --no-memory-check skips the memory plan check before building models
     reporting: ReportingConfig = ReportingConfig()  # decoded video samples, Weights & Biases
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
+    g.add_argument("--ckpt-fully-parallel-save", action=argparse.BooleanOptionalAction, default=True, help="DP ranks share writes")
     g.add_argument("--auto-resume", action="store_true",
                    help="resume from the newest complete checkpoint in --save if there is one (SLURM requeue)")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
@@ -226,14 +228,10 @@ def parse_args(argv=None):
     """
     args = build_parser().parse_args(argv)
     implied, implied_by = _apply_toy_defaults(args)
-    _positive("--train-iters", args.train_iters)
-    _positive("--micro-batch-size", args.micro_batch_size)
-    _positive("--global-batch-size", args.global_batch_size, allow_none=True)
-    _positive("--log-interval", args.log_interval)
+    for name, optional in (("train_iters", False), ("micro_batch_size", False), ("global_batch_size", True),
+                           ("log_interval", False), ("recompute_num_layers", False), ("save_interval", True), ("keep_last", True)):
+        _positive("--" + name.replace("_", "-"), getattr(args, name), allow_none=optional)
     _checked(check_max_latent_magnitude, args.max_latent_magnitude)
-    _positive("--recompute-num-layers", args.recompute_num_layers)
-    _positive("--save-interval", args.save_interval, allow_none=True)
-    _positive("--keep-last", args.keep_last, allow_none=True)
     if args.max_consecutive_skipped_steps < 0:
         raise ArgumentError(f"--max-consecutive-skipped-steps must be >= 0 (0: never abort), got "
                             f"{args.max_consecutive_skipped_steps}")
@@ -350,6 +348,7 @@ def parse_args(argv=None):
         use_distributed_optimizer=args.use_distributed_optimizer, use_torch_fsdp2=args.use_torch_fsdp2,
         overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
         optimizer_cpu_offload=args.optimizer_cpu_offload, expert_init=args.expert_init,
+        ckpt_fully_parallel_save=args.ckpt_fully_parallel_save,
         lr_schedule=schedule, recompute=RecomputeConfig(args.recompute_granularity, args.recompute_num_layers,
                                                         tuple(args.recompute_modules)),
         compile_blocks=args.compile_blocks, fp8_teacher=args.fp8_teacher, fused_tangent_ops=args.fused_tangent_ops,

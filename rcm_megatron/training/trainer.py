@@ -94,8 +94,9 @@ class Trainer:
         self.batches = BatchSource(self.dataset, self.train, self.par.micro_batch_size, ctx, self.model_cfg)
         self.iteration, self.student_steps, self.skipped_steps, self.consecutive_skips = 0, 0, 0, 0
         self.last_good_save: int | None = None  # the newest checkpoint saved with no skipped step pending
-        self.checkpoints = CheckpointManager(self.train.save, self.train.keep_last, on_commit=self._saved) \
-            if self.train.save else None
+        spread = ctx.dp_cp_group if self.train.ckpt_fully_parallel_save else None
+        self.checkpoints = CheckpointManager(self.train.save, self.train.keep_last, on_commit=self._saved,
+                                             parallel_group=spread) if self.train.save else None
         if self.load_path is not None:
             path = train_state.verified_load_path(self.load_path, self.train.auto_resume)
             if path != self.load_path:  # --auto-resume fell back to an older checkpoint that verifies
