@@ -69,6 +69,7 @@ class TrainingConfig:
     recompute: RecomputeConfig = RecomputeConfig()  # activation recompute of the with-grad passes
     compile_blocks: str = "auto"  # --compile-blocks auto|on|off (model_building.compile_wanted)
     fp8_teacher: bool = False  # the frozen teacher's block linears in FP8 (WanDiT.quantize_fp8)
+    first_last_layers_bf16: bool = False  # with fp8_teacher: its first and last block stay out of FP8
     expert_init: str = "low_noise"  # which expert of a two-expert teacher starts student and fake score
     fused_tangent_ops: bool = False  # --fused-tangent-ops: fused Triton elementwise kernels, no-grad passes, CUDA
     max_latent_magnitude: float = DEFAULT_MAX_LATENT_MAGNITUDE  # larger |latent| values make a bad sample
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-memory-check", action="store_true",
                    help="skip the memory plan check (GPU, or host RAM on CPU) before building models")
     g.add_argument("--fp8-teacher", action="store_true", help="frozen teacher's block linears in FP8 (e4m3, row-wise scales)")
+    g.add_argument("--first-last-layers-bf16", action="store_true", help="--fp8-teacher: first and last block not in FP8")
     g.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="auto",
                    help="regional torch.compile of the DiT blocks; auto (default): CUDA without TP, CP, selective recompute")
     g.add_argument("--fused-tangent-ops", action="store_true", help="fused Triton elementwise kernels in no-grad passes")
@@ -354,7 +356,7 @@ def parse_args(argv=None):
                                                         tuple(args.recompute_modules)),
         compile_blocks=args.compile_blocks, fp8_teacher=args.fp8_teacher, fused_tangent_ops=args.fused_tangent_ops,
         memory_check=not args.no_memory_check, max_latent_magnitude=args.max_latent_magnitude, reporting=reporting,
-        model=args.model, implied=implied, implied_by=implied_by)
+        model=args.model, implied=implied, implied_by=implied_by, first_last_layers_bf16=args.first_last_layers_bf16)
     return train, model_cfg, rcm_cfg, par
 
 
