@@ -52,6 +52,13 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
     return y.reshape(*shape[:-1], weight_fp8.shape[0])
 
 
+def block_in_fp8(layer: int, num_layers: int, num_layers_at_start_in_bf16: int = 0,
+                 num_layers_at_end_in_bf16: int = 0) -> bool:
+    """Whether block ``layer`` (0-based, of the whole network's ``num_layers``) is quantized: not one of the
+    first ``num_layers_at_start_in_bf16`` or last ``num_layers_at_end_in_bf16`` (``--first-last-layers-bf16``)."""
+    return num_layers_at_start_in_bf16 <= layer < num_layers - num_layers_at_end_in_bf16
+
+
 def fp8_supported(in_features: int, out_features: int) -> bool:
     """cuBLASLt FP8 needs both matrix dimensions of the weight to be multiples of 16."""
     return in_features % 16 == 0 and out_features % 16 == 0

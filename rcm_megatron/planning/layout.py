@@ -91,6 +91,7 @@ class Workload:
     global_batch_size: int | None = None
     mode: str = "distill"  # or "teacher": flow-matching pretraining, one trained model, no frozen teacher
     fp8_teacher: bool = False  # --fp8-teacher: the teacher's block linears in FP8 (1 byte a weight + row scales)
+    first_last_layers_bf16: bool = False  # --first-last-layers-bf16: the first and last block not in FP8
 
     def __post_init__(self):
         if len(self.latent_shape) != 4:
