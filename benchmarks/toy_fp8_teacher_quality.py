@@ -216,6 +216,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--official", nargs="+", required=True, help="evaluate.py JSONs with the official sampler times")
     ap.add_argument("--paper", nargs="*", default=[], help="evaluate.py JSONs with the paper's times (--mid-times 1.3 1.0 0.6)")
+    ap.add_argument("--more-official", nargs="*", default=[], help="evaluate.py JSONs of further training seeds (official "
+                    "times, both arms): summarized with --official's seeds as official_times_all_seeds")
     ap.add_argument("--out", required=True)
     ap.add_argument("--note", default="", help="how the runs were made (machine, threads)")
     ap.add_argument("--fp8-arm", default="--fp8-teacher", help="the FP8 arm's pretrain_rcm.py flags (recorded; "
@@ -230,11 +232,14 @@ def main(argv=None) -> int:
               "sources": {"official": args.official, "paper": args.paper}}
     if args.paper:
         result["paper_times"] = summarize(student_rows(args.paper))
+    if args.more_official:
+        result["official_times_all_seeds"] = summarize(student_rows(args.official + args.more_official))
+        result["sources"]["more_official"] = args.more_official
     if not args.no_teacher_error:
         result["fp8_teacher_error"] = teacher_error(first_last_layers_bf16="--first-last-layers-bf16" in args.fp8_arm)
     if args.sensitivity:
         result["sensitivity"] = sensitivity()
-    for times in ("official_times", "paper_times"):
+    for times in ("official_times", "paper_times", "official_times_all_seeds"):
         for k, e in result.get(times, {}).get("by_steps", {}).items():
             f = e["fd"]
             print(f"{times:14s} {k} step(s): FD full {f['full_mean']:.3f} +- {f['full_seed_std']:.3f}, "
