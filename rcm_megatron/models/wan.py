@@ -215,21 +215,27 @@ class WanDiT(nn.Module):
             state.x, state.x_tan, state.tproj, state.tproj_tan, state.context, rope, state.image_context)
         return state
 
-    def quantize_fp8(self) -> int:
+    def quantize_fp8(self, num_layers_at_start_in_bf16: int = 0, num_layers_at_end_in_bf16: int = 0) -> int:
         """Freeze the blocks' linears into FP8 weights (a frozen teacher only, ``--fp8-teacher``): self- and
         cross-attention q/k/v/o (and I2V's image k/v), FFN fc1/fc2, each TP rank its own shard. They carry
         nearly all FLOPs and weight bytes. Time/text/image embeddings, patch embedding and head stay in
         full precision: per-sample or text-length work (well under 1% of the FLOPs), and the time embedding
-        drives every block's adaLN modulation (kept in fp32 as diffusers keeps it). Call after loading the
-        full-precision weights; returns how many linears were quantized."""
-        from ..kernels.fp8 import fp8_supported
+        drives every block's adaLN modulation (kept in fp32 as diffusers keeps it). The first / last
+        ``num_layers_at_start/end_in_bf16`` blocks of the whole network (``--first-last-layers-bf16``, as
+        Megatron-LM's) stay in the teacher's own precision too (``kernels/fp8.py`` says why). Call after
+        loading the full-precision weights; returns how many linears were quantized."""
+        from ..kernels.fp8 import block_in_fp8, fp8_supported
         from ..parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         n = 0
-        for m in self.blocks.modules():
-            if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and fp8_supported(*m.weight.shape[::-1]):
-                m.quantize_fp8()
-                n += 1
+        for key, block in self.blocks.items():
+            if not block_in_fp8(int(key), self.config.num_layers, num_layers_at_start_in_bf16,
+                                num_layers_at_end_in_bf16):
+                continue
+            for m in block.modules():
+                if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and fp8_supported(*m.weight.shape[::-1]):
+                    m.quantize_fp8()
+                    n += 1
         return n
 
     def compile_blocks(self) -> None:

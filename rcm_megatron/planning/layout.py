@@ -92,6 +92,7 @@ class Workload:
     mode: str = "distill"  # or "teacher": flow-matching pretraining, one trained model, no frozen teacher
     fp8_teacher: bool = False  # --fp8-teacher: the teacher's block linears in FP8 (1 byte a weight + row scales)
     teacher_experts: int = 1  # 2: a two-expert teacher (Wan2.2 A14B), both experts resident on every rank
+    first_last_layers_bf16: bool = False  # --first-last-layers-bf16: the first and last block not in FP8
 
     def __post_init__(self):
         if len(self.latent_shape) != 4:

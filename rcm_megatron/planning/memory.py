@@ -93,7 +93,7 @@ def model_states(w: Workload, lay: Layout, stage: int = 0) -> tuple[dict[str, fl
         gpu["teacher"] = weights if lay.zero < 3 else compute * (sharded - sharded32) + 4 * sharded32
         if w.fp8_teacher:  # WanDiT.quantize_fp8: 1 byte per block-linear weight + one fp32 scale per row
             gpu["teacher"] -= sum((compute - 1) * s.numel - 4 * s.shape[0]
-                                  for n, s in shapes.items() if fp8_weight(n, s))
+                                  for n, s in shapes.items() if fp8_weight(n, s, w))
         gpu["teacher"] *= w.teacher_experts  # models/experts.py: each expert is a whole frozen network
     for name in trained:
         if lay.zero == 0:
@@ -122,12 +122,14 @@ def model_states(w: Workload, lay: Layout, stage: int = 0) -> tuple[dict[str, fl
     return gpu, host
 
 
-def fp8_weight(name: str, s) -> bool:
-    """Whether --fp8-teacher quantizes this parameter: a block linear's weight whose sides are multiples of 16."""
-    from ..kernels.fp8 import fp8_supported
+def fp8_weight(name: str, s, w: Workload) -> bool:
+    """Whether --fp8-teacher quantizes this parameter: a block linear's weight whose sides are multiples of 16,
+    in a block that --first-last-layers-bf16 does not keep (WanDiT.quantize_fp8)."""
+    from ..kernels.fp8 import block_in_fp8, fp8_supported
 
+    keep = (1, 1) if w.first_last_layers_bf16 else (0, 0)
     return name.startswith("blocks.") and name.endswith(".weight") and len(s.shape) == 2 and \
-        fp8_supported(s.shape[1], s.shape[0])
+        fp8_supported(s.shape[1], s.shape[0]) and block_in_fp8(int(name.split(".")[1]), w.model.num_layers, *keep)
 
 
 def _gathered_student(w: Workload, lay: Layout, stage: int) -> float:

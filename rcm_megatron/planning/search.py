@@ -177,7 +177,8 @@ def workload_and_layout(args, cfg, world_size: int) -> tuple[Workload, Layout]:
     w = Workload(cfg, latent, text_len=g("text_len", 512), bf16=bool(g("bf16", False)), method=g("method", "rcm"),
                  rollout_max_steps=g("rollout_max_steps", 4), student_update_freq=g("student_update_freq", 10),
                  global_batch_size=gbs, mode=g("mode", "distill"), fp8_teacher=bool(g("fp8_teacher", False)),
-                 teacher_experts=g("teacher_experts", 1))
+                 teacher_experts=g("teacher_experts", 1),
+                 first_last_layers_bf16=bool(g("first_last_layers_bf16", False)))
     lay = Layout(tp=tp, cp=cp, pp=pp, dp=dp, sequence_parallel=bool(g("sequence_parallel", False)),
                  cp_comm_type=g("cp_comm_type", "p2p"), zero=zero, micro_batch_size=mbs,
                  num_micro_batches=max(1, gbs // (mbs * dp)), recompute_num_layers=recompute,

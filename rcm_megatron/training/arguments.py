@@ -69,6 +69,7 @@ class TrainingConfig:
     recompute: RecomputeConfig = RecomputeConfig()  # activation recompute of the with-grad passes
     compile_blocks: str = "auto"  # --compile-blocks auto|on|off (model_building.compile_wanted)
     fp8_teacher: bool = False  # the frozen teacher's block linears in FP8 (WanDiT.quantize_fp8)
+    first_last_layers_bf16: bool = False  # with fp8_teacher: its first and last block stay out of FP8
     expert_init: str = "low_noise"  # which expert of a two-expert teacher starts student and fake score
     fused_tangent_ops: bool = True  # --[no-]fused-tangent-ops: fused Triton elementwise kernels, no-grad passes, CUDA
     ckpt_fully_parallel_save: bool = True  # DP-replicated tensors written by all DP ranks (checkpointing/save.py)
@@ -100,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-method", choices=("uniform",), default="uniform",
                    help="uniform: checkpoint every group of --recompute-num-layers blocks")
     g.add_argument("--recompute-num-layers", type=int, default=1, help="blocks per group (full)")
-    g.add_argument("--no-memory-check", action="store_true",
-                   help="skip the memory plan check (GPU, or host RAM on CPU) before building models")
+    g.add_argument("--no-memory-check", action="store_true", help="skip the pre-build memory plan check (GPU or host RAM)")
     g.add_argument("--fp8-teacher", action="store_true", help="frozen teacher's block linears in FP8 (e4m3, row-wise scales)")
+    g.add_argument("--first-last-layers-bf16", action="store_true", help="--fp8-teacher: first and last block not in FP8")
     g.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="auto",
                    help="regional torch.compile of the DiT blocks; auto (default): CUDA without TP, CP, selective recompute")
     g.add_argument("--fused-tangent-ops", action=argparse.BooleanOptionalAction, default=True, help="fused Triton kernels")
@@ -348,10 +349,10 @@ def parse_args(argv=None):
         use_distributed_optimizer=args.use_distributed_optimizer, use_torch_fsdp2=args.use_torch_fsdp2,
         overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
         optimizer_cpu_offload=args.optimizer_cpu_offload, expert_init=args.expert_init,
-        ckpt_fully_parallel_save=args.ckpt_fully_parallel_save,
         lr_schedule=schedule, recompute=RecomputeConfig(args.recompute_granularity, args.recompute_num_layers,
                                                         tuple(args.recompute_modules)),
-        compile_blocks=args.compile_blocks, fp8_teacher=args.fp8_teacher, fused_tangent_ops=args.fused_tangent_ops,
+        compile_blocks=args.compile_blocks, fp8_teacher=args.fp8_teacher, first_last_layers_bf16=args.first_last_layers_bf16,
+        fused_tangent_ops=args.fused_tangent_ops, ckpt_fully_parallel_save=args.ckpt_fully_parallel_save,
         memory_check=not args.no_memory_check, max_latent_magnitude=args.max_latent_magnitude, reporting=reporting,
         model=args.model, implied=implied, implied_by=implied_by)
     return train, model_cfg, rcm_cfg, par

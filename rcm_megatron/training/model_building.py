@@ -80,7 +80,7 @@ def frozen_teacher(train: TrainingConfig, cfg: WanConfig, ctx: RankContext, weig
     if train.bf16:
         teacher.to_dtype(torch.bfloat16)
     if train.fp8_teacher:
-        teacher.quantize_fp8()
+        teacher.quantize_fp8(*(1, 1) if train.first_last_layers_bf16 else (0, 0))  # Megatron-LM's default counts
     if train.use_torch_fsdp2:  # ZeRO-3: 1/n of the frozen teacher per DP x CP rank, gathered per block
         from ..parallel.fsdp import shard_model
 

@@ -125,7 +125,8 @@ def plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig) -
         use_distributed_optimizer=train.use_distributed_optimizer, use_torch_fsdp2=train.use_torch_fsdp2,
         optimizer_cpu_offload=train.optimizer_cpu_offload,
         recompute_granularity=train.recompute.granularity, recompute_num_layers=train.recompute.num_layers,
-        device=train.device, compile_blocks=train.compile_blocks)
+        device=train.device, compile_blocks=train.compile_blocks, fp8_teacher=train.fp8_teacher,
+        first_last_layers_bf16=train.first_last_layers_bf16)
 
 
 def data_plan_flags(train: TrainingConfig, rcm_cfg: RCMConfig, par: ParallelConfig, dataset,

@@ -127,6 +127,8 @@ def backend_flag_error(args, device: str) -> str | None:
     if fsdp2 and (args.overlap_grad_reduce or args.overlap_param_gather):
         return "--overlap-grad-reduce / --overlap-param-gather are --use-distributed-optimizer's; FSDP2 overlaps " \
                "its gathers and reduce-scatters itself"
+    if getattr(args, "first_last_layers_bf16", False) and not getattr(args, "fp8_teacher", False):
+        return "--first-last-layers-bf16 keeps the first and last block of the --fp8-teacher teacher out of FP8: add --fp8-teacher"
     if getattr(args, "fp8_teacher", False):
         from ..kernels.fp8 import fp8_teacher_flag_error
 
