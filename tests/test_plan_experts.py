@@ -54,3 +54,15 @@ def test_plan_memory_tool_flag():
            for n in (1, 2)]
     assert all(o.returncode in (0, 1) for o in out), [o.stderr for o in out]
     assert out[0].stdout != out[1].stdout
+
+
+def test_preflight_flags_carry_the_fp8_teacher():
+    """The pre-build memory check plans the teacher --fp8-teacher builds (it planned a bf16 teacher)."""
+    from rcm_megatron.training.arguments import parse_args
+
+    argv = ["--model", "tiny", "--data", "synthetic", "--latent-shape", "16", "2", "4", "4", "--fp8-teacher",
+            "--first-last-layers-bf16"]
+    train, _, rcm_cfg, par = parse_args(argv)
+    flags = data_plan_flags(train, rcm_cfg, par, SimpleNamespace(latent_shape=(16, 2, 4, 4), text_len=8))
+    w, _ = workload_and_layout(flags, preset("tiny"), 1)
+    assert w.fp8_teacher and w.first_last_layers_bf16
