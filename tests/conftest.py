@@ -13,6 +13,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Every process the tests start (training subprocesses, torchrun workers, tools) computes on tiny
+# tensors with one OpenMP thread: with two, OpenMP's spin-waiting took 2-3x the CPU of one thread
+# for the same run (tiny model, 8 iterations: 13-18 s against 6 s) and no less wall time, and the
+# suite's processes already share the 2 cores. Set after torch's own import, so this process keeps
+# the threads set above.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The suite starts a few hundred Python processes (training subprocesses, torchrun workers, tools).
