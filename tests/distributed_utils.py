@@ -48,13 +48,20 @@ def _context():
     return ctx
 
 
-def _worker(rank, world_size, port, fn, config, args, kwargs, results, threads, environ):
+def _to_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _worker(rank, world_size, port, fn, config, payload, results, threads, environ):
     os.environ.clear()
     os.environ.update(environ)  # the caller's environment now, not the server's at its start
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
     try:
+        args, kwargs = torch.load(io.BytesIO(payload), weights_only=False)
         from rcm_megatron.parallel.initialize import destroy_distributed, initialize_distributed
 
         initialize_distributed(config)
@@ -62,9 +69,7 @@ def _worker(rank, world_size, port, fn, config, args, kwargs, results, threads, 
             out = fn(*args, **kwargs)
         finally:
             destroy_distributed()
-        buf = io.BytesIO()
-        torch.save(out, buf)
-        results.put((rank, "ok", buf.getvalue()))
+        results.put((rank, "ok", _to_bytes(out)))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         results.put((rank, "error", traceback.format_exc()))
 
@@ -82,8 +87,11 @@ def run_distributed(fn, world_size: int, config=None, *args, timeout: float = 30
     ctx = _context()
     results = ctx.Queue()
     port = free_port()
+    # arguments as bytes: pickled as they are, their tensors would each travel as a shared-memory
+    # file descriptor, and a forkserver passes at most a few hundred descriptors to a child
+    payload = _to_bytes((args, kwargs))
     procs = [ctx.Process(target=_worker, daemon=False,
-                         args=(r, world_size, port, fn, config, args, kwargs, results, threads, dict(os.environ)))
+                         args=(r, world_size, port, fn, config, payload, results, threads, dict(os.environ)))
              for r in range(world_size)]
     for p in procs:
         p.start()
