@@ -15,9 +15,9 @@ if not torch.cuda.is_available():
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # Every process the tests start (training subprocesses, torchrun workers, tools) computes on tiny
 # tensors with one OpenMP thread: with two, OpenMP's spin-waiting took 2-3x the CPU of one thread
-# for the same run (tiny model, 8 iterations: 13-18 s against 6 s) and no less wall time, and the
-# suite's processes already share the 2 cores. Set after torch's own import, so this process keeps
-# the threads set above.
+# for the same run (tiny model, 8 iterations: 13-18 s of CPU against 6 s, measured on 2 cores
+# shared with other work), and multi-rank tests already run several processes on the 2 cores.
+# Set after torch's own import, so this process keeps the threads set above.
 os.environ["OMP_NUM_THREADS"] = "1"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
