@@ -22,7 +22,7 @@ def test_tiny_pipeline(tmp_path):
     res = tmp_path / "result.json"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "pipeline", "run_pipeline.py"), "--work",
                         str(tmp_path / "work"), "--tiny", "--results", str(res)],
-                       capture_output=True, text=True, timeout=1200, env=dict(os.environ, OMP_NUM_THREADS="2"))
+                       capture_output=True, text=True, timeout=1200, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     out = json.loads(res.read_text())
     names = [s["stage"] for s in out["stages"]]

@@ -92,7 +92,7 @@ def test_frechet_distance_closed_form():
 
 
 def _run(*args, script=("pretrain_rcm.py",)):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, *[os.path.join(ROOT, s) if s.endswith(".py") else s for s in script], *args],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
